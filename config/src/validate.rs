@@ -1,0 +1,446 @@
+//! Cross-field checks that a field-by-field decode cannot make: references, uniqueness, regexes.
+
+use crate::*;
+use std::collections::HashSet;
+
+pub(crate) fn validate(b: &Bootstrap) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    let clusters: HashSet<&str> = b
+        .static_resources
+        .clusters
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+
+    let mut seen = HashSet::new();
+    for (i, c) in b.static_resources.clusters.iter().enumerate() {
+        let path = format!("static_resources.clusters[{i}]");
+        if !seen.insert(c.name.as_str()) {
+            errors.push(ConfigError::new(
+                format!("{path}.name"),
+                format!("duplicate cluster name \"{}\"", c.name),
+            ));
+        }
+        validate_cluster(c, &path, &mut errors);
+    }
+
+    let mut seen = HashSet::new();
+    for (i, l) in b.static_resources.listeners.iter().enumerate() {
+        let path = format!("static_resources.listeners[{i}]");
+        if !seen.insert(l.name.as_str()) {
+            errors.push(ConfigError::new(
+                format!("{path}.name"),
+                format!("duplicate listener name \"{}\"", l.name),
+            ));
+        }
+        if l.filter_chains.is_empty() {
+            errors.push(ConfigError::new(
+                format!("{path}.filter_chains"),
+                "a listener needs at least one filter chain",
+            ));
+        }
+        for (ci, chain) in l.filter_chains.iter().enumerate() {
+            for (fi, f) in chain.filters.iter().enumerate() {
+                let fpath = format!("{path}.filter_chains[{ci}].filters[{fi}].typed_config");
+                let terminal = fi + 1 == chain.filters.len();
+                match &f.config {
+                    NetworkFilterConfig::HttpConnectionManager(hcm) => {
+                        if !terminal {
+                            errors.push(ConfigError::new(
+                                &fpath,
+                                "the HTTP connection manager must be the last network filter",
+                            ));
+                        }
+                        validate_hcm(hcm, &fpath, &clusters, &mut errors)
+                    }
+                    NetworkFilterConfig::TcpProxy(tp) => {
+                        if !terminal {
+                            errors.push(ConfigError::new(
+                                &fpath,
+                                "tcp_proxy must be the last network filter",
+                            ));
+                        }
+                        if !clusters.contains(tp.cluster.as_str()) {
+                            errors.push(ConfigError::new(
+                                format!("{fpath}.cluster"),
+                                format!("unknown cluster \"{}\"", tp.cluster),
+                            ));
+                        }
+                    }
+                    NetworkFilterConfig::Other(_) => {}
+                }
+            }
+        }
+    }
+    errors
+}
+
+fn validate_cluster(c: &Cluster, path: &str, errors: &mut Vec<ConfigError>) {
+    let endpoints = c
+        .load_assignment
+        .as_ref()
+        .map(|la| la.endpoints.iter().map(|e| e.lb_endpoints.len()).sum())
+        .unwrap_or(0usize);
+    match c.discovery_type {
+        DiscoveryType::LOGICAL_DNS if endpoints != 1 => errors.push(ConfigError::new(
+            format!("{path}.load_assignment"),
+            "LOGICAL_DNS clusters must have exactly one endpoint",
+        )),
+        _ => {}
+    }
+    if let Some(la) = &c.load_assignment {
+        for (li, loc) in la.endpoints.iter().enumerate() {
+            for (ei, ep) in loc.lb_endpoints.iter().enumerate() {
+                let epath = format!("{path}.load_assignment.endpoints[{li}].lb_endpoints[{ei}]");
+                let sa = &ep.endpoint.address.socket_address;
+                if c.discovery_type == DiscoveryType::STATIC
+                    && sa.address.parse::<std::net::IpAddr>().is_err()
+                {
+                    errors.push(ConfigError::new(
+                        format!("{epath}.endpoint.address.socket_address.address"),
+                        format!("\"{}\" is not an IP address (a STATIC cluster needs IPs; use STRICT_DNS for names)", sa.address),
+                    ));
+                }
+                if sa.port_value == 0 {
+                    errors.push(ConfigError::new(
+                        format!("{epath}.endpoint.address.socket_address.port_value"),
+                        "port_value must be set",
+                    ));
+                }
+                if ep.load_balancing_weight == Some(0) {
+                    errors.push(ConfigError::new(
+                        format!("{epath}.load_balancing_weight"),
+                        "must be at least 1",
+                    ));
+                }
+            }
+        }
+    }
+    for (k, v) in &c.typed_extension_protocol_options {
+        let kpath = format!("{path}.typed_extension_protocol_options[\"{k}\"]");
+        if k != UPSTREAM_HTTP_OPTIONS_KEY {
+            errors.push(ConfigError::new(
+                &kpath,
+                format!("unsupported extension \"{k}\""),
+            ));
+        } else if !v.type_url.ends_with(UPSTREAM_HTTP_OPTIONS_KEY) {
+            errors.push(ConfigError::new(
+                format!("{kpath}.@type"),
+                format!(
+                    "expected {UPSTREAM_HTTP_OPTIONS_KEY}, got \"{}\"",
+                    v.type_url
+                ),
+            ));
+        }
+    }
+}
+
+fn validate_hcm(
+    h: &HttpConnectionManager,
+    path: &str,
+    clusters: &HashSet<&str>,
+    errors: &mut Vec<ConfigError>,
+) {
+    match &h.route_config {
+        Some(rc) => validate_route_config(rc, &format!("{path}.route_config"), clusters, errors),
+        None => errors.push(ConfigError::new(
+            format!("{path}.route_config"),
+            "an inline route_config is required",
+        )),
+    }
+    if let Some(kb) = h.max_request_headers_kb {
+        if kb == 0 || kb > 8192 {
+            errors.push(ConfigError::new(
+                format!("{path}.max_request_headers_kb"),
+                "must be between 1 and 8192",
+            ));
+        }
+    }
+    for (i, f) in h.http_filters.iter().enumerate() {
+        let is_last = i + 1 == h.http_filters.len();
+        let is_router = f.name == "envoy.filters.http.router"
+            || f.typed_config.as_ref().is_some_and(|t| {
+                t.message_name() == "envoy.extensions.filters.http.router.v3.Router"
+            });
+        if is_router && !is_last {
+            errors.push(ConfigError::new(
+                format!("{path}.http_filters[{i}]"),
+                "the router must be the last HTTP filter",
+            ));
+        }
+    }
+}
+
+pub fn validate_route_config(
+    rc: &RouteConfiguration,
+    path: &str,
+    clusters: &HashSet<&str>,
+    errors: &mut Vec<ConfigError>,
+) {
+    let check_clusters = rc.validate_clusters.unwrap_or(true);
+    let mut domains = HashSet::new();
+    for (vi, vh) in rc.virtual_hosts.iter().enumerate() {
+        let vpath = format!("{path}.virtual_hosts[{vi}]");
+        if vh.domains.is_empty() {
+            errors.push(ConfigError::new(
+                format!("{vpath}.domains"),
+                "at least one domain is required",
+            ));
+        }
+        for (di, d) in vh.domains.iter().enumerate() {
+            if !domains.insert(d.to_ascii_lowercase()) {
+                errors.push(ConfigError::new(
+                    format!("{vpath}.domains[{di}]"),
+                    format!("domain \"{d}\" appears in more than one virtual host"),
+                ));
+            }
+            if d != "*" && d.matches('*').count() > 0 && !(d.starts_with('*') ^ d.ends_with('*')) {
+                errors.push(ConfigError::new(
+                    format!("{vpath}.domains[{di}]"),
+                    format!(
+                        "invalid wildcard in \"{d}\" (only \"*\", \"*.suffix\" or \"prefix.*\")"
+                    ),
+                ));
+            }
+        }
+        for (ri, r) in vh.routes.iter().enumerate() {
+            validate_route(
+                r,
+                &format!("{vpath}.routes[{ri}]"),
+                clusters,
+                check_clusters,
+                errors,
+            );
+        }
+    }
+}
+
+fn validate_route(
+    r: &Route,
+    path: &str,
+    clusters: &HashSet<&str>,
+    check_clusters: bool,
+    errors: &mut Vec<ConfigError>,
+) {
+    let m = &r.route_match;
+    let specifiers = [
+        m.prefix.is_some(),
+        m.path.is_some(),
+        m.safe_regex.is_some(),
+        m.path_separated_prefix.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if specifiers != 1 {
+        errors.push(ConfigError::new(
+            format!("{path}.match"),
+            "exactly one of prefix, path, safe_regex or path_separated_prefix is required",
+        ));
+    }
+    if let Some(re) = &m.safe_regex {
+        check_regex(&re.regex, &format!("{path}.match.safe_regex.regex"), errors);
+    }
+    for (hi, h) in m.headers.iter().enumerate() {
+        let hpath = format!("{path}.match.headers[{hi}]");
+        let kinds = [
+            h.exact_match.is_some(),
+            h.prefix_match.is_some(),
+            h.suffix_match.is_some(),
+            h.contains_match.is_some(),
+            h.safe_regex_match.is_some(),
+            h.present_match.is_some(),
+            h.string_match.is_some(),
+            h.range_match.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if kinds > 1 {
+            errors.push(ConfigError::new(
+                &hpath,
+                "at most one match kind may be set",
+            ));
+        }
+        if let Some(re) = &h.safe_regex_match {
+            check_regex(
+                &re.regex,
+                &format!("{hpath}.safe_regex_match.regex"),
+                errors,
+            );
+        }
+        if let Some(sm) = &h.string_match {
+            check_string_matcher(sm, &format!("{hpath}.string_match"), errors);
+        }
+    }
+    for (qi, q) in m.query_parameters.iter().enumerate() {
+        if let Some(sm) = &q.string_match {
+            check_string_matcher(
+                sm,
+                &format!("{path}.match.query_parameters[{qi}].string_match"),
+                errors,
+            );
+        }
+    }
+    let actions = [
+        r.route.is_some(),
+        r.redirect.is_some(),
+        r.direct_response.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if actions != 1 {
+        errors.push(ConfigError::new(
+            path.to_string(),
+            "exactly one of route, redirect or direct_response is required",
+        ));
+    }
+    if let Some(a) = &r.route {
+        let apath = format!("{path}.route");
+        let targets = [
+            a.cluster.is_some(),
+            a.weighted_clusters.is_some(),
+            a.cluster_header.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if targets != 1 {
+            errors.push(ConfigError::new(
+                &apath,
+                "exactly one of cluster, weighted_clusters or cluster_header is required",
+            ));
+        }
+        if let Some(c) = &a.cluster {
+            if check_clusters && !clusters.contains(c.as_str()) {
+                errors.push(ConfigError::new(
+                    format!("{apath}.cluster"),
+                    format!("unknown cluster \"{c}\""),
+                ));
+            }
+        }
+        if let Some(wc) = &a.weighted_clusters {
+            let sum: u64 = wc.clusters.iter().map(|c| c.weight as u64).sum();
+            if sum == 0 {
+                errors.push(ConfigError::new(
+                    format!("{apath}.weighted_clusters"),
+                    "the weights must not all be zero",
+                ));
+            }
+            if let Some(total) = wc.total_weight {
+                if total as u64 != sum {
+                    errors.push(ConfigError::new(
+                        format!("{apath}.weighted_clusters.total_weight"),
+                        format!("is {total} but the weights add up to {sum}"),
+                    ));
+                }
+            }
+            for (ci, c) in wc.clusters.iter().enumerate() {
+                if check_clusters && !clusters.contains(c.name.as_str()) {
+                    errors.push(ConfigError::new(
+                        format!("{apath}.weighted_clusters.clusters[{ci}].name"),
+                        format!("unknown cluster \"{}\"", c.name),
+                    ));
+                }
+            }
+        }
+        if let Some(rr) = &a.regex_rewrite {
+            check_regex(
+                &rr.pattern.regex,
+                &format!("{apath}.regex_rewrite.pattern.regex"),
+                errors,
+            );
+        }
+        if a.prefix_rewrite.is_some() && a.regex_rewrite.is_some() {
+            errors.push(ConfigError::new(
+                &apath,
+                "prefix_rewrite and regex_rewrite are mutually exclusive",
+            ));
+        }
+        let host_rewrites = [
+            a.host_rewrite_literal.is_some(),
+            a.auto_host_rewrite == Some(true),
+            a.host_rewrite_header.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if host_rewrites > 1 {
+            errors.push(ConfigError::new(&apath, "only one host rewrite may be set"));
+        }
+        for (hi, h) in a.hash_policy.iter().enumerate() {
+            let n = [
+                h.header.is_some(),
+                h.cookie.is_some(),
+                h.connection_properties.is_some(),
+                h.query_parameter.is_some(),
+            ]
+            .iter()
+            .filter(|b| **b)
+            .count();
+            if n != 1 {
+                errors.push(ConfigError::new(format!("{apath}.hash_policy[{hi}]"), "exactly one of header, cookie, connection_properties or query_parameter is required"));
+            }
+        }
+    }
+    if let Some(rd) = &r.redirect {
+        if let Some(rr) = &rd.regex_rewrite {
+            check_regex(
+                &rr.pattern.regex,
+                &format!("{path}.redirect.regex_rewrite.pattern.regex"),
+                errors,
+            );
+        }
+        if rd.https_redirect && rd.scheme_redirect.is_some() {
+            errors.push(ConfigError::new(
+                format!("{path}.redirect"),
+                "https_redirect and scheme_redirect are mutually exclusive",
+            ));
+        }
+    }
+    if let Some(dr) = &r.direct_response {
+        if !(200..=599).contains(&dr.status) {
+            errors.push(ConfigError::new(
+                format!("{path}.direct_response.status"),
+                "must be between 200 and 599",
+            ));
+        }
+        if let Some(body) = &dr.body {
+            if body.inline_string.is_some() == body.filename.is_some() {
+                errors.push(ConfigError::new(
+                    format!("{path}.direct_response.body"),
+                    "exactly one of inline_string or filename is required",
+                ));
+            }
+        }
+    }
+}
+
+fn check_string_matcher(sm: &StringMatcher, path: &str, errors: &mut Vec<ConfigError>) {
+    let n = [
+        sm.exact.is_some(),
+        sm.prefix.is_some(),
+        sm.suffix.is_some(),
+        sm.contains.is_some(),
+        sm.safe_regex.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if n != 1 {
+        errors.push(ConfigError::new(
+            path,
+            "exactly one of exact, prefix, suffix, contains or safe_regex is required",
+        ));
+    }
+    if let Some(re) = &sm.safe_regex {
+        check_regex(&re.regex, &format!("{path}.safe_regex.regex"), errors);
+    }
+}
+
+fn check_regex(re: &str, path: &str, errors: &mut Vec<ConfigError>) {
+    if let Err(e) = regex::Regex::new(re) {
+        errors.push(ConfigError::new(path, format!("invalid regex: {e}")));
+    }
+}

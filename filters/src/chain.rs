@@ -1,0 +1,103 @@
+//! HTTP filters and the chain that runs them.
+//!
+//! A filter is middleware: it receives the request and the rest of the chain ([`Next`]). It can
+//! answer by itself (never calling `next`), change the request, wrap its body to see data and
+//! trailers as they stream, and change the response on its way back. The chain ends in a terminal
+//! [`HttpService`] — the router.
+
+use crate::{Body, BoxFuture};
+use http::{Request, Response};
+use std::any::Any;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub trait HttpFilter: Send + Sync + 'static {
+    /// Handles one request. Call `next.run(req)` to pass it on.
+    fn call<'a>(&'a self, req: Request<Body>, next: Next<'a>) -> BoxFuture<'a, Response<Body>>;
+}
+
+/// The end of a chain (the router), or any service a filter wants to wrap.
+pub trait HttpService: Send + Sync + 'static {
+    fn call<'a>(&'a self, req: Request<Body>) -> BoxFuture<'a, Response<Body>>;
+}
+
+/// The rest of the chain after the current filter.
+pub struct Next<'a> {
+    filters: &'a [Arc<dyn HttpFilter>],
+    terminal: &'a dyn HttpService,
+}
+
+impl<'a> Next<'a> {
+    pub fn run(self, req: Request<Body>) -> BoxFuture<'a, Response<Body>> {
+        match self.filters.split_first() {
+            Some((first, rest)) => first.call(
+                req,
+                Next {
+                    filters: rest,
+                    terminal: self.terminal,
+                },
+            ),
+            None => self.terminal.call(req),
+        }
+    }
+}
+
+/// The filters of one HTTP connection manager, in order, and its terminal service.
+pub struct FilterChain {
+    filters: Vec<Arc<dyn HttpFilter>>,
+    terminal: Arc<dyn HttpService>,
+}
+
+impl FilterChain {
+    pub fn new(filters: Vec<Arc<dyn HttpFilter>>, terminal: Arc<dyn HttpService>) -> Self {
+        Self { filters, terminal }
+    }
+
+    pub fn run<'a>(&'a self, req: Request<Body>) -> BoxFuture<'a, Response<Body>> {
+        Next {
+            filters: &self.filters,
+            terminal: &*self.terminal,
+        }
+        .run(req)
+    }
+
+    pub fn len(&self) -> usize {
+        self.filters.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+}
+
+/// Facts about the downstream connection and request, set by the connection manager in the
+/// request's extensions before the chain runs.
+#[derive(Debug, Clone)]
+pub struct RequestInfo {
+    pub downstream_remote: SocketAddr,
+    pub downstream_local: SocketAddr,
+    /// The route's name (empty when unnamed or no route matched).
+    pub route_name: Arc<str>,
+    /// Per-filter config of the selected route (route overrides virtual host).
+    pub per_filter: PerFilterConfig,
+}
+
+/// Per-route filter configs, keyed by the filter's `name` in `http_filters[]`, parsed once at
+/// config time by the filter's factory.
+#[derive(Clone, Default)]
+pub struct PerFilterConfig(pub Option<Arc<HashMap<String, Arc<dyn Any + Send + Sync>>>>);
+
+impl PerFilterConfig {
+    /// The per-route config for `filter_name`, if the route (or its virtual host) has one of type `T`.
+    pub fn get<T: Any + Send + Sync>(&self, filter_name: &str) -> Option<&T> {
+        self.0.as_ref()?.get(filter_name)?.downcast_ref::<T>()
+    }
+}
+
+impl std::fmt::Debug for PerFilterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&String> = self.0.iter().flat_map(|m| m.keys()).collect();
+        f.debug_tuple("PerFilterConfig").field(&keys).finish()
+    }
+}

@@ -1,0 +1,30 @@
+//! # mecha-filters
+//!
+//! The seam every capability plugs into. This crate defines
+//!
+//! - the HTTP filter trait ([`HttpFilter`]) and the chain that runs filters in order and ends in a
+//!   terminal service (the router, which lives in `mecha-proxy`);
+//! - the network filter trait ([`NetworkFilter`]) for connection-level decisions;
+//! - the factory [`Registry`] that builds filters from a bootstrap's `@type` URL (or `name`),
+//!   including per-route config from `typed_per_filter_config`;
+//! - the [`Upstream`] interface through which a filter makes its own call to a named cluster
+//!   (service invocation and pub/sub delivery use it);
+//! - the stats store ([`stats`]) shared by every component, with Envoy's stat names.
+//!
+//! It depends only on `mecha-config`; the proxy and the runtime API depend on it.
+
+pub mod body;
+pub mod chain;
+pub mod network;
+pub mod registry;
+pub mod stats;
+pub mod upstream;
+
+pub use body::{empty, full, local_reply, Body, BoxError};
+pub use chain::{FilterChain, HttpFilter, HttpService, Next, PerFilterConfig, RequestInfo};
+pub use network::{ConnectionInfo, NetworkAction, NetworkFilter};
+pub use registry::{FactoryContext, HttpFilterFactory, NetworkFilterFactory, Registry};
+pub use upstream::{Upstream, UpstreamError};
+
+/// A boxed, `Send` future, the return type of filter calls.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

@@ -1,0 +1,402 @@
+//! Counters, gauges and histograms with Envoy's stat names.
+//!
+//! Registration (at config time) takes a lock; the handles it returns are plain atomics, so the
+//! request path never locks. Registering the same name twice returns the same handle, which keeps
+//! values across config swaps, as Envoy does.
+//!
+//! Each stat has Envoy's dotted name (`cluster.backend.upstream_rq_total`, shown by `/stats`) and
+//! the tag Envoy's default tag extraction would pull out of it, so `/stats/prometheus` prints
+//! `envoy_cluster_upstream_rq_total{envoy_cluster_name="backend"}` like Envoy does.
+
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+#[derive(Clone, Default, Debug)]
+pub struct Counter(Arc<AtomicU64>);
+
+impl Counter {
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn value(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone, Default, Debug)]
+pub struct Gauge(Arc<AtomicI64>);
+
+impl Gauge {
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    #[inline]
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    #[inline]
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    #[inline]
+    pub fn add(&self, v: i64) {
+        self.0.fetch_add(v, Ordering::Relaxed);
+    }
+    pub fn value(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Envoy's default histogram bucket bounds (milliseconds for time histograms).
+pub const BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+#[derive(Default, Debug)]
+struct HistogramInner {
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    count: AtomicU64,
+    /// Sum in thousandths of a unit, to stay integral.
+    sum_milli: AtomicU64,
+}
+
+#[derive(Clone, Default, Debug)]
+pub struct Histogram(Arc<HistogramInner>);
+
+impl Histogram {
+    #[inline]
+    pub fn record(&self, value: f64) {
+        let idx = BUCKETS
+            .iter()
+            .position(|b| value <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.0.buckets[idx].fetch_add(1, Ordering::Relaxed);
+        self.0.count.fetch_add(1, Ordering::Relaxed);
+        self.0
+            .sum_milli
+            .fetch_add((value * 1000.0) as u64, Ordering::Relaxed);
+    }
+    #[inline]
+    pub fn record_duration_ms(&self, d: std::time::Duration) {
+        self.record(d.as_secs_f64() * 1000.0);
+    }
+    pub fn count(&self) -> u64 {
+        self.0.count.load(Ordering::Relaxed)
+    }
+    pub fn sum(&self) -> f64 {
+        self.0.sum_milli.load(Ordering::Relaxed) as f64 / 1000.0
+    }
+    /// Cumulative counts per bucket bound (the last entry is +Inf).
+    pub fn cumulative(&self) -> Vec<u64> {
+        let mut acc = 0;
+        self.0
+            .buckets
+            .iter()
+            .map(|b| {
+                acc += b.load(Ordering::Relaxed);
+                acc
+            })
+            .collect()
+    }
+    /// An upper-bound estimate of quantile `q` from the buckets.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let cum = self.cumulative();
+        let total = *cum.last()?;
+        if total == 0 {
+            return None;
+        }
+        let target = (q * total as f64).ceil().max(1.0) as u64;
+        let idx = cum.iter().position(|c| *c >= target)?;
+        Some(BUCKETS.get(idx).copied().unwrap_or(f64::INFINITY))
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Metric {
+    Counter(Counter),
+    Gauge(Gauge),
+    Histogram(Histogram),
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    /// Prometheus family name, e.g. `envoy_cluster_upstream_rq_total`.
+    family: String,
+    /// Labels extracted from the dotted name.
+    labels: Vec<(&'static str, String)>,
+    metric: Metric,
+}
+
+/// The process-wide stats registry.
+#[derive(Default)]
+pub struct Store {
+    entries: Mutex<BTreeMap<String, Entry>>,
+}
+
+/// A scope: the dotted prefix plus the tag Envoy would extract from it.
+#[derive(Clone, Debug)]
+pub struct Scope {
+    prefix: String,
+    family_prefix: String,
+    labels: Vec<(&'static str, String)>,
+}
+
+impl Scope {
+    /// `cluster.<name>.` with tag `envoy_cluster_name`.
+    pub fn cluster(name: &str) -> Self {
+        Self::tagged("cluster", "envoy_cluster_name", name)
+    }
+    /// `http.<stat_prefix>.` with tag `envoy_http_conn_manager_prefix`.
+    pub fn http(prefix: &str) -> Self {
+        Self::tagged("http", "envoy_http_conn_manager_prefix", prefix)
+    }
+    /// `tcp.<stat_prefix>.` with tag `envoy_tcp_prefix`.
+    pub fn tcp(prefix: &str) -> Self {
+        Self::tagged("tcp", "envoy_tcp_prefix", prefix)
+    }
+    /// `listener.<address>.` with tag `envoy_listener_address`.
+    pub fn listener(addr: &str) -> Self {
+        Self::tagged("listener", "envoy_listener_address", addr)
+    }
+    /// A scope without a tag (`server.`, `cluster_manager.`, `listener_manager.`, …).
+    pub fn plain(prefix: &str) -> Self {
+        Self {
+            prefix: format!("{prefix}."),
+            family_prefix: prefix.replace('.', "_"),
+            labels: vec![],
+        }
+    }
+    fn tagged(kind: &str, tag: &'static str, value: &str) -> Self {
+        Self {
+            prefix: format!("{kind}.{value}."),
+            family_prefix: kind.to_string(),
+            labels: vec![(tag, value.to_string())],
+        }
+    }
+    /// A sub-scope whose segment stays in the name (`cluster.x.circuit_breakers.default.`).
+    pub fn sub(&self, segment: &str) -> Self {
+        Self {
+            prefix: format!("{}{segment}.", self.prefix),
+            family_prefix: format!("{}_{}", self.family_prefix, segment.replace('.', "_")),
+            labels: self.labels.clone(),
+        }
+    }
+    /// A sub-scope whose segment is a tag (`http.x.rds.<name>.` with a route-config tag, etc.).
+    pub fn sub_tagged(&self, kind: &str, tag: &'static str, value: &str) -> Self {
+        let mut labels = self.labels.clone();
+        labels.push((tag, value.to_string()));
+        Self {
+            prefix: format!("{}{kind}.{value}.", self.prefix),
+            family_prefix: format!("{}_{}", self.family_prefix, kind),
+            labels,
+        }
+    }
+    fn name(&self, stat: &str) -> String {
+        format!("{}{}", self.prefix, stat)
+    }
+    fn family(&self, stat: &str) -> String {
+        sanitize(&format!("envoy_{}_{}", self.family_prefix, stat))
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl Store {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn get_or_insert(&self, scope: &Scope, stat: &str, make: impl FnOnce() -> Metric) -> Metric {
+        let name = scope.name(stat);
+        let mut entries = self.entries.lock();
+        entries
+            .entry(name)
+            .or_insert_with(|| Entry {
+                family: scope.family(stat),
+                labels: scope.labels.clone(),
+                metric: make(),
+            })
+            .metric
+            .clone()
+    }
+
+    pub fn counter(&self, scope: &Scope, stat: &str) -> Counter {
+        match self.get_or_insert(scope, stat, || Metric::Counter(Counter::default())) {
+            Metric::Counter(c) => c,
+            _ => Counter::default(),
+        }
+    }
+
+    pub fn gauge(&self, scope: &Scope, stat: &str) -> Gauge {
+        match self.get_or_insert(scope, stat, || Metric::Gauge(Gauge::default())) {
+            Metric::Gauge(g) => g,
+            _ => Gauge::default(),
+        }
+    }
+
+    pub fn histogram(&self, scope: &Scope, stat: &str) -> Histogram {
+        match self.get_or_insert(scope, stat, || Metric::Histogram(Histogram::default())) {
+            Metric::Histogram(h) => h,
+            _ => Histogram::default(),
+        }
+    }
+
+    /// The current value of a counter or gauge by its dotted name (tests and admin use this).
+    pub fn value(&self, name: &str) -> Option<i64> {
+        match &self.entries.lock().get(name)?.metric {
+            Metric::Counter(c) => Some(c.value() as i64),
+            Metric::Gauge(g) => Some(g.value()),
+            Metric::Histogram(h) => Some(h.count() as i64),
+        }
+    }
+
+    /// Envoy's `/stats` text: `name: value`, sorted by name.
+    pub fn render_text(&self, filter: Option<&str>) -> String {
+        let entries = self.entries.lock().clone();
+        let mut out = String::new();
+        for (name, e) in entries.iter() {
+            if filter.is_some_and(|f| !name.contains(f)) {
+                continue;
+            }
+            match &e.metric {
+                Metric::Counter(c) => writeln!(out, "{name}: {}", c.value()).ok(),
+                Metric::Gauge(g) => writeln!(out, "{name}: {}", g.value()).ok(),
+                Metric::Histogram(h) => {
+                    let q = |p: f64| {
+                        h.quantile(p)
+                            .map(|v| format!("{v}"))
+                            .unwrap_or_else(|| "nan".into())
+                    };
+                    writeln!(
+                        out,
+                        "{name}: P0({0},{0}) P25({1},{1}) P50({2},{2}) P75({3},{3}) P90({4},{4}) P95({5},{5}) P99({6},{6}) P100({7},{7})",
+                        q(0.0),
+                        q(0.25),
+                        q(0.5),
+                        q(0.75),
+                        q(0.9),
+                        q(0.95),
+                        q(0.99),
+                        q(1.0)
+                    )
+                    .ok()
+                }
+            };
+        }
+        out
+    }
+
+    /// Prometheus text exposition format 0.0.4, families grouped as the format requires.
+    pub fn render_prometheus(&self) -> String {
+        let entries = self.entries.lock().clone();
+        let mut families: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
+        for e in entries.values() {
+            families.entry(e.family.as_str()).or_default().push(e);
+        }
+        let mut out = String::new();
+        for (family, list) in families {
+            let kind = match list[0].metric {
+                Metric::Counter(_) => "counter",
+                Metric::Gauge(_) => "gauge",
+                Metric::Histogram(_) => "histogram",
+            };
+            writeln!(out, "# TYPE {family} {kind}").ok();
+            for e in list {
+                let labels = render_labels(&e.labels, None);
+                match &e.metric {
+                    Metric::Counter(c) => writeln!(out, "{family}{labels} {}", c.value()).ok(),
+                    Metric::Gauge(g) => writeln!(out, "{family}{labels} {}", g.value()).ok(),
+                    Metric::Histogram(h) => {
+                        for (bound, count) in BUCKETS
+                            .iter()
+                            .map(|b| b.to_string())
+                            .chain(["+Inf".to_string()])
+                            .zip(h.cumulative())
+                        {
+                            let l = render_labels(&e.labels, Some(&bound));
+                            writeln!(out, "{family}_bucket{l} {count}").ok();
+                        }
+                        writeln!(out, "{family}_sum{labels} {}", h.sum()).ok();
+                        writeln!(out, "{family}_count{labels} {}", h.count()).ok()
+                    }
+                };
+            }
+        }
+        out
+    }
+}
+
+fn render_labels(labels: &[(&'static str, String)], le: Option<&str>) -> String {
+    if labels.is_empty() && le.is_none() {
+        return String::new();
+    }
+    let mut parts: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{k}=\"{}\"",
+                v.replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n")
+            )
+        })
+        .collect();
+    if let Some(le) = le {
+        parts.push(format!("le=\"{le}\""));
+    }
+    format!("{{{}}}", parts.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_name_same_handle_and_envoy_names() {
+        let s = Store::new();
+        let scope = Scope::cluster("backend");
+        s.counter(&scope, "upstream_rq_total").inc();
+        s.counter(&scope, "upstream_rq_total").inc();
+        assert_eq!(s.value("cluster.backend.upstream_rq_total"), Some(2));
+        let text = s.render_prometheus();
+        assert!(
+            text.contains("envoy_cluster_upstream_rq_total{envoy_cluster_name=\"backend\"} 2"),
+            "{text}"
+        );
+        assert!(s
+            .render_text(None)
+            .contains("cluster.backend.upstream_rq_total: 2"));
+    }
+
+    #[test]
+    fn histogram_buckets_and_quantiles() {
+        let h = Histogram::default();
+        for v in [0.3, 3.0, 3.0, 700.0] {
+            h.record(v);
+        }
+        assert_eq!(h.count(), 4);
+        assert_eq!(h.quantile(0.5), Some(5.0));
+        assert_eq!(h.quantile(1.0), Some(1000.0));
+        assert_eq!(*h.cumulative().last().unwrap(), 4);
+    }
+}

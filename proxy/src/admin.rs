@@ -1,0 +1,273 @@
+//! The admin endpoint (Envoy's admin API subset): `/ready`, `/server_info`, `/listeners`,
+//! `/clusters`, `/config_dump`, `/stats`, `/stats/prometheus`.
+
+use crate::server::ServerState;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+pub async fn serve(listener: TcpListener, state: Arc<ServerState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, req)) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+fn json_resp(v: Value) -> Response<Full<Bytes>> {
+    text(
+        StatusCode::OK,
+        serde_json::to_string_pretty(&v).unwrap_or_default(),
+        "application/json",
+    )
+}
+
+fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
+pub fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let json_format = query_param(&req, "format") == Some("json");
+    match req.uri().path() {
+        "/ready" => {
+            if state.ready.load(Ordering::SeqCst) {
+                text(StatusCode::OK, "LIVE\n".into(), "text/plain")
+            } else if state.drain.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n".into(), "text/plain")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING\n".into(), "text/plain")
+            }
+        }
+        "/server_info" => json_resp(server_info(state)),
+        "/listeners" => listeners(state, json_format),
+        "/clusters" => clusters(state, json_format),
+        "/config_dump" => json_resp(config_dump(state)),
+        "/stats" => {
+            let filter = query_param(&req, "filter");
+            let body = state.ctx.stats.render_text(filter);
+            if json_format {
+                let stats: Vec<Value> = body
+                    .lines()
+                    .filter_map(|l| l.split_once(": "))
+                    .map(|(k, v)| match v.parse::<i64>() {
+                        Ok(n) => json!({"name": k, "value": n}),
+                        Err(_) => json!({"name": k, "histograms": v}),
+                    })
+                    .collect();
+                json_resp(json!({ "stats": stats }))
+            } else {
+                text(StatusCode::OK, body, "text/plain")
+            }
+        }
+        "/stats/prometheus" => text(StatusCode::OK, state.ctx.stats.render_prometheus(), "text/plain; version=0.0.4"),
+        "/" | "/help" => text(
+            StatusCode::OK,
+            "admin commands are:\n  /clusters\n  /config_dump\n  /listeners\n  /ready\n  /server_info\n  /stats\n  /stats/prometheus\n".into(),
+            "text/plain",
+        ),
+        _ => text(StatusCode::NOT_FOUND, "invalid path. admin commands are listed at /help\n".into(), "text/plain"),
+    }
+}
+
+fn server_info(state: &ServerState) -> Value {
+    let uptime = state.started.elapsed().as_secs();
+    let st = if state.drain.is_draining() {
+        "DRAINING"
+    } else if state.ready.load(Ordering::SeqCst) {
+        "LIVE"
+    } else {
+        "PRE_INITIALIZING"
+    };
+    let b = state.bootstrap.load();
+    json!({
+        "version": format!("mecha/{}", env!("CARGO_PKG_VERSION")),
+        "state": st,
+        "uptime_current_epoch": format!("{uptime}s"),
+        "uptime_all_epochs": format!("{uptime}s"),
+        "hot_restart_version": "disabled",
+        "command_line_options": {
+            "concurrency": state.options.concurrency,
+            "config_path": state.options.config_path.clone().unwrap_or_default(),
+        },
+        "node": b.node,
+    })
+}
+
+fn listeners(state: &ServerState, json_format: bool) -> Response<Full<Bytes>> {
+    let ls = state.listeners.load();
+    if json_format {
+        let statuses: Vec<Value> = ls
+            .iter()
+            .map(|(rt, addr)| {
+                json!({"name": rt.load().name, "local_address": {"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}}})
+            })
+            .collect();
+        json_resp(json!({ "listener_statuses": statuses }))
+    } else {
+        let body: String = ls
+            .iter()
+            .map(|(rt, addr)| format!("{}::{}\n", rt.load().name, addr))
+            .collect();
+        text(StatusCode::OK, body, "text/plain")
+    }
+}
+
+fn clusters(state: &ServerState, json_format: bool) -> Response<Full<Bytes>> {
+    let cm = state.ctx.clusters.load();
+    let mut names: Vec<&String> = cm.clusters.keys().collect();
+    names.sort();
+    if json_format {
+        let statuses: Vec<Value> = names
+            .iter()
+            .map(|n| {
+                let c = &cm.clusters[*n];
+                let hosts: Vec<Value> = c
+                    .hosts
+                    .load()
+                    .all
+                    .iter()
+                    .map(|h| {
+                        json!({
+                            "address": {"socket_address": {"address": h.addr.ip().to_string(), "port_value": h.addr.port()}},
+                            "stats": [
+                                {"name": "cx_active", "type": "GAUGE", "value": h.cx.cx_active.load(Ordering::Relaxed)},
+                                {"name": "cx_total", "value": h.cx.cx_total.load(Ordering::Relaxed)},
+                                {"name": "cx_connect_fail", "value": h.cx.cx_connect_fail.load(Ordering::Relaxed)},
+                                {"name": "rq_active", "type": "GAUGE", "value": h.rq_active.load(Ordering::Relaxed)},
+                                {"name": "rq_total", "value": h.rq_total.load(Ordering::Relaxed)},
+                                {"name": "rq_error", "value": h.rq_error.load(Ordering::Relaxed)},
+                            ],
+                            "health_status": {"eds_health_status": if h.is_healthy() { "HEALTHY" } else { "UNHEALTHY" }, "flags": h.health_text()},
+                            "weight": h.weight,
+                            "priority": h.priority,
+                            "hostname": &*h.hostname,
+                            "locality": h.locality,
+                        })
+                    })
+                    .collect();
+                json!({"name": n, "observability_name": n, "host_statuses": hosts})
+            })
+            .collect();
+        return json_resp(json!({ "cluster_statuses": statuses }));
+    }
+    let mut out = String::new();
+    for n in names {
+        let c = &cm.clusters[n];
+        out.push_str(&format!("{n}::observability_name::{n}\n"));
+        for h in c.hosts.load().all.iter() {
+            let p = format!("{n}::{}", h.addr);
+            let loc = h.locality.clone().unwrap_or_default();
+            for (k, v) in [
+                (
+                    "cx_active",
+                    h.cx.cx_active.load(Ordering::Relaxed).to_string(),
+                ),
+                (
+                    "cx_connect_fail",
+                    h.cx.cx_connect_fail.load(Ordering::Relaxed).to_string(),
+                ),
+                (
+                    "cx_total",
+                    h.cx.cx_total.load(Ordering::Relaxed).to_string(),
+                ),
+                ("rq_active", h.rq_active.load(Ordering::Relaxed).to_string()),
+                ("rq_error", h.rq_error.load(Ordering::Relaxed).to_string()),
+                ("rq_total", h.rq_total.load(Ordering::Relaxed).to_string()),
+                ("hostname", h.hostname.to_string()),
+                ("health_flags", h.health_text()),
+                ("weight", h.weight.to_string()),
+                ("region", loc.region),
+                ("zone", loc.zone),
+                ("sub_zone", loc.sub_zone),
+                ("canary", "false".into()),
+                ("priority", h.priority.to_string()),
+                ("success_rate", "-1".into()),
+            ] {
+                out.push_str(&format!("{p}::{k}::{v}\n"));
+            }
+        }
+    }
+    text(StatusCode::OK, out, "text/plain")
+}
+
+fn config_dump(state: &ServerState) -> Value {
+    let b = state.bootstrap.load();
+    let updated = humantime(*state.last_updated.load_full());
+    let bootstrap = serde_json::to_value(&**b).unwrap_or(Value::Null);
+    let listeners: Vec<Value> = b
+        .static_resources
+        .listeners
+        .iter()
+        .map(|l| json!({"listener": serde_json::to_value(l).unwrap_or(Value::Null), "last_updated": updated}))
+        .collect();
+    let clusters: Vec<Value> = b
+        .static_resources
+        .clusters
+        .iter()
+        .map(|c| json!({"cluster": serde_json::to_value(c).unwrap_or(Value::Null), "last_updated": updated}))
+        .collect();
+    json!({
+        "configs": [
+            {"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": bootstrap, "last_updated": updated},
+            {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "static_clusters": clusters},
+            {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "static_listeners": listeners},
+        ]
+    })
+}
+
+/// RFC 3339 UTC timestamp without pulling in a date crate.
+fn humantime(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = secs / 86400;
+    let rem = secs % 86400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}

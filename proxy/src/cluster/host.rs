@@ -1,0 +1,80 @@
+//! One upstream host: its address, weight, live counters and its connection pool.
+
+use super::pool::{ConnStats, Pool};
+use mecha_config::Locality;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Health flags as Envoy's `/clusters` prints them; issue-4 checks set the failure bits.
+pub mod health {
+    pub const FAILED_ACTIVE_HC: u32 = 1;
+    pub const FAILED_OUTLIER_CHECK: u32 = 2;
+    pub const FAILED_EDS_HEALTH: u32 = 4;
+}
+
+pub struct Host {
+    pub addr: SocketAddr,
+    /// The endpoint's hostname (DNS name or `hostname` field), used by `auto_host_rewrite`.
+    pub hostname: Arc<str>,
+    pub weight: u32,
+    pub priority: u32,
+    pub locality: Option<Locality>,
+    pub rq_active: AtomicU64,
+    pub rq_total: AtomicU64,
+    pub rq_error: AtomicU64,
+    pub cx: Arc<ConnStats>,
+    pub health_flags: AtomicU32,
+    pub pool: Pool,
+}
+
+impl Host {
+    pub fn is_healthy(&self) -> bool {
+        self.health_flags.load(Ordering::Relaxed) == 0
+    }
+
+    /// Envoy's `/clusters` health flag text.
+    pub fn health_text(&self) -> String {
+        let f = self.health_flags.load(Ordering::Relaxed);
+        if f == 0 {
+            return "healthy".into();
+        }
+        let mut parts = vec![];
+        if f & health::FAILED_ACTIVE_HC != 0 {
+            parts.push("/failed_active_hc");
+        }
+        if f & health::FAILED_OUTLIER_CHECK != 0 {
+            parts.push("/failed_outlier_check");
+        }
+        if f & health::FAILED_EDS_HEALTH != 0 {
+            parts.push("/failed_eds_health");
+        }
+        parts.concat()
+    }
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("addr", &self.addr)
+            .field("weight", &self.weight)
+            .finish()
+    }
+}
+
+/// Tracks one in-flight request on a host (decrements on drop, even on cancellation).
+pub struct ActiveRequest(pub Arc<Host>);
+
+impl ActiveRequest {
+    pub fn new(host: Arc<Host>) -> Self {
+        host.rq_active.fetch_add(1, Ordering::Relaxed);
+        host.rq_total.fetch_add(1, Ordering::Relaxed);
+        Self(host)
+    }
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.rq_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}

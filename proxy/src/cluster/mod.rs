@@ -1,0 +1,381 @@
+//! The cluster manager: clusters, their host sets (static or DNS-resolved), load balancing and
+//! per-host pools, and the one function that sends a request to a cluster.
+
+pub mod dns;
+pub mod host;
+pub mod lb;
+pub mod pool;
+
+use crate::stats::{ClusterManagerStats, ClusterStats};
+use arc_swap::ArcSwap;
+use host::{ActiveRequest, Host};
+use lb::Lb;
+use mecha_config::{Cluster as ClusterConfig, DiscoveryType};
+use mecha_filters::stats::{Scope, Store};
+use mecha_filters::{Body, BoxFuture, Upstream, UpstreamError};
+use pool::{ConnStats, PoolSettings};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The hosts of a cluster at one moment, grouped by priority, with each level's balancer.
+pub struct HostSet {
+    pub all: Vec<Arc<Host>>,
+    levels: Vec<Level>,
+}
+
+struct Level {
+    hosts: Vec<Arc<Host>>,
+    lb: Lb,
+}
+
+impl HostSet {
+    pub fn new(cfg: &ClusterConfig, all: Vec<Arc<Host>>) -> Self {
+        let mut priorities: Vec<u32> = all.iter().map(|h| h.priority).collect();
+        priorities.sort_unstable();
+        priorities.dedup();
+        let levels = priorities
+            .into_iter()
+            .map(|p| {
+                let hosts: Vec<Arc<Host>> =
+                    all.iter().filter(|h| h.priority == p).cloned().collect();
+                Level {
+                    lb: Lb::build(cfg, &hosts),
+                    hosts,
+                }
+            })
+            .collect();
+        Self { all, levels }
+    }
+
+    /// Picks a host: the first priority level with a healthy host serves the request; if no host
+    /// anywhere is healthy, Envoy's panic mode sends to any host.
+    pub fn pick(&self, hash: Option<u64>) -> Option<Arc<Host>> {
+        for level in &self.levels {
+            if level.hosts.iter().any(|h| h.is_healthy()) {
+                // Try a few picks to skip unhealthy hosts without building a new balancer.
+                for _ in 0..level.hosts.len().max(4) {
+                    let i = level.lb.pick(&level.hosts, hash)?;
+                    if level.hosts[i].is_healthy() {
+                        return Some(level.hosts[i].clone());
+                    }
+                }
+                return level.hosts.iter().find(|h| h.is_healthy()).cloned();
+            }
+        }
+        let level = self.levels.first()?;
+        level
+            .lb
+            .pick(&level.hosts, hash)
+            .map(|i| level.hosts[i].clone())
+    }
+}
+
+pub struct Cluster {
+    pub name: String,
+    pub config: ClusterConfig,
+    pub stats: Arc<ClusterStats>,
+    pub hosts: ArcSwap<HostSet>,
+    pub pool_settings: PoolSettings,
+    /// Background resolution (DNS clusters); aborted when the cluster is dropped.
+    refresher: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(h) = self.refresher.lock().take() {
+            h.abort();
+        }
+    }
+}
+
+/// Where a host came from: its address plus the fields of its `lb_endpoint`.
+#[derive(Clone, Debug)]
+pub struct HostSpec {
+    pub addr: SocketAddr,
+    pub hostname: String,
+    pub weight: u32,
+    pub priority: u32,
+    pub locality: Option<mecha_config::Locality>,
+}
+
+impl Cluster {
+    /// Builds a cluster. Static hosts are created now; DNS clusters start empty and are filled by
+    /// [`Cluster::start_discovery`].
+    pub fn new(cfg: ClusterConfig, store: &Store) -> Arc<Self> {
+        let stats = Arc::new(ClusterStats::new(store, &Scope::cluster(&cfg.name)));
+        let pool_settings = PoolSettings {
+            http2: cfg.upstream_http2(),
+            connect_timeout: cfg.connect_timeout(),
+            idle_timeout: cfg.upstream_idle_timeout(),
+        };
+        let cluster = Arc::new(Self {
+            name: cfg.name.clone(),
+            stats,
+            hosts: ArcSwap::from_pointee(HostSet::new(&cfg, vec![])),
+            pool_settings,
+            refresher: parking_lot::Mutex::new(None),
+            config: cfg,
+        });
+        if cluster.config.discovery_type == DiscoveryType::STATIC {
+            let specs = static_specs(&cluster.config);
+            cluster.update_hosts(specs);
+        }
+        cluster
+    }
+
+    /// Starts DNS resolution for STRICT_DNS / LOGICAL_DNS clusters (needs a Tokio runtime).
+    pub fn start_discovery(self: &Arc<Self>) {
+        if matches!(
+            self.config.discovery_type,
+            DiscoveryType::STRICT_DNS | DiscoveryType::LOGICAL_DNS
+        ) {
+            let handle = tokio::spawn(dns::run(Arc::downgrade(self)));
+            *self.refresher.lock() = Some(handle);
+        }
+    }
+
+    /// Replaces the host set, keeping the `Host` (and its pool) of every unchanged endpoint.
+    pub fn update_hosts(&self, specs: Vec<HostSpec>) {
+        let old = self.hosts.load();
+        let mut by_addr: HashMap<(SocketAddr, u32), Arc<Host>> = old
+            .all
+            .iter()
+            .map(|h| ((h.addr, h.priority), h.clone()))
+            .collect();
+        let hosts: Vec<Arc<Host>> = specs
+            .into_iter()
+            .map(|s| match by_addr.remove(&(s.addr, s.priority)) {
+                Some(h) if h.weight == s.weight && *h.hostname == *s.hostname => h,
+                _ => self.new_host(s),
+            })
+            .collect();
+        self.stats.membership_total.set(hosts.len() as i64);
+        self.stats
+            .membership_healthy
+            .set(hosts.iter().filter(|h| h.is_healthy()).count() as i64);
+        self.hosts
+            .store(Arc::new(HostSet::new(&self.config, hosts)));
+    }
+
+    fn new_host(&self, s: HostSpec) -> Arc<Host> {
+        let cx = Arc::new(ConnStats::default());
+        Arc::new(Host {
+            addr: s.addr,
+            hostname: s.hostname.into(),
+            weight: s.weight,
+            priority: s.priority,
+            locality: s.locality,
+            rq_active: AtomicU64::new(0),
+            rq_total: AtomicU64::new(0),
+            rq_error: AtomicU64::new(0),
+            pool: pool::new_pool(s.addr, &self.pool_settings, self.stats.clone(), cx.clone()),
+            cx,
+            health_flags: Default::default(),
+        })
+    }
+
+    pub fn pick(&self, hash: Option<u64>) -> Option<Arc<Host>> {
+        self.hosts.load().pick(hash)
+    }
+
+    /// Sends `req` to `host`: fills in scheme/authority, counts the request, and turns pool errors
+    /// into [`UpstreamError`]. The response body keeps the host's active-request count until it ends.
+    pub async fn send(
+        &self,
+        host: Arc<Host>,
+        mut req: http::Request<Body>,
+    ) -> Result<http::Response<Body>, UpstreamError> {
+        set_upstream_uri(&mut req, host.addr, self.pool_settings.http2);
+        let stats = &self.stats;
+        stats.upstream_rq_total.inc();
+        stats.upstream_rq_active.inc();
+        let guard = RequestGuard {
+            active: ActiveRequest::new(host.clone()),
+            stats: self.stats.clone(),
+        };
+        let start = Instant::now();
+        match host.pool.request(req).await {
+            Ok(resp) => {
+                stats.upstream_rq_time.record_duration_ms(start.elapsed());
+                stats.record_status(resp.status().as_u16());
+                stats.upstream_rq_completed.inc();
+                Ok(resp.map(|b| guarded_body(b, guard)))
+            }
+            Err(e) => {
+                host.rq_error
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                stats.upstream_rq_completed.inc();
+                stats.record_status(503);
+                let reason = if e.is_connect() {
+                    "connection failure".to_string()
+                } else {
+                    stats.upstream_rq_rx_reset.inc();
+                    "connection termination".to_string()
+                };
+                let detail = std::error::Error::source(&e)
+                    .map(|s| format!(", transport failure reason: {s}"))
+                    .unwrap_or_default();
+                Err(UpstreamError::Connect(format!(
+                    "reset reason: {reason}{detail}"
+                )))
+            }
+        }
+    }
+}
+
+fn static_specs(cfg: &ClusterConfig) -> Vec<HostSpec> {
+    let mut out = vec![];
+    for loc in cfg.load_assignment.iter().flat_map(|la| &la.endpoints) {
+        for ep in &loc.lb_endpoints {
+            let sa = &ep.endpoint.address.socket_address;
+            if let Ok(ip) = sa.address.parse::<std::net::IpAddr>() {
+                out.push(HostSpec {
+                    addr: SocketAddr::new(ip, sa.port_value),
+                    hostname: ep.endpoint.hostname.clone().unwrap_or_default(),
+                    weight: ep.load_balancing_weight.unwrap_or(1),
+                    priority: loc.priority,
+                    locality: loc.locality.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Absolute-form URI for the pool: the pool pins the connection to the host, the authority keeps
+/// the pool key stable; the original Host header travels as a header (HTTP/1) or :authority (HTTP/2).
+fn set_upstream_uri(req: &mut http::Request<Body>, addr: SocketAddr, http2: bool) {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let authority = if http2 {
+        req.headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+            .unwrap_or_else(|| addr.to_string())
+    } else {
+        addr.to_string()
+    };
+    if let Ok(uri) = http::Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(path)
+        .build()
+    {
+        *req.uri_mut() = uri;
+    }
+    if http2 {
+        // h2 carries the authority as a pseudo-header; a Host header next to it is a protocol error.
+        req.headers_mut().remove(http::header::HOST);
+        *req.version_mut() = http::Version::HTTP_2;
+    } else {
+        *req.version_mut() = http::Version::HTTP_11;
+    }
+}
+
+struct RequestGuard {
+    #[allow(dead_code)]
+    active: ActiveRequest,
+    stats: Arc<ClusterStats>,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.stats.upstream_rq_active.dec();
+    }
+}
+
+fn guarded_body(body: hyper::body::Incoming, guard: RequestGuard) -> Body {
+    use http_body_util::BodyExt;
+    crate::body::WithGuard::new(
+        body.map_err(|e| Box::new(e) as mecha_filters::BoxError),
+        guard,
+    )
+    .boxed_unsync()
+}
+
+/// All clusters of one configuration.
+pub struct ClusterManager {
+    pub clusters: HashMap<String, Arc<Cluster>>,
+    pub stats: ClusterManagerStats,
+}
+
+impl ClusterManager {
+    pub fn new(
+        configs: &[ClusterConfig],
+        store: &Store,
+        previous: Option<&ClusterManager>,
+    ) -> Self {
+        let stats = ClusterManagerStats::new(store, &Scope::plain("cluster_manager"));
+        let clusters: HashMap<String, Arc<Cluster>> = configs
+            .iter()
+            .map(|c| {
+                let reuse = previous
+                    .and_then(|p| p.clusters.get(&c.name))
+                    .filter(|old| same_config(&old.config, c));
+                (
+                    c.name.clone(),
+                    reuse
+                        .cloned()
+                        .unwrap_or_else(|| Cluster::new(c.clone(), store)),
+                )
+            })
+            .collect();
+        stats.active_clusters.set(clusters.len() as i64);
+        Self { clusters, stats }
+    }
+
+    pub fn start_discovery(&self) {
+        for c in self.clusters.values() {
+            if c.refresher.lock().is_none() {
+                c.start_discovery();
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.clusters.get(name)
+    }
+}
+
+fn same_config(a: &ClusterConfig, b: &ClusterConfig) -> bool {
+    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+}
+
+/// The [`Upstream`] handed to filters: always the cluster manager of the current snapshot.
+#[derive(Clone)]
+pub struct UpstreamHandle {
+    pub clusters: Arc<ArcSwap<ClusterManager>>,
+}
+
+impl Upstream for UpstreamHandle {
+    fn call(
+        &self,
+        cluster: &str,
+        req: http::Request<Body>,
+    ) -> BoxFuture<'static, Result<http::Response<Body>, UpstreamError>> {
+        let cm = self.clusters.load_full();
+        let cluster = cluster.to_string();
+        Box::pin(async move {
+            let c = cm
+                .get(&cluster)
+                .ok_or_else(|| UpstreamError::UnknownCluster(cluster.clone()))?;
+            let host = c.pick(None).ok_or_else(|| {
+                c.stats.upstream_cx_none_healthy.inc();
+                UpstreamError::NoHealthyUpstream(cluster.clone())
+            })?;
+            c.send(host, req).await
+        })
+    }
+
+    fn has_cluster(&self, cluster: &str) -> bool {
+        self.clusters.load().get(cluster).is_some()
+    }
+}

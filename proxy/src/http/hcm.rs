@@ -1,0 +1,361 @@
+//! The HTTP connection manager: serves one downstream connection (HTTP/1.1, HTTP/2 or detected),
+//! prepares each request as Envoy does (hop-by-hop headers, `x-forwarded-*`, `x-request-id`),
+//! selects the route, and runs the HTTP filter chain that ends in the router.
+
+use super::headers::{strip_hop_by_hop, upgrade_type, uuid_v4};
+use super::router::SelectedRoute;
+use crate::drain::Drain;
+use crate::route::RouteTable;
+use crate::stats::HttpStats;
+use arc_swap::ArcSwap;
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use mecha_config::{CodecType, HttpConnectionManager};
+use mecha_filters::{local_reply, Body, FilterChain, RequestInfo};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// One configured connection manager (per filter chain). Its route table can be swapped (RDS).
+pub struct Hcm {
+    pub stat_prefix: String,
+    pub stats: HttpStats,
+    pub routes: ArcSwap<RouteTable>,
+    pub chain: FilterChain,
+    codec: CodecType,
+    max_headers_bytes: usize,
+    max_headers_count: Option<usize>,
+    use_remote_address: bool,
+    skip_xff_append: bool,
+    generate_request_id: bool,
+    preserve_external_request_id: bool,
+    idle_timeout: Option<Duration>,
+    max_connection_duration: Option<Duration>,
+    server_name: HeaderValue,
+    via: Option<HeaderValue>,
+    websocket: bool,
+    h2_stream_window: Option<u32>,
+    h2_conn_window: Option<u32>,
+    h2_max_streams: Option<u32>,
+    drain_timeout: Duration,
+}
+
+impl Hcm {
+    pub fn new(
+        cfg: &HttpConnectionManager,
+        stats: HttpStats,
+        routes: RouteTable,
+        chain: FilterChain,
+    ) -> Self {
+        let common = cfg.common_http_protocol_options.clone().unwrap_or_default();
+        let h2 = cfg.http2_protocol_options.clone().unwrap_or_default();
+        Self {
+            stat_prefix: cfg.stat_prefix.clone(),
+            stats,
+            routes: ArcSwap::from_pointee(routes),
+            chain,
+            codec: cfg.codec_type,
+            max_headers_bytes: cfg.max_request_headers_bytes(),
+            max_headers_count: common.max_headers_count.map(|n| n as usize),
+            use_remote_address: cfg.use_remote_address,
+            skip_xff_append: cfg.skip_xff_append,
+            generate_request_id: cfg.generate_request_id(),
+            preserve_external_request_id: cfg.preserve_external_request_id,
+            // Envoy's default downstream idle timeout is 1 hour; 0 disables it.
+            idle_timeout: match common.idle_timeout {
+                Some(d) if d.is_zero() => None,
+                Some(d) => Some(d.0),
+                None => Some(Duration::from_secs(3600)),
+            },
+            max_connection_duration: common
+                .max_connection_duration
+                .filter(|d| !d.is_zero())
+                .map(|d| d.0),
+            server_name: cfg
+                .server_name
+                .as_deref()
+                .and_then(|s| HeaderValue::from_str(s).ok())
+                .unwrap_or(HeaderValue::from_static("mecha")),
+            via: cfg
+                .via
+                .as_deref()
+                .and_then(|s| HeaderValue::from_str(s).ok()),
+            websocket: cfg.upgrade_enabled("websocket"),
+            h2_stream_window: h2.initial_stream_window_size,
+            h2_conn_window: h2.initial_connection_window_size,
+            h2_max_streams: h2.max_concurrent_streams,
+            drain_timeout: cfg
+                .drain_timeout
+                .map(|d| d.0)
+                .unwrap_or(Duration::from_secs(5)),
+        }
+    }
+
+    /// Serves one downstream connection until it closes, idles out, or the server drains.
+    pub async fn serve<IO>(self: Arc<Self>, io: IO, info: ConnInfo, drain: Drain)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.stats.downstream_cx_total.inc();
+        self.stats.downstream_cx_active.inc();
+        let activity = Arc::new(Activity::default());
+        activity.epoch();
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .max_buf_size(self.max_headers_bytes.max(8192));
+        if let Some(n) = self.max_headers_count {
+            builder.http1().max_headers(n);
+        }
+        {
+            let mut h2 = builder.http2();
+            h2.timer(TokioTimer::new())
+                .max_header_list_size(self.max_headers_bytes as u32);
+            if let Some(w) = self.h2_stream_window {
+                h2.initial_stream_window_size(w);
+            }
+            if let Some(w) = self.h2_conn_window {
+                h2.initial_connection_window_size(w);
+            }
+            if let Some(n) = self.h2_max_streams {
+                h2.max_concurrent_streams(n);
+            }
+        }
+        let builder = match self.codec {
+            CodecType::AUTO => builder,
+            CodecType::HTTP1 => builder.http1_only(),
+            CodecType::HTTP2 => builder.http2_only(),
+        };
+        let hcm = self.clone();
+        let act = activity.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let hcm = hcm.clone();
+            let guard = act.begin();
+            async move {
+                let resp = hcm.handle(req, info).await;
+                drop(guard);
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let started = Instant::now();
+        let mut draining: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            drain.signaled();
+        let mut shutting_down = false;
+        loop {
+            let deadline = self.next_deadline(&activity, started);
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(error = %e, remote = %info.remote, "downstream connection error");
+                    }
+                    break;
+                }
+                _ = &mut draining => {
+                    if shutting_down {
+                        // The drain timeout passed with requests still in flight.
+                        break;
+                    }
+                    shutting_down = true;
+                    conn.as_mut().graceful_shutdown();
+                    let timeout = self.drain_timeout;
+                    draining = Box::pin(tokio::time::sleep(timeout));
+                }
+                _ = sleep_until(deadline), if deadline.is_some() && !shutting_down => {
+                    if self.expired(&activity, started) {
+                        self.stats.downstream_cx_idle_timeout.inc();
+                        shutting_down = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        }
+        self.stats.downstream_cx_active.dec();
+        self.stats.downstream_cx_destroy.inc();
+    }
+
+    fn next_deadline(&self, a: &Activity, started: Instant) -> Option<Instant> {
+        let idle = self.idle_timeout.map(|t| a.last() + t);
+        let max = self.max_connection_duration.map(|d| started + d);
+        match (idle, max) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn expired(&self, a: &Activity, started: Instant) -> bool {
+        let now = Instant::now();
+        if self
+            .max_connection_duration
+            .is_some_and(|d| now >= started + d)
+        {
+            return true;
+        }
+        a.active() == 0 && self.idle_timeout.is_some_and(|t| now >= a.last() + t)
+    }
+
+    /// Handles one request end to end; never fails (errors become local replies).
+    pub async fn handle(&self, req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
+        let start = Instant::now();
+        let stats = &self.stats;
+        stats.downstream_rq_total.inc();
+        stats.downstream_rq_active.inc();
+        match req.version() {
+            http::Version::HTTP_2 => stats.downstream_rq_http2_total.inc(),
+            _ => stats.downstream_rq_http1_total.inc(),
+        }
+        let version = req.version();
+        let mut req = req.map(|b| {
+            b.map_err(|e| Box::new(e) as mecha_filters::BoxError)
+                .boxed_unsync()
+        });
+        let mut resp = match self.prepare(&mut req, info) {
+            Err(local) => local,
+            Ok(()) => self.chain.run(req).await,
+        };
+        // The downstream codec decides the response version, whatever the upstream spoke.
+        *resp.version_mut() = version;
+        let h = resp.headers_mut();
+        h.insert(http::header::SERVER, self.server_name.clone());
+        if let Some(via) = &self.via {
+            h.append(http::header::VIA, via.clone());
+        }
+        let status = resp.status().as_u16();
+        stats.record_status(status);
+        stats.downstream_rq_time.record_duration_ms(start.elapsed());
+        stats.downstream_rq_completed.inc();
+        stats.downstream_rq_active.dec();
+        resp
+    }
+
+    /// Envoy's request preparation; returns a local reply when the request must not proceed.
+    fn prepare(&self, req: &mut Request<Body>, info: ConnInfo) -> Result<(), Response<Body>> {
+        let upgrade = upgrade_type(req.headers());
+        if let Some(kind) = &upgrade {
+            if !(kind == "websocket" && self.websocket) {
+                return Err(local_reply(StatusCode::FORBIDDEN, ""));
+            }
+            self.stats.downstream_cx_upgrades_total.inc();
+        }
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers, upgrade.is_some());
+        if self.use_remote_address {
+            if !self.skip_xff_append {
+                let ip = info.remote.ip().to_string();
+                let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                    Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
+                    _ => ip,
+                };
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    headers.insert(X_FORWARDED_FOR.clone(), v);
+                }
+            }
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        } else if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        }
+        if self.generate_request_id {
+            let external = headers.contains_key(&X_REQUEST_ID);
+            // At the edge Envoy does not trust an external request id unless told to.
+            if !external || (self.use_remote_address && !self.preserve_external_request_id) {
+                if let Ok(v) = HeaderValue::from_str(&uuid_v4()) {
+                    headers.insert(X_REQUEST_ID.clone(), v);
+                }
+            }
+        }
+        let table = self.routes.load();
+        let host = authority(req);
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let route = table.route(host, path, req.headers()).cloned();
+        let per_filter = route
+            .as_ref()
+            .map(|r| r.per_filter.clone())
+            .unwrap_or_default();
+        let route_name = route
+            .as_ref()
+            .map(|r| r.name.clone())
+            .unwrap_or_else(|| "".into());
+        req.extensions_mut().insert(RequestInfo {
+            downstream_remote: info.remote,
+            downstream_local: info.local,
+            route_name,
+            per_filter,
+        });
+        req.extensions_mut().insert(SelectedRoute(route));
+        Ok(())
+    }
+}
+
+/// The request's authority: the Host header (HTTP/1) or the URI authority (HTTP/2).
+pub fn authority(req: &Request<Body>) -> &str {
+    req.headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("")
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Per-connection activity: in-flight requests and the time the last one ended.
+#[derive(Default)]
+struct Activity {
+    active: AtomicUsize,
+    last_ms: AtomicU64,
+    epoch: std::sync::OnceLock<Instant>,
+}
+
+struct ActivityGuard(Arc<Activity>);
+
+impl Activity {
+    fn epoch(&self) -> Instant {
+        *self.epoch.get_or_init(Instant::now)
+    }
+    fn begin(self: &Arc<Self>) -> ActivityGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActivityGuard(self.clone())
+    }
+    fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+    fn last(&self) -> Instant {
+        self.epoch() + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        let ms = self.0.epoch().elapsed().as_millis() as u64;
+        self.0.last_ms.store(ms, Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,10 @@
+//! HTTP: the connection manager (downstream codec, request preparation, route selection, filter
+//! chain) and the router (the chain's terminal filter that forwards to a cluster).
+
+pub mod hcm;
+pub mod headers;
+pub mod router;
+pub mod upgrade;
+
+pub use hcm::{ConnInfo, Hcm};
+pub use router::{Router, SelectedRoute};

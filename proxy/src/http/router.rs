@@ -1,0 +1,238 @@
+//! The router: the terminal HTTP filter. It applies the selected route's action — direct
+//! response, redirect, or forwarding to a cluster with rewrites, header mutations, load
+//! balancing and the route timeout — and maps upstream failures to Envoy's local replies.
+
+use super::hcm::authority;
+use super::headers::strip_hop_by_hop;
+use super::upgrade::spawn_tunnel;
+use crate::cluster::ClusterManager;
+use crate::route::headers::Vars;
+use crate::route::{Action, HostRewrite, RouteEntry};
+use crate::stats::HttpStats;
+use arc_swap::ArcSwap;
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use mecha_filters::{full, local_reply, Body, BoxFuture, HttpService, RequestInfo, UpstreamError};
+use std::sync::Arc;
+use std::time::Instant;
+
+static EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
+static UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
+
+/// The route chosen by the connection manager, carried in the request's extensions.
+#[derive(Clone)]
+pub struct SelectedRoute(pub Option<Arc<RouteEntry>>);
+
+pub struct Router {
+    pub clusters: Arc<ArcSwap<ClusterManager>>,
+    pub stats: HttpStats,
+    /// `envoy.extensions.filters.http.router.v3.Router.suppress_envoy_headers`.
+    pub suppress_envoy_headers: bool,
+}
+
+impl HttpService for Router {
+    fn call<'a>(&'a self, req: Request<Body>) -> BoxFuture<'a, Response<Body>> {
+        Box::pin(self.route(req))
+    }
+}
+
+impl Router {
+    async fn route(&self, mut req: Request<Body>) -> Response<Body> {
+        self.stats.rq_total.inc();
+        let route = match req.extensions_mut().remove::<SelectedRoute>() {
+            Some(SelectedRoute(Some(r))) => r,
+            _ => {
+                self.stats.no_route.inc();
+                return local_reply(StatusCode::NOT_FOUND, "");
+            }
+        };
+        let info = req.extensions().get::<RequestInfo>().cloned();
+        let (remote, local) = info
+            .as_ref()
+            .map(|i| (i.downstream_remote, i.downstream_local))
+            .unwrap_or((([0, 0, 0, 0], 0).into(), ([0, 0, 0, 0], 0).into()));
+        let protocol = match req.version() {
+            http::Version::HTTP_2 => "HTTP/2",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        };
+        let mut vars = Vars {
+            downstream_remote: remote,
+            downstream_local: local,
+            upstream: None,
+            protocol,
+        };
+
+        let action = match &route.action {
+            Action::Direct { status, body } => {
+                self.stats.rq_direct_response.inc();
+                let mut resp = if body.is_empty() {
+                    local_reply(*status, "")
+                } else {
+                    let mut r = Response::new(full(body.clone()));
+                    *r.status_mut() = *status;
+                    r.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain"),
+                    );
+                    r
+                };
+                apply_response_ops(&route, None, &mut resp, &vars);
+                return resp;
+            }
+            Action::Redirect(rd) => {
+                self.stats.rq_redirect.inc();
+                let host = authority(&req).to_string();
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("/")
+                    .to_string();
+                let location = rd.location(&route, "http", &host, &pq);
+                let mut resp = local_reply(rd.status, "");
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    resp.headers_mut().insert(http::header::LOCATION, v);
+                }
+                apply_response_ops(&route, None, &mut resp, &vars);
+                return resp;
+            }
+            Action::Route(a) => a,
+        };
+
+        let cm = self.clusters.load_full();
+        let (cluster_name, weighted_ops) = match action.pick_cluster(req.headers()) {
+            Some((c, ops)) => (c.to_string(), ops.cloned()),
+            None => {
+                self.stats.no_cluster.inc();
+                return local_reply(action.not_found_status, "");
+            }
+        };
+        let Some(cluster) = cm.get(&cluster_name) else {
+            self.stats.no_cluster.inc();
+            return local_reply(action.not_found_status, "");
+        };
+        let query = req.uri().query();
+        let hash = if action.hash_policy.is_empty() {
+            None
+        } else {
+            action.hash(req.headers(), query, remote.ip())
+        };
+        let Some(host) = cluster.pick(hash) else {
+            cluster.stats.upstream_cx_none_healthy.inc();
+            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        };
+        vars.upstream = Some(host.addr);
+
+        // Path and host rewrites.
+        if action.prefix_rewrite.is_some() || action.regex_rewrite.is_some() {
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            if let Some(new_pq) = route.rewrite_path(pq, action) {
+                if let Ok(uri) = http::Uri::builder().path_and_query(new_pq).build() {
+                    *req.uri_mut() = uri;
+                }
+            }
+        }
+        let orig_authority = authority(&req).to_string();
+        let new_host = match &action.host_rewrite {
+            HostRewrite::None => None,
+            HostRewrite::Literal(v) => Some(v.clone()),
+            HostRewrite::Auto => (!host.hostname.is_empty())
+                .then(|| HeaderValue::from_str(&host.hostname).ok())
+                .flatten(),
+            HostRewrite::Header(h) => req.headers().get(h).cloned(),
+        };
+        let headers = req.headers_mut();
+        match new_host {
+            Some(h) => {
+                headers.insert(http::header::HOST, h);
+            }
+            None if !headers.contains_key(http::header::HOST) && !orig_authority.is_empty() => {
+                if let Ok(v) = HeaderValue::from_str(&orig_authority) {
+                    headers.insert(http::header::HOST, v);
+                }
+            }
+            None => {}
+        }
+        if let Some(ops) = &weighted_ops {
+            ops.apply_request(headers, &vars);
+        }
+        for level in &route.header_levels {
+            level.apply_request(headers, &vars);
+        }
+        let timeout = action.timeout;
+        if let (Some(t), false) = (timeout, self.suppress_envoy_headers) {
+            headers.insert(
+                EXPECTED_TIMEOUT.clone(),
+                HeaderValue::from(t.as_millis() as u64),
+            );
+        }
+
+        let downstream_upgrade = if req.headers().contains_key(http::header::UPGRADE) {
+            Some(hyper::upgrade::on(&mut req))
+        } else {
+            None
+        };
+        let start = Instant::now();
+        let sent = cluster.send(host, req);
+        let result = match timeout {
+            Some(t) => match tokio::time::timeout(t, sent).await {
+                Ok(r) => r,
+                Err(_) => {
+                    // Dropping the send future resets the upstream stream / closes the connection.
+                    cluster.stats.upstream_rq_timeout.inc();
+                    Err(UpstreamError::Timeout)
+                }
+            },
+            None => sent.await,
+        };
+        let mut resp = match result {
+            Ok(r) => r,
+            Err(UpstreamError::Timeout) => {
+                return local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+            }
+            Err(UpstreamError::Connect(reason)) => {
+                return local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("upstream connect error or disconnect/reset before headers. {reason}"),
+                )
+            }
+            Err(e) => return local_reply(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(down) = downstream_upgrade {
+                let up = hyper::upgrade::on(&mut resp);
+                spawn_tunnel(down, up, self.stats.downstream_cx_upgrades_active.clone());
+            }
+            strip_hop_by_hop(resp.headers_mut(), true);
+        } else {
+            strip_hop_by_hop(resp.headers_mut(), false);
+        }
+        if !self.suppress_envoy_headers {
+            resp.headers_mut().insert(
+                UPSTREAM_SERVICE_TIME.clone(),
+                HeaderValue::from(start.elapsed().as_millis() as u64),
+            );
+        }
+        apply_response_ops(&route, weighted_ops.as_deref(), &mut resp, &vars);
+        resp
+    }
+}
+
+fn apply_response_ops(
+    route: &RouteEntry,
+    weighted: Option<&crate::route::headers::HeaderOps>,
+    resp: &mut Response<Body>,
+    vars: &Vars<'_>,
+) {
+    if let Some(ops) = weighted {
+        ops.apply_response(resp.headers_mut(), vars);
+    }
+    for level in &route.header_levels {
+        level.apply_response(resp.headers_mut(), vars);
+    }
+}

@@ -1,0 +1,163 @@
+//! The running proxy: binds listeners and the admin endpoint for a snapshot, and drains on stop.
+
+use crate::build::{build, BuildContext, Snapshot};
+use crate::drain::Drain;
+use crate::listener::{self, ListenerRuntime};
+use crate::ProxyError;
+use arc_swap::ArcSwap;
+use mecha_config::Bootstrap;
+use mecha_filters::stats::Store;
+use mecha_filters::Registry;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    pub concurrency: usize,
+    pub config_path: Option<String>,
+    /// How long in-flight requests may take to finish after a drain starts.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 1,
+            config_path: None,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// State the admin endpoint reads.
+pub struct ServerState {
+    pub ctx: BuildContext,
+    pub bootstrap: ArcSwap<Bootstrap>,
+    pub listeners: ArcSwap<Vec<(Arc<ArcSwap<ListenerRuntime>>, SocketAddr)>>,
+    pub ready: AtomicBool,
+    pub started: Instant,
+    pub options: ServerOptions,
+    pub drain: Drain,
+    pub last_updated: ArcSwap<std::time::SystemTime>,
+}
+
+pub struct Server {
+    pub state: Arc<ServerState>,
+    pub admin_addr: Option<SocketAddr>,
+}
+
+impl Server {
+    /// Builds the snapshot, binds every listener (and the admin listener), and starts serving.
+    pub async fn start(
+        bootstrap: Bootstrap,
+        registry: Registry,
+        options: ServerOptions,
+    ) -> Result<Server, ProxyError> {
+        let ctx = BuildContext::new(registry);
+        Self::start_with(bootstrap, ctx, options).await
+    }
+
+    /// Like [`Server::start`], with a context the caller prepared (e.g. to hand the upstream
+    /// handle to filters registered before the build).
+    pub async fn start_with(
+        bootstrap: Bootstrap,
+        ctx: BuildContext,
+        options: ServerOptions,
+    ) -> Result<Server, ProxyError> {
+        let snapshot: Snapshot = build(&bootstrap, &ctx)?;
+        ctx.clusters.store(snapshot.clusters.clone());
+        snapshot.clusters.start_discovery();
+        let drain = Drain::new();
+        let mut bound = vec![];
+        for l in &snapshot.listeners {
+            let tcp = listener::bind(l.address).map_err(|source| ProxyError::Bind {
+                name: l.name.clone(),
+                addr: l.address,
+                source,
+            })?;
+            let addr = tcp
+                .local_addr()
+                .map_err(|e| ProxyError::Other(e.to_string()))?;
+            bound.push((tcp, l.clone(), addr));
+        }
+        let admin = match &bootstrap.admin {
+            Some(a) => {
+                let sa = &a.address.socket_address;
+                let ip = sa.address.parse().map_err(|_| {
+                    ProxyError::Other(format!(
+                        "admin.address.socket_address.address: \"{}\" is not an IP address",
+                        sa.address
+                    ))
+                })?;
+                let addr = SocketAddr::new(ip, sa.port_value);
+                let tcp = listener::bind(addr).map_err(|source| ProxyError::Bind {
+                    name: "admin".into(),
+                    addr,
+                    source,
+                })?;
+                Some(tcp)
+            }
+            None => None,
+        };
+        let mut listeners = vec![];
+        for (tcp, rt, addr) in bound {
+            tracing::info!(listener = %rt.name, %addr, "listening");
+            let swap = Arc::new(ArcSwap::new(rt));
+            listeners.push((swap.clone(), addr));
+            tokio::spawn(listener::run(tcp, swap, drain.clone()));
+        }
+        let state = Arc::new(ServerState {
+            ctx,
+            bootstrap: ArcSwap::from_pointee(bootstrap),
+            listeners: ArcSwap::from_pointee(listeners),
+            ready: AtomicBool::new(false),
+            started: Instant::now(),
+            options,
+            drain,
+            last_updated: ArcSwap::from_pointee(std::time::SystemTime::now()),
+        });
+        let admin_addr = match admin {
+            Some(tcp) => {
+                let addr = tcp.local_addr().ok();
+                tracing::info!(admin = ?addr, "admin listening");
+                tokio::spawn(crate::admin::serve(tcp, state.clone()));
+                addr
+            }
+            None => None,
+        };
+        state.ready.store(true, Ordering::SeqCst);
+        Ok(Server { state, admin_addr })
+    }
+
+    pub fn stats(&self) -> &Arc<Store> {
+        &self.state.ctx.stats
+    }
+
+    /// The bound address of each listener, by name (useful with `port_value: 0`).
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.state
+            .listeners
+            .load()
+            .iter()
+            .map(|(rt, addr)| (rt.load().name.clone(), *addr))
+            .collect()
+    }
+
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listener_addrs()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| a)
+    }
+
+    /// Stops accepting and waits (up to the drain timeout) for in-flight requests to finish.
+    pub async fn drain(&self) -> bool {
+        self.state.ready.store(false, Ordering::SeqCst);
+        self.state
+            .drain
+            .drain(self.state.options.drain_timeout)
+            .await
+    }
+}

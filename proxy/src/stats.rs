@@ -1,0 +1,143 @@
+//! Typed bundles of stat handles, resolved once per cluster / connection manager / TCP proxy so
+//! the request path only touches atomics.
+
+use mecha_filters::stats::{Counter, Gauge, Histogram, Scope, Store};
+
+macro_rules! stat_struct {
+    ($name:ident { counters: [$($c:ident),* $(,)?], gauges: [$($g:ident),* $(,)?], histograms: [$($h:ident),* $(,)?] }) => {
+        #[derive(Clone, Debug)]
+        pub struct $name {
+            $(pub $c: Counter,)*
+            $(pub $g: Gauge,)*
+            $(pub $h: Histogram,)*
+        }
+        impl $name {
+            pub fn new(store: &Store, scope: &Scope) -> Self {
+                Self {
+                    $($c: store.counter(scope, stringify!($c)),)*
+                    $($g: store.gauge(scope, stringify!($g)),)*
+                    $($h: store.histogram(scope, stringify!($h)),)*
+                }
+            }
+        }
+    };
+}
+
+stat_struct!(ClusterStats {
+    counters: [
+        upstream_cx_total,
+        upstream_cx_connect_fail,
+        upstream_cx_connect_timeout,
+        upstream_cx_destroy,
+        upstream_rq_total,
+        upstream_rq_completed,
+        upstream_rq_1xx,
+        upstream_rq_2xx,
+        upstream_rq_3xx,
+        upstream_rq_4xx,
+        upstream_rq_5xx,
+        upstream_rq_timeout,
+        upstream_rq_rx_reset,
+        upstream_cx_none_healthy,
+        upstream_rq_cancelled,
+        update_attempt,
+        update_success,
+        update_failure
+    ],
+    gauges: [
+        upstream_cx_active,
+        upstream_rq_active,
+        membership_healthy,
+        membership_total,
+        membership_degraded,
+        membership_excluded
+    ],
+    histograms: [upstream_rq_time, upstream_cx_connect_ms]
+});
+
+impl ClusterStats {
+    pub fn record_status(&self, status: u16) {
+        match status / 100 {
+            1 => self.upstream_rq_1xx.inc(),
+            2 => self.upstream_rq_2xx.inc(),
+            3 => self.upstream_rq_3xx.inc(),
+            4 => self.upstream_rq_4xx.inc(),
+            _ => self.upstream_rq_5xx.inc(),
+        }
+    }
+}
+
+stat_struct!(HttpStats {
+    counters: [
+        downstream_cx_total,
+        downstream_cx_http1_total,
+        downstream_cx_http2_total,
+        downstream_cx_upgrades_total,
+        downstream_cx_idle_timeout,
+        downstream_cx_destroy,
+        downstream_rq_total,
+        downstream_rq_http1_total,
+        downstream_rq_http2_total,
+        downstream_rq_1xx,
+        downstream_rq_2xx,
+        downstream_rq_3xx,
+        downstream_rq_4xx,
+        downstream_rq_5xx,
+        downstream_rq_completed,
+        no_route,
+        no_cluster,
+        rq_redirect,
+        rq_direct_response,
+        rq_total
+    ],
+    gauges: [
+        downstream_cx_active,
+        downstream_rq_active,
+        downstream_cx_upgrades_active
+    ],
+    histograms: [downstream_rq_time]
+});
+
+impl HttpStats {
+    pub fn record_status(&self, status: u16) {
+        match status / 100 {
+            1 => self.downstream_rq_1xx.inc(),
+            2 => self.downstream_rq_2xx.inc(),
+            3 => self.downstream_rq_3xx.inc(),
+            4 => self.downstream_rq_4xx.inc(),
+            _ => self.downstream_rq_5xx.inc(),
+        }
+    }
+}
+
+stat_struct!(TcpStats {
+    counters: [
+        downstream_cx_total,
+        downstream_cx_no_route,
+        downstream_cx_rx_bytes_total,
+        downstream_cx_tx_bytes_total,
+        idle_timeout,
+        upstream_flush_total
+    ],
+    gauges: [
+        downstream_cx_rx_bytes_buffered,
+        downstream_cx_tx_bytes_buffered
+    ],
+    histograms: []
+});
+
+stat_struct!(ListenerStats {
+    counters: [
+        downstream_cx_total,
+        downstream_cx_destroy,
+        no_filter_chain_match
+    ],
+    gauges: [downstream_cx_active],
+    histograms: [downstream_cx_length_ms]
+});
+
+stat_struct!(ClusterManagerStats {
+    counters: [cluster_added, cluster_modified, cluster_removed],
+    gauges: [active_clusters, warming_clusters],
+    histograms: []
+});

@@ -1,0 +1,148 @@
+//! The TCP proxy: one upstream connection per downstream connection, bytes copied both ways with
+//! half-close passed through, and an idle timeout (default 1 h, as Envoy).
+
+use crate::cluster::{host::ActiveRequest, ClusterManager};
+use crate::stats::TcpStats;
+use arc_swap::ArcSwap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+pub struct TcpProxy {
+    pub cluster: String,
+    pub stats: TcpStats,
+    pub idle_timeout: Option<Duration>,
+    pub clusters: Arc<ArcSwap<ClusterManager>>,
+}
+
+impl TcpProxy {
+    pub async fn serve<IO>(self: Arc<Self>, downstream: IO)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.stats.downstream_cx_total.inc();
+        let cm = self.clusters.load_full();
+        let Some(cluster) = cm.get(&self.cluster).cloned() else {
+            self.stats.downstream_cx_no_route.inc();
+            return;
+        };
+        let Some(host) = cluster.pick(None) else {
+            cluster.stats.upstream_cx_none_healthy.inc();
+            return;
+        };
+        let _active = ActiveRequest::new(host.clone());
+        let s = &cluster.stats;
+        s.upstream_cx_total.inc();
+        host.cx.cx_total.fetch_add(1, Ordering::Relaxed);
+        let upstream = match tokio::time::timeout(
+            cluster.config.connect_timeout(),
+            TcpStream::connect(host.addr),
+        )
+        .await
+        {
+            Ok(Ok(u)) => u,
+            Ok(Err(e)) => {
+                tracing::debug!(cluster = %cluster.name, host = %host.addr, error = %e, "tcp_proxy connect failed");
+                s.upstream_cx_connect_fail.inc();
+                host.cx.cx_connect_fail.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err(_) => {
+                s.upstream_cx_connect_timeout.inc();
+                s.upstream_cx_connect_fail.inc();
+                return;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        s.upstream_cx_active.inc();
+        host.cx.cx_active.fetch_add(1, Ordering::Relaxed);
+        let epoch = Instant::now();
+        let last = Arc::new(AtomicU64::new(0));
+        let mut down = Tracked {
+            inner: downstream,
+            last: last.clone(),
+            epoch,
+        };
+        let mut up = Tracked {
+            inner: upstream,
+            last: last.clone(),
+            epoch,
+        };
+        let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+        tokio::pin!(copy);
+        let result = loop {
+            let deadline = self
+                .idle_timeout
+                .map(|t| epoch + Duration::from_millis(last.load(Ordering::Relaxed)) + t);
+            tokio::select! {
+                r = &mut copy => break Some(r),
+                _ = async { match deadline { Some(d) => tokio::time::sleep_until(d.into()).await, None => std::future::pending().await } } => {
+                    let idle_for = epoch.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                    if self.idle_timeout.is_some_and(|t| idle_for >= t) {
+                        self.stats.idle_timeout.inc();
+                        break None;
+                    }
+                }
+            }
+        };
+        if let Some(Ok((rx, tx))) = result {
+            self.stats.downstream_cx_rx_bytes_total.add(rx);
+            self.stats.downstream_cx_tx_bytes_total.add(tx);
+        }
+        s.upstream_cx_active.dec();
+        s.upstream_cx_destroy.inc();
+        host.cx.cx_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A stream that records the time of its last read or write (for the idle timeout).
+struct Tracked<T> {
+    inner: T,
+    last: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl<T> Tracked<T> {
+    fn touch(&self) {
+        self.last
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if r.is_ready() {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if r.is_ready() {
+            self.touch();
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

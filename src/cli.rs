@@ -1,0 +1,179 @@
+use clap::{Parser, Subcommand};
+use mecha_filters::Registry;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mecha",
+    version,
+    about = "One sidecar: Envoy-compatible proxy and Dapr-compatible runtime"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy.
+    Run(RunArgs),
+    /// Check a bootstrap file and print a summary (exit 1 and every error when invalid).
+    Validate {
+        /// Envoy v3 bootstrap (YAML or JSON).
+        #[arg(short = 'c', long = "config-path")]
+        config: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Envoy v3 bootstrap (YAML or JSON).
+    #[arg(short = 'c', long = "config-path")]
+    config: PathBuf,
+    /// Worker threads (default: number of cores).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// trace, debug, info, warn, error, off.
+    #[arg(short = 'l', long = "log-level", default_value = "info")]
+    log_level: String,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long = "drain-time-s", default_value_t = 10)]
+    drain_time_s: u64,
+}
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { config } => validate(&config),
+        Command::Run(args) => run(args),
+    }
+}
+
+/// The filters built into this binary.
+pub fn registry() -> Registry {
+    Registry::new()
+}
+
+fn validate(path: &std::path::Path) -> i32 {
+    let bootstrap = match mecha_config::load_bootstrap(path) {
+        Ok(b) => b,
+        Err(errors) => {
+            report(path, &errors);
+            return 1;
+        }
+    };
+    let ctx = mecha_proxy::BuildContext::new(registry());
+    match mecha_proxy::build(&bootstrap, &ctx) {
+        Ok(snap) => {
+            let routes: usize = snap
+                .listeners
+                .iter()
+                .flat_map(|l| &l.chains)
+                .filter_map(|c| match &c.terminal {
+                    mecha_proxy::listener::Terminal::Http(h) => Some(h.routes.load().route_count()),
+                    _ => None,
+                })
+                .sum();
+            println!(
+                "{}: OK ({} listeners, {} clusters, {} routes)",
+                path.display(),
+                snap.listeners.len(),
+                snap.clusters.clusters.len(),
+                routes
+            );
+            0
+        }
+        Err(errors) => {
+            report(path, &errors);
+            1
+        }
+    }
+}
+
+fn report(path: &std::path::Path, errors: &mecha_config::ConfigErrors) {
+    eprintln!("{}: {} error(s)", path.display(), errors.0.len());
+    for e in &errors.0 {
+        eprintln!("{e}");
+    }
+}
+
+fn run(args: RunArgs) -> i32 {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(format!("{},h2=warn,hyper=warn", args.log_level))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+
+    let bootstrap = match mecha_config::load_bootstrap(&args.config) {
+        Ok(b) => b,
+        Err(errors) => {
+            report(&args.config, &errors);
+            return 1;
+        }
+    };
+    let concurrency = args
+        .concurrency
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1);
+    // One worker: a current-thread runtime avoids cross-thread wakeups entirely.
+    let runtime = if concurrency == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(concurrency)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    let options = mecha_proxy::ServerOptions {
+        concurrency,
+        config_path: Some(args.config.display().to_string()),
+        drain_timeout: Duration::from_secs(args.drain_time_s),
+    };
+    runtime.block_on(async move {
+        let server = match mecha_proxy::Server::start(bootstrap, registry(), options).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("mecha: {e}");
+                return 1;
+            }
+        };
+        tracing::info!(concurrency, "mecha started");
+        wait_for_shutdown_signal().await;
+        tracing::info!("draining");
+        let clean = server.drain().await;
+        tracing::info!(clean, "stopped");
+        0
+    })
+}
+
+async fn wait_for_shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

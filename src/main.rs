@@ -1,0 +1,8 @@
+//! The `mecha` binary: command-line parsing and wiring of the workspace crates. All behaviour
+//! lives in the libraries; this file only turns flags into their inputs and errors into exit codes.
+
+mod cli;
+
+fn main() {
+    std::process::exit(cli::main());
+}
