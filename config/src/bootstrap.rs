@@ -9,6 +9,7 @@ pub struct Bootstrap {
     pub node: Option<Node>,
     pub admin: Option<Admin>,
     pub static_resources: StaticResources,
+    pub dynamic_resources: Option<crate::DynamicResources>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -61,6 +62,8 @@ struct RawBootstrap {
     admin: Option<serde_yaml::Value>,
     #[serde(default)]
     static_resources: Option<RawStatic>,
+    #[serde(default)]
+    dynamic_resources: Option<serde_yaml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -82,6 +85,9 @@ pub(crate) fn from_value(value: serde_yaml::Value) -> Result<Bootstrap, ConfigEr
     }
     if let Some(admin) = raw.admin {
         out.admin = keep(decode(admin, "admin"), &mut errors);
+    }
+    if let Some(d) = raw.dynamic_resources {
+        out.dynamic_resources = keep(decode(d, "dynamic_resources"), &mut errors);
     }
     if let Some(st) = raw.static_resources {
         for (i, l) in st.listeners.into_iter().enumerate() {

@@ -23,6 +23,9 @@ pub struct Cluster {
     pub lb_policy: LbPolicy,
     #[serde(default)]
     pub load_assignment: Option<ClusterLoadAssignment>,
+    /// Where an `EDS` cluster's endpoints come from.
+    #[serde(default)]
+    pub eds_cluster_config: Option<crate::EdsClusterConfig>,
     /// Default 5 s, as Envoy.
     #[serde(default)]
     pub dns_refresh_rate: Option<PbDuration>,
@@ -91,6 +94,8 @@ pub enum DiscoveryType {
     STATIC,
     STRICT_DNS,
     LOGICAL_DNS,
+    /// Endpoints from EDS (dynamic config).
+    EDS,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]

@@ -11,6 +11,7 @@
 mod bootstrap;
 mod cluster;
 mod common;
+mod dynamic;
 mod error;
 mod listener;
 mod route;
@@ -19,6 +20,7 @@ mod validate;
 pub use bootstrap::*;
 pub use cluster::*;
 pub use common::*;
+pub use dynamic::*;
 pub use error::{ConfigError, ConfigErrors};
 pub use listener::*;
 pub use route::*;

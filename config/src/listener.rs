@@ -142,6 +142,9 @@ pub struct HttpConnectionManager {
     pub codec_type: CodecType,
     #[serde(default)]
     pub route_config: Option<RouteConfiguration>,
+    /// Routes from RDS (dynamic config); exclusive with `route_config`.
+    #[serde(default)]
+    pub rds: Option<crate::Rds>,
     #[serde(default)]
     pub http_filters: Vec<HttpFilter>,
     #[serde(default)]

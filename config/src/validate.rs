@@ -33,49 +33,125 @@ pub(crate) fn validate(b: &Bootstrap) -> Vec<ConfigError> {
                 format!("duplicate listener name \"{}\"", l.name),
             ));
         }
-        if l.filter_chains.is_empty() {
-            errors.push(ConfigError::new(
-                format!("{path}.filter_chains"),
-                "a listener needs at least one filter chain",
-            ));
-        }
-        for (ci, chain) in l.filter_chains.iter().enumerate() {
-            for (fi, f) in chain.filters.iter().enumerate() {
-                let fpath = format!("{path}.filter_chains[{ci}].filters[{fi}].typed_config");
-                let terminal = fi + 1 == chain.filters.len();
-                match &f.config {
-                    NetworkFilterConfig::HttpConnectionManager(hcm) => {
-                        if !terminal {
-                            errors.push(ConfigError::new(
-                                &fpath,
-                                "the HTTP connection manager must be the last network filter",
-                            ));
-                        }
-                        validate_hcm(hcm, &fpath, &clusters, &mut errors)
-                    }
-                    NetworkFilterConfig::TcpProxy(tp) => {
-                        if !terminal {
-                            errors.push(ConfigError::new(
-                                &fpath,
-                                "tcp_proxy must be the last network filter",
-                            ));
-                        }
-                        if !clusters.contains(tp.cluster.as_str()) {
-                            errors.push(ConfigError::new(
-                                format!("{fpath}.cluster"),
-                                format!("unknown cluster \"{}\"", tp.cluster),
-                            ));
-                        }
-                    }
-                    NetworkFilterConfig::Other(_) => {}
-                }
-            }
-        }
+        let dynamic_cds = b
+            .dynamic_resources
+            .as_ref()
+            .is_some_and(|d| d.cds_config.is_some());
+        validate_listener_inner(l, &path, &clusters, dynamic_cds, &mut errors);
+    }
+    if let Some(d) = &b.dynamic_resources {
+        validate_dynamic_resources(d, b, &mut errors);
     }
     errors
 }
 
-fn validate_cluster(c: &Cluster, path: &str, errors: &mut Vec<ConfigError>) {
+/// Checks `dynamic_resources`: sources must be `ads: {}` backed by an `ads_config` whose gRPC
+/// service is a declared static cluster.
+fn validate_dynamic_resources(d: &DynamicResources, b: &Bootstrap, errors: &mut Vec<ConfigError>) {
+    for (name, src) in [("lds_config", &d.lds_config), ("cds_config", &d.cds_config)] {
+        let Some(src) = src else { continue };
+        let path = format!("dynamic_resources.{name}");
+        match (&src.ads, &src.path_config_source) {
+            (Some(_), None) if d.ads_config.is_none() => errors.push(ConfigError::new(
+                format!("{path}.ads"),
+                "ads: {} needs dynamic_resources.ads_config",
+            )),
+            (Some(_), None) => {}
+            (None, Some(_)) => errors.push(ConfigError::new(
+                format!("{path}.path_config_source"),
+                "path_config_source is not supported yet; use ads: {}",
+            )),
+            _ => errors.push(ConfigError::new(
+                &path,
+                "exactly one of ads or path_config_source is required",
+            )),
+        }
+    }
+    if let Some(ads) = &d.ads_config {
+        let path = "dynamic_resources.ads_config.grpc_services";
+        if ads.grpc_services.len() != 1 {
+            errors.push(ConfigError::new(
+                path,
+                "exactly one grpc_service is required",
+            ));
+        }
+        for (i, g) in ads.grpc_services.iter().enumerate() {
+            let name = &g.envoy_grpc.cluster_name;
+            match b.static_resources.clusters.iter().find(|c| &c.name == name) {
+                None => errors.push(ConfigError::new(
+                    format!("{path}[{i}].envoy_grpc.cluster_name"),
+                    format!(
+                        "unknown cluster \"{name}\" (the xDS cluster must be a static cluster)"
+                    ),
+                )),
+                Some(c) if !c.upstream_http2() => errors.push(ConfigError::new(
+                    format!("{path}[{i}].envoy_grpc.cluster_name"),
+                    format!("cluster \"{name}\" must use HTTP/2 (gRPC)"),
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+/// The checks of one listener; `clusters` are the names an inline route table may reference.
+pub(crate) fn validate_listener(
+    l: &Listener,
+    path: &str,
+    clusters: &HashSet<&str>,
+    errors: &mut Vec<ConfigError>,
+) {
+    validate_listener_inner(l, path, clusters, false, errors)
+}
+
+fn validate_listener_inner(
+    l: &Listener,
+    path: &str,
+    clusters: &HashSet<&str>,
+    dynamic_cds: bool,
+    errors: &mut Vec<ConfigError>,
+) {
+    if l.filter_chains.is_empty() {
+        errors.push(ConfigError::new(
+            format!("{path}.filter_chains"),
+            "a listener needs at least one filter chain",
+        ));
+    }
+    for (ci, chain) in l.filter_chains.iter().enumerate() {
+        for (fi, f) in chain.filters.iter().enumerate() {
+            let fpath = format!("{path}.filter_chains[{ci}].filters[{fi}].typed_config");
+            let terminal = fi + 1 == chain.filters.len();
+            match &f.config {
+                NetworkFilterConfig::HttpConnectionManager(hcm) => {
+                    if !terminal {
+                        errors.push(ConfigError::new(
+                            &fpath,
+                            "the HTTP connection manager must be the last network filter",
+                        ));
+                    }
+                    validate_hcm(hcm, &fpath, clusters, errors)
+                }
+                NetworkFilterConfig::TcpProxy(tp) => {
+                    if !terminal {
+                        errors.push(ConfigError::new(
+                            &fpath,
+                            "tcp_proxy must be the last network filter",
+                        ));
+                    }
+                    if !dynamic_cds && !clusters.contains(tp.cluster.as_str()) {
+                        errors.push(ConfigError::new(
+                            format!("{fpath}.cluster"),
+                            format!("unknown cluster \"{}\"", tp.cluster),
+                        ));
+                    }
+                }
+                NetworkFilterConfig::Other(_) => {}
+            }
+        }
+    }
+}
+
+pub(crate) fn validate_cluster(c: &Cluster, path: &str, errors: &mut Vec<ConfigError>) {
     let endpoints = c
         .load_assignment
         .as_ref()
@@ -86,6 +162,16 @@ fn validate_cluster(c: &Cluster, path: &str, errors: &mut Vec<ConfigError>) {
             format!("{path}.load_assignment"),
             "LOGICAL_DNS clusters must have exactly one endpoint",
         )),
+        DiscoveryType::EDS => match &c.eds_cluster_config {
+            Some(e) => errors.extend(crate::validate_config_source(
+                &e.eds_config,
+                &format!("{path}.eds_cluster_config.eds_config"),
+            )),
+            None => errors.push(ConfigError::new(
+                format!("{path}.eds_cluster_config"),
+                "an EDS cluster needs eds_cluster_config",
+            )),
+        },
         _ => {}
     }
     if let Some(la) = &c.load_assignment {
@@ -141,11 +227,29 @@ fn validate_hcm(
     clusters: &HashSet<&str>,
     errors: &mut Vec<ConfigError>,
 ) {
-    match &h.route_config {
-        Some(rc) => validate_route_config(rc, &format!("{path}.route_config"), clusters, errors),
-        None => errors.push(ConfigError::new(
+    match (&h.route_config, &h.rds) {
+        (Some(rc), None) => {
+            validate_route_config(rc, &format!("{path}.route_config"), clusters, errors)
+        }
+        (None, Some(rds)) => {
+            if rds.route_config_name.is_empty() {
+                errors.push(ConfigError::new(
+                    format!("{path}.rds.route_config_name"),
+                    "must not be empty",
+                ));
+            }
+            errors.extend(crate::validate_config_source(
+                &rds.config_source,
+                &format!("{path}.rds.config_source"),
+            ));
+        }
+        (Some(_), Some(_)) => errors.push(ConfigError::new(
+            path,
+            "route_config and rds are mutually exclusive",
+        )),
+        (None, None) => errors.push(ConfigError::new(
             format!("{path}.route_config"),
-            "an inline route_config is required",
+            "an inline route_config (or rds) is required",
         )),
     }
     if let Some(kb) = h.max_request_headers_kb {
