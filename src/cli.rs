@@ -24,6 +24,8 @@ enum Command {
         #[arg(short = 'c', long = "config-path")]
         config: PathBuf,
     },
+    /// Install or remove the transparent-capture iptables rules (run as root in the pod's netns).
+    Iptables(crate::iptables::IptablesArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -47,6 +49,7 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Validate { config } => validate(&config),
         Command::Run(args) => run(args),
+        Command::Iptables(args) => crate::iptables::main(args),
     }
 }
 

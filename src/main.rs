@@ -2,6 +2,7 @@
 //! lives in the libraries; this file only turns flags into their inputs and errors into exit codes.
 
 mod cli;
+mod iptables;
 
 fn main() {
     std::process::exit(cli::main());
