@@ -50,6 +50,11 @@ pub struct Cluster {
     pub least_request_lb_config: Option<LeastRequestLbConfig>,
     #[serde(default)]
     pub per_connection_buffer_limit_bytes: Option<u32>,
+    /// `ORIGINAL_DST` clusters (capture.rs): header override and idle-host cleanup (default 5 s).
+    #[serde(default)]
+    pub original_dst_lb_config: Option<crate::OriginalDstLbConfig>,
+    #[serde(default)]
+    pub cleanup_interval: Option<PbDuration>,
 }
 
 impl Cluster {
@@ -96,6 +101,8 @@ pub enum DiscoveryType {
     LOGICAL_DNS,
     /// Endpoints from EDS (dynamic config).
     EDS,
+    /// The host is the connection's original destination (transparent capture).
+    ORIGINAL_DST,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
@@ -107,6 +114,8 @@ pub enum LbPolicy {
     RANDOM,
     RING_HASH,
     MAGLEV,
+    /// Required by `ORIGINAL_DST` clusters: the cluster itself picks the host.
+    CLUSTER_PROVIDED,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]

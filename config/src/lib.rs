@@ -9,6 +9,7 @@
 //! Unsupported fields are rejected (`deny_unknown_fields` everywhere) so nothing is silently ignored.
 
 mod bootstrap;
+mod capture;
 mod cluster;
 mod common;
 mod dynamic;
@@ -18,6 +19,7 @@ mod route;
 mod validate;
 
 pub use bootstrap::*;
+pub use capture::*;
 pub use cluster::*;
 pub use common::*;
 pub use dynamic::*;

@@ -16,12 +16,17 @@ pub struct Listener {
     pub address: Address,
     pub filter_chains: Vec<FilterChain>,
     pub per_connection_buffer_limit_bytes: Option<u32>,
+    /// Transparent capture (`capture.rs`): use_original_dst, listener_filters, bind_to_port...
+    pub capture: crate::ListenerCapture,
+    /// Used when no `filter_chain_match` matches (Envoy's `default_filter_chain`).
+    pub default_filter_chain: Option<FilterChain>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FilterChain {
     pub name: String,
     pub filters: Vec<NetworkFilter>,
+    pub filter_chain_match: Option<crate::FilterChainMatch>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -49,6 +54,21 @@ struct RawListener {
     filter_chains: Vec<RawFilterChain>,
     #[serde(default)]
     per_connection_buffer_limit_bytes: Option<u32>,
+    // Transparent capture (capture.rs).
+    #[serde(default)]
+    use_original_dst: Option<bool>,
+    #[serde(default)]
+    listener_filters: Vec<crate::capture::RawListenerFilter>,
+    #[serde(default)]
+    listener_filters_timeout: Option<PbDuration>,
+    #[serde(default)]
+    continue_on_listener_filters_timeout: bool,
+    #[serde(default)]
+    bind_to_port: Option<bool>,
+    #[serde(default)]
+    traffic_direction: crate::TrafficDirection,
+    #[serde(default)]
+    default_filter_chain: Option<RawFilterChain>,
 }
 
 #[derive(Deserialize)]
@@ -58,6 +78,8 @@ struct RawFilterChain {
     name: String,
     #[serde(default)]
     filters: Vec<RawNetworkFilter>,
+    #[serde(default)]
+    filter_chain_match: Option<crate::FilterChainMatch>,
 }
 
 #[derive(Deserialize)]
@@ -87,7 +109,30 @@ pub(crate) fn listener_from_value(
         chains.push(FilterChain {
             name: chain.name,
             filters,
+            filter_chain_match: chain.filter_chain_match,
         });
+    }
+    let default_filter_chain = raw.default_filter_chain.map(|chain| {
+        let mut filters = Vec::new();
+        for (fi, f) in chain.filters.into_iter().enumerate() {
+            let fpath = format!("{path}.default_filter_chain.filters[{fi}]");
+            match network_filter(f, &fpath) {
+                Ok(f) => filters.push(f),
+                Err(e) => errors.push(e),
+            }
+        }
+        FilterChain {
+            name: chain.name,
+            filters,
+            filter_chain_match: None,
+        }
+    });
+    let mut listener_filters = Vec::new();
+    for (i, f) in raw.listener_filters.into_iter().enumerate() {
+        match crate::capture::listener_filter(f, &format!("{path}.listener_filters[{i}]")) {
+            Ok(f) => listener_filters.push(f),
+            Err(e) => errors.push(e),
+        }
     }
     if !errors.is_empty() {
         return Err(errors);
@@ -97,6 +142,15 @@ pub(crate) fn listener_from_value(
         address: raw.address,
         filter_chains: chains,
         per_connection_buffer_limit_bytes: raw.per_connection_buffer_limit_bytes,
+        capture: crate::ListenerCapture {
+            use_original_dst: raw.use_original_dst.unwrap_or(false),
+            listener_filters,
+            listener_filters_timeout: raw.listener_filters_timeout,
+            continue_on_listener_filters_timeout: raw.continue_on_listener_filters_timeout,
+            bind_to_port: raw.bind_to_port.unwrap_or(true),
+            traffic_direction: raw.traffic_direction,
+        },
+        default_filter_chain,
     })
 }
 

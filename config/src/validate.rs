@@ -111,15 +111,22 @@ fn validate_listener_inner(
     dynamic_cds: bool,
     errors: &mut Vec<ConfigError>,
 ) {
-    if l.filter_chains.is_empty() {
+    crate::capture::validate_listener_capture(l, path, errors);
+    if l.filter_chains.is_empty() && l.default_filter_chain.is_none() {
         errors.push(ConfigError::new(
             format!("{path}.filter_chains"),
             "a listener needs at least one filter chain",
         ));
     }
-    for (ci, chain) in l.filter_chains.iter().enumerate() {
+    let default_chain = l
+        .default_filter_chain
+        .iter()
+        .map(|c| (format!("{path}.default_filter_chain"), c));
+    let chains = l.filter_chains.iter().enumerate();
+    let chains = chains.map(|(ci, c)| (format!("{path}.filter_chains[{ci}]"), c));
+    for (cpath, chain) in chains.chain(default_chain) {
         for (fi, f) in chain.filters.iter().enumerate() {
-            let fpath = format!("{path}.filter_chains[{ci}].filters[{fi}].typed_config");
+            let fpath = format!("{cpath}.filters[{fi}].typed_config");
             let terminal = fi + 1 == chain.filters.len();
             match &f.config {
                 NetworkFilterConfig::HttpConnectionManager(hcm) => {
@@ -162,6 +169,7 @@ pub(crate) fn validate_cluster(c: &Cluster, path: &str, errors: &mut Vec<ConfigE
             format!("{path}.load_assignment"),
             "LOGICAL_DNS clusters must have exactly one endpoint",
         )),
+        DiscoveryType::ORIGINAL_DST => crate::capture::validate_original_dst(c, path, errors),
         DiscoveryType::EDS => match &c.eds_cluster_config {
             Some(e) => errors.extend(crate::validate_config_source(
                 &e.eds_config,

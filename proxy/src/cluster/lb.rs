@@ -43,7 +43,8 @@ impl Lb {
     pub fn build(cfg: &ClusterConfig, hosts: &[Arc<Host>]) -> Self {
         let weights: Vec<u64> = hosts.iter().map(|h| h.weight.max(1) as u64).collect();
         match cfg.lb_policy {
-            LbPolicy::ROUND_ROBIN => Lb::RoundRobin {
+            // CLUSTER_PROVIDED (ORIGINAL_DST) clusters pick their host themselves; RR is never used.
+            LbPolicy::ROUND_ROBIN | LbPolicy::CLUSTER_PROVIDED => Lb::RoundRobin {
                 schedule: smooth_wrr(&weights),
                 next: AtomicUsize::new(rand::random::<u32>() as usize),
             },
