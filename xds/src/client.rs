@@ -1,0 +1,839 @@
+//! The ADS client: one gRPC stream to the control plane carrying CDS, EDS, LDS and RDS, in
+//! state-of-the-world (`StreamAggregatedResources`) or delta (`DeltaAggregatedResources`) form.
+//!
+//! Per response: decode and validate every resource (any failure NACKs the whole response), build
+//! the candidate resource set, hand it to the [`XdsSink`] (which builds and swaps a new snapshot, or
+//! refuses), then ACK and commit — or NACK with `error_detail` and keep the last good config.
+//! After each commit the RDS and EDS subscriptions follow what the listeners and clusters
+//! reference. Disconnects reconnect with jittered exponential backoff; the accepted resources stay
+//! in service meanwhile and their versions are sent again on the new stream.
+
+use crate::translate::{
+    decode_resource, Decoded, ResourceError, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE,
+};
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf as pbw;
+use envoy_types::pb::google::rpc::Status;
+use mecha_config::{
+    ApiType, Bootstrap, ClusterLoadAssignment, ConfigSource, DiscoveryType, RouteConfiguration,
+    Versioned, XdsResources,
+};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Where accepted resources go. Implemented by the binary on top of the proxy.
+pub trait XdsSink: Send + Sync + 'static {
+    /// Builds the proxy state for `resources` and swaps it in, or returns why it cannot (the
+    /// response is then NACKed with this text and nothing changes).
+    fn apply(&self, resources: &XdsResources) -> Result<(), String>;
+    /// Progress for stats (`control_plane.connected_state`, `*.update_attempt|success|rejected`).
+    fn event(&self, _event: &XdsEvent) {}
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Attempt,
+    Success,
+    Rejected,
+}
+
+#[derive(Debug, Clone)]
+pub enum XdsEvent {
+    Connected(bool),
+    /// A response of `type_url` carrying `names`.
+    Update {
+        type_url: &'static str,
+        names: Vec<String>,
+        outcome: Outcome,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum XdsError {
+    #[error("dynamic_resources.ads_config: {0}")]
+    Config(String),
+}
+
+/// The order Envoy subscribes in: clusters (and their endpoints) before listeners (and routes).
+const TYPES: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE];
+
+fn static_type(t: &str) -> &'static str {
+    TYPES.iter().find(|x| **x == t).copied().unwrap_or("")
+}
+
+/// An ADS client built from the bootstrap's `dynamic_resources`.
+pub struct AdsClient {
+    endpoint: String,
+    connect_timeout: Duration,
+    delta: bool,
+    node: core::Node,
+    node_first_only: bool,
+    static_clusters: Vec<String>,
+    sink: Arc<dyn XdsSink>,
+    backoff_base: Duration,
+    backoff_max: Duration,
+}
+
+#[derive(Default)]
+struct Sub {
+    /// Subscribed names (RDS/EDS); LDS/CDS are wildcard.
+    names: BTreeSet<String>,
+    /// Last accepted version_info (SotW).
+    version: String,
+    /// Nonce of the last response of this type on the current stream.
+    nonce: String,
+}
+
+struct State {
+    resources: XdsResources,
+    subs: HashMap<&'static str, Sub>,
+    /// RDS/EDS names waiting for their first response, with the deadline after which they are
+    /// treated as empty (`initial_fetch_timeout`).
+    warming: HashMap<(&'static str, String), Option<Instant>>,
+}
+
+/// A request on either protocol variant.
+enum Outbound {
+    Sotw(DiscoveryRequest),
+    Delta(DeltaDiscoveryRequest),
+}
+
+impl AdsClient {
+    /// `Ok(None)` when the bootstrap has no `ads_config`.
+    pub fn from_bootstrap(b: &Bootstrap, sink: Arc<dyn XdsSink>) -> Result<Option<Self>, XdsError> {
+        let Some(ads) = b
+            .dynamic_resources
+            .as_ref()
+            .and_then(|d| d.ads_config.as_ref())
+        else {
+            return Ok(None);
+        };
+        let service = ads
+            .grpc_services
+            .first()
+            .ok_or_else(|| XdsError::Config("grpc_services is empty".into()))?;
+        let cluster_name = &service.envoy_grpc.cluster_name;
+        let cluster = b
+            .static_resources
+            .clusters
+            .iter()
+            .find(|c| &c.name == cluster_name)
+            .ok_or_else(|| XdsError::Config(format!("unknown cluster \"{cluster_name}\"")))?;
+        let ep = cluster
+            .load_assignment
+            .iter()
+            .flat_map(|la| &la.endpoints)
+            .flat_map(|l| &l.lb_endpoints)
+            .next()
+            .ok_or_else(|| {
+                XdsError::Config(format!("cluster \"{cluster_name}\" has no endpoint"))
+            })?;
+        let sa = &ep.endpoint.address.socket_address;
+        let host = if sa.address.contains(':') {
+            format!("[{}]", sa.address)
+        } else {
+            sa.address.clone()
+        };
+        let n = b.node.clone().unwrap_or_default();
+        let node = core::Node {
+            id: n.id,
+            cluster: n.cluster,
+            metadata: n.metadata.as_ref().map(yaml_struct),
+            locality: n.locality.map(|l| core::Locality {
+                region: l.region,
+                zone: l.zone,
+                sub_zone: l.sub_zone,
+            }),
+            user_agent_name: "mecha".into(),
+            user_agent_version_type: Some(core::node::UserAgentVersionType::UserAgentVersion(
+                env!("CARGO_PKG_VERSION").into(),
+            )),
+            client_features: vec!["envoy.lb.does_not_support_overprovisioning".into()],
+            ..Default::default()
+        };
+        Ok(Some(Self {
+            endpoint: format!("http://{host}:{}", sa.port_value),
+            connect_timeout: cluster.connect_timeout(),
+            delta: ads.api_type == ApiType::DELTA_GRPC,
+            node,
+            node_first_only: ads.set_node_on_first_message_only,
+            static_clusters: b
+                .static_resources
+                .clusters
+                .iter()
+                .map(|c| c.name.clone())
+                .collect(),
+            sink,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+        }))
+    }
+
+    /// Runs the client forever on its own task.
+    pub fn spawn(self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.run())
+    }
+
+    /// Connects, serves the stream, and reconnects with jittered exponential backoff.
+    pub async fn run(self) {
+        let mut state = State {
+            resources: XdsResources::default(),
+            subs: TYPES.iter().map(|t| (*t, Sub::default())).collect(),
+            warming: HashMap::new(),
+        };
+        let mut attempt: u32 = 0;
+        loop {
+            let progressed = match self.session(&mut state).await {
+                Ok(p) => {
+                    tracing::warn!(endpoint = %self.endpoint, "xDS stream closed by the control plane");
+                    p
+                }
+                Err((p, e)) => {
+                    tracing::warn!(endpoint = %self.endpoint, error = %e, "xDS stream failed");
+                    p
+                }
+            };
+            self.sink.event(&XdsEvent::Connected(false));
+            if progressed {
+                attempt = 0;
+            }
+            let ceiling = self
+                .backoff_base
+                .saturating_mul(1u32 << attempt.min(16))
+                .min(self.backoff_max);
+            attempt = attempt.saturating_add(1);
+            let ms = rand::random_range(
+                self.backoff_base.as_millis()
+                    ..=ceiling.as_millis().max(self.backoff_base.as_millis()),
+            );
+            tokio::time::sleep(Duration::from_millis(ms as u64)).await;
+        }
+    }
+
+    /// One stream. Returns whether any response was received (resets the backoff).
+    async fn session(&self, state: &mut State) -> Result<bool, (bool, String)> {
+        let channel = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
+            .map_err(|e| (false, e.to_string()))?
+            .connect_timeout(self.connect_timeout)
+            .connect()
+            .await
+            .map_err(|e| (false, format!("connect: {e}")))?;
+        let mut client = AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20);
+        let (tx, rx) = mpsc::channel::<Outbound>(64);
+        let mut out = Sender {
+            tx,
+            node: self.node.clone(),
+            first: true,
+            node_first_only: self.node_first_only,
+        };
+        for t in TYPES {
+            state.subs.entry(t).or_default().nonce.clear();
+        }
+        let mut progressed = false;
+        if self.delta {
+            let (dtx, drx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
+            let forward = tokio::spawn(forward(rx, dtx, |o| match o {
+                Outbound::Delta(r) => Some(r),
+                Outbound::Sotw(_) => None,
+            }));
+            self.initial_delta(state, &mut out).await;
+            let resp = client
+                .delta_aggregated_resources(ReceiverStream::new(drx))
+                .await;
+            let mut stream = match resp {
+                Ok(s) => s.into_inner(),
+                Err(e) => {
+                    forward.abort();
+                    return Err((false, e.to_string()));
+                }
+            };
+            self.sink.event(&XdsEvent::Connected(true));
+            tracing::info!(endpoint = %self.endpoint, "delta xDS stream established");
+            loop {
+                let deadline = next_deadline(state);
+                tokio::select! {
+                    msg = stream.message() => match msg {
+                        Ok(Some(r)) => {
+                            progressed = true;
+                            self.on_delta(state, r, &mut out).await;
+                        }
+                        Ok(None) => { forward.abort(); return Ok(progressed) }
+                        Err(e) => { forward.abort(); return Err((progressed, e.to_string())) }
+                    },
+                    _ = sleep_until(deadline), if deadline.is_some() => {
+                        self.expire_warming(state, &mut out).await;
+                    }
+                }
+            }
+        } else {
+            let (stx, srx) = mpsc::channel::<DiscoveryRequest>(64);
+            let forward = tokio::spawn(forward(rx, stx, |o| match o {
+                Outbound::Sotw(r) => Some(r),
+                Outbound::Delta(_) => None,
+            }));
+            self.initial_sotw(state, &mut out).await;
+            let resp = client
+                .stream_aggregated_resources(ReceiverStream::new(srx))
+                .await;
+            let mut stream = match resp {
+                Ok(s) => s.into_inner(),
+                Err(e) => {
+                    forward.abort();
+                    return Err((false, e.to_string()));
+                }
+            };
+            self.sink.event(&XdsEvent::Connected(true));
+            tracing::info!(endpoint = %self.endpoint, "xDS stream established");
+            loop {
+                let deadline = next_deadline(state);
+                tokio::select! {
+                    msg = stream.message() => match msg {
+                        Ok(Some(r)) => {
+                            progressed = true;
+                            self.on_sotw(state, r, &mut out).await;
+                        }
+                        Ok(None) => { forward.abort(); return Ok(progressed) }
+                        Err(e) => { forward.abort(); return Err((progressed, e.to_string())) }
+                    },
+                    _ = sleep_until(deadline), if deadline.is_some() => {
+                        self.expire_warming(state, &mut out).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn initial_sotw(&self, state: &mut State, out: &mut Sender) {
+        for t in TYPES {
+            let sub = &state.subs[t];
+            let wildcard = t == CLUSTER_TYPE || t == LISTENER_TYPE;
+            if !wildcard && sub.names.is_empty() {
+                continue;
+            }
+            out.sotw(DiscoveryRequest {
+                version_info: sub.version.clone(),
+                resource_names: sub.names.iter().cloned().collect(),
+                type_url: t.into(),
+                ..Default::default()
+            })
+            .await;
+        }
+    }
+
+    async fn initial_delta(&self, state: &mut State, out: &mut Sender) {
+        for t in TYPES {
+            let sub = &state.subs[t];
+            let wildcard = t == CLUSTER_TYPE || t == LISTENER_TYPE;
+            if !wildcard && sub.names.is_empty() {
+                continue;
+            }
+            // On reconnect, tell the server what we have so it sends only what changed.
+            let initial_resource_versions = versions_of(&state.resources, t);
+            out.delta(DeltaDiscoveryRequest {
+                type_url: t.into(),
+                resource_names_subscribe: sub.names.iter().cloned().collect(),
+                initial_resource_versions,
+                ..Default::default()
+            })
+            .await;
+        }
+    }
+
+    async fn on_sotw(&self, state: &mut State, r: DiscoveryResponse, out: &mut Sender) {
+        let t = static_type(&r.type_url);
+        if t.is_empty() {
+            tracing::warn!(type_url = %r.type_url, "ignoring a response of an unsupported type");
+            return;
+        }
+        let result = {
+            let known = self.known_clusters(&state.resources);
+            decode_all(
+                t,
+                r.resources
+                    .iter()
+                    .map(|a| (a.type_url.as_str(), a.value.as_slice())),
+                &known,
+            )
+        };
+        let names: Vec<String> = match &result {
+            Ok(d) => d.iter().map(|d| d.name().to_string()).collect(),
+            Err(_) => vec![],
+        };
+        self.sink.event(&XdsEvent::Update {
+            type_url: t,
+            names: names.clone(),
+            outcome: Outcome::Attempt,
+        });
+        let outcome = result.and_then(|decoded| {
+            let upserts = decoded
+                .into_iter()
+                .map(|d| (r.version_info.clone(), d))
+                .collect();
+            // SotW: an LDS/CDS response is the complete set; RDS/EDS carry what was asked for.
+            let replace = t == LISTENER_TYPE || t == CLUSTER_TYPE;
+            self.commit(state, t, upserts, &[], replace, &r.version_info)
+        });
+        let sub = state.subs.entry(t).or_default();
+        sub.nonce = r.nonce.clone();
+        let error_detail = match outcome {
+            Ok(()) => {
+                sub.version = r.version_info.clone();
+                tracing::info!(type_url = t, version = %r.version_info, resources = names.len(), "xDS update accepted");
+                self.sink.event(&XdsEvent::Update {
+                    type_url: t,
+                    names,
+                    outcome: Outcome::Success,
+                });
+                None
+            }
+            Err(detail) => {
+                tracing::warn!(type_url = t, version = %r.version_info, error = %detail, "xDS update rejected");
+                self.sink.event(&XdsEvent::Update {
+                    type_url: t,
+                    names,
+                    outcome: Outcome::Rejected,
+                });
+                Some(Status {
+                    code: tonic::Code::InvalidArgument as i32,
+                    message: detail,
+                    details: vec![],
+                })
+            }
+        };
+        let sub = &state.subs[t];
+        out.sotw(DiscoveryRequest {
+            version_info: sub.version.clone(),
+            resource_names: sub.names.iter().cloned().collect(),
+            type_url: t.into(),
+            response_nonce: r.nonce,
+            error_detail,
+            ..Default::default()
+        })
+        .await;
+        self.update_subscriptions(state, out).await;
+    }
+
+    async fn on_delta(&self, state: &mut State, r: DeltaDiscoveryResponse, out: &mut Sender) {
+        let t = static_type(&r.type_url);
+        if t.is_empty() {
+            tracing::warn!(type_url = %r.type_url, "ignoring a response of an unsupported type");
+            return;
+        }
+        let result = {
+            let known = self.known_clusters(&state.resources);
+            let mut versions = vec![];
+            let anys = r.resources.iter().filter_map(|res| {
+                versions.push(res.version.clone());
+                res.resource
+                    .as_ref()
+                    .map(|a| (a.type_url.as_str(), a.value.as_slice()))
+            });
+            let decoded = decode_all(t, anys, &known);
+            decoded.map(|d| versions.into_iter().zip(d).collect::<Vec<_>>())
+        };
+        let mut names: Vec<String> = match &result {
+            Ok(d) => d.iter().map(|(_, d)| d.name().to_string()).collect(),
+            Err(_) => vec![],
+        };
+        names.extend(r.removed_resources.iter().cloned());
+        self.sink.event(&XdsEvent::Update {
+            type_url: t,
+            names: names.clone(),
+            outcome: Outcome::Attempt,
+        });
+        let outcome = result.and_then(|upserts| {
+            self.commit(
+                state,
+                t,
+                upserts,
+                &r.removed_resources,
+                false,
+                &r.system_version_info,
+            )
+        });
+        let error_detail = match outcome {
+            Ok(()) => {
+                tracing::info!(
+                    type_url = t,
+                    resources = names.len(),
+                    "delta xDS update accepted"
+                );
+                self.sink.event(&XdsEvent::Update {
+                    type_url: t,
+                    names,
+                    outcome: Outcome::Success,
+                });
+                None
+            }
+            Err(detail) => {
+                tracing::warn!(type_url = t, error = %detail, "delta xDS update rejected");
+                self.sink.event(&XdsEvent::Update {
+                    type_url: t,
+                    names,
+                    outcome: Outcome::Rejected,
+                });
+                Some(Status {
+                    code: tonic::Code::InvalidArgument as i32,
+                    message: detail,
+                    details: vec![],
+                })
+            }
+        };
+        out.delta(DeltaDiscoveryRequest {
+            type_url: t.into(),
+            response_nonce: r.nonce,
+            error_detail,
+            ..Default::default()
+        })
+        .await;
+        self.update_subscriptions(state, out).await;
+    }
+
+    fn known_clusters<'a>(&'a self, r: &'a XdsResources) -> HashSet<&'a str> {
+        self.static_clusters
+            .iter()
+            .map(|s| s.as_str())
+            .chain(r.clusters.keys().map(|s| s.as_str()))
+            .collect()
+    }
+
+    /// Builds the candidate set, lets the sink apply it, and commits it on success.
+    fn commit(
+        &self,
+        state: &mut State,
+        t: &'static str,
+        upserts: Vec<(String, Decoded)>,
+        removed: &[String],
+        replace: bool,
+        version_info: &str,
+    ) -> Result<(), String> {
+        let mut next = state.resources.clone();
+        let now = SystemTime::now();
+        macro_rules! patch {
+            ($map:ident, $variant:ident) => {{
+                if replace {
+                    // Keep the accepted-at time of resources that did not change version.
+                    let old = std::mem::take(&mut next.$map);
+                    for (v, d) in upserts {
+                        if let Decoded::$variant(x) = d {
+                            let last_updated = old
+                                .get(&*x.name_key())
+                                .filter(|o| o.version == v)
+                                .map(|o| o.last_updated)
+                                .unwrap_or(now);
+                            next.$map.insert(
+                                x.name_key().to_string(),
+                                Versioned {
+                                    version: v,
+                                    value: Arc::new(x),
+                                    last_updated,
+                                },
+                            );
+                        }
+                    }
+                } else {
+                    for (v, d) in upserts {
+                        if let Decoded::$variant(x) = d {
+                            next.$map.insert(
+                                x.name_key().to_string(),
+                                Versioned {
+                                    version: v,
+                                    value: Arc::new(x),
+                                    last_updated: now,
+                                },
+                            );
+                        }
+                    }
+                }
+                for n in removed {
+                    next.$map.remove(n);
+                }
+            }};
+        }
+        match t {
+            LISTENER_TYPE => patch!(listeners, Listener),
+            CLUSTER_TYPE => patch!(clusters, Cluster),
+            ROUTE_TYPE => patch!(route_configs, Route),
+            _ => patch!(endpoints, Endpoints),
+        }
+        // Route configurations and endpoints nothing references any more are dropped.
+        let wanted_rds = next.wanted_route_configs();
+        let wanted_eds = next.wanted_endpoints();
+        next.route_configs.retain(|k, _| wanted_rds.contains(k));
+        next.endpoints.retain(|k, _| wanted_eds.contains(k));
+        if !version_info.is_empty() {
+            next.versions
+                .insert(t.to_string(), version_info.to_string());
+        }
+        self.sink.apply(&next)?;
+        state.resources = next;
+        Ok(())
+    }
+
+    /// Follows the RDS/EDS names the listeners and clusters reference.
+    async fn update_subscriptions(&self, state: &mut State, out: &mut Sender) {
+        for (t, wanted) in [
+            (ROUTE_TYPE, state.resources.wanted_route_configs()),
+            (ENDPOINT_TYPE, state.resources.wanted_endpoints()),
+        ] {
+            // Start the initial-fetch clock of names that are newly wanted and not here yet.
+            for name in &wanted {
+                let have = match t {
+                    ROUTE_TYPE => state.resources.route_configs.contains_key(name),
+                    _ => state.resources.endpoints.contains_key(name),
+                };
+                if !have && !state.warming.contains_key(&(t, name.clone())) {
+                    let timeout = self.fetch_timeout(&state.resources, t, name);
+                    state
+                        .warming
+                        .insert((t, name.clone()), timeout.map(|d| Instant::now() + d));
+                }
+            }
+            state
+                .warming
+                .retain(|(wt, n), _| *wt != t || wanted.contains(n));
+            let sub = state.subs.entry(t).or_default();
+            if sub.names == wanted {
+                continue;
+            }
+            let added: Vec<String> = wanted.difference(&sub.names).cloned().collect();
+            let gone: Vec<String> = sub.names.difference(&wanted).cloned().collect();
+            sub.names = wanted;
+            tracing::debug!(type_url = t, ?added, ?gone, "xDS subscription changed");
+            if self.delta {
+                out.delta(DeltaDiscoveryRequest {
+                    type_url: t.into(),
+                    resource_names_subscribe: added,
+                    resource_names_unsubscribe: gone,
+                    ..Default::default()
+                })
+                .await;
+            } else {
+                out.sotw(DiscoveryRequest {
+                    version_info: sub.version.clone(),
+                    resource_names: sub.names.iter().cloned().collect(),
+                    type_url: t.into(),
+                    response_nonce: sub.nonce.clone(),
+                    ..Default::default()
+                })
+                .await;
+            }
+        }
+    }
+
+    /// The `initial_fetch_timeout` of the config source that references `name`.
+    fn fetch_timeout(&self, r: &XdsResources, t: &str, name: &str) -> Option<Duration> {
+        let source = if t == ROUTE_TYPE {
+            r.listeners
+                .values()
+                .flat_map(|l| &l.value.filter_chains)
+                .flat_map(|c| &c.filters)
+                .find_map(|f| match &f.config {
+                    mecha_config::NetworkFilterConfig::HttpConnectionManager(h) => h
+                        .rds
+                        .as_ref()
+                        .filter(|rds| rds.route_config_name == name)
+                        .and_then(|rds| rds.config_source.clone()),
+                    _ => None,
+                })
+        } else {
+            r.clusters
+                .values()
+                .filter(|c| c.value.discovery_type == DiscoveryType::EDS)
+                .find(|c| mecha_config::eds_service_name(&c.value) == name)
+                .and_then(|c| c.value.eds_cluster_config.as_ref())
+                .and_then(|e| e.eds_config.clone())
+        };
+        source
+            .and_then(|v| serde_yaml::from_value::<ConfigSource>(v).ok())
+            .unwrap_or_default()
+            .initial_fetch_timeout()
+    }
+
+    /// `initial_fetch_timeout` passed for some RDS/EDS names: serve them as empty (no routes, no
+    /// endpoints), as Envoy does, so the listeners and clusters that wait for them stop warming.
+    async fn expire_warming(&self, state: &mut State, out: &mut Sender) {
+        let now = Instant::now();
+        let expired: Vec<(&'static str, String)> = state
+            .warming
+            .iter()
+            .filter(|(_, d)| d.is_some_and(|d| d <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (t, name) in expired {
+            state.warming.remove(&(t, name.clone()));
+            tracing::warn!(type_url = t, %name, "initial_fetch_timeout: serving without it");
+            let decoded = if t == ROUTE_TYPE {
+                Decoded::Route(RouteConfiguration {
+                    name: name.clone(),
+                    ..Default::default()
+                })
+            } else {
+                Decoded::Endpoints(ClusterLoadAssignment {
+                    cluster_name: name.clone(),
+                    ..Default::default()
+                })
+            };
+            if let Err(e) = self.commit(state, t, vec![(String::new(), decoded)], &[], false, "") {
+                tracing::warn!(type_url = t, %name, error = %e, "cannot apply the empty resource");
+            }
+        }
+        self.update_subscriptions(state, out).await;
+    }
+}
+
+trait NameKey {
+    fn name_key(&self) -> &str;
+}
+impl NameKey for mecha_config::Listener {
+    fn name_key(&self) -> &str {
+        &self.name
+    }
+}
+impl NameKey for mecha_config::Cluster {
+    fn name_key(&self) -> &str {
+        &self.name
+    }
+}
+impl NameKey for RouteConfiguration {
+    fn name_key(&self) -> &str {
+        &self.name
+    }
+}
+impl NameKey for ClusterLoadAssignment {
+    fn name_key(&self) -> &str {
+        &self.cluster_name
+    }
+}
+
+/// Decodes every resource of a response; all errors are collected into one NACK detail.
+fn decode_all<'a>(
+    t: &'static str,
+    anys: impl Iterator<Item = (&'a str, &'a [u8])>,
+    known: &HashSet<&str>,
+) -> Result<Vec<Decoded>, String> {
+    let mut out = vec![];
+    let mut errors: Vec<String> = vec![];
+    let mut seen = HashSet::new();
+    for (type_url, bytes) in anys {
+        if type_url != t {
+            errors.push(format!(
+                "resource of type \"{type_url}\" in a response of type \"{t}\""
+            ));
+            continue;
+        }
+        match decode_resource(t, bytes, known) {
+            Ok(d) => {
+                if !seen.insert(d.name().to_string()) {
+                    errors.push(format!("duplicate resource name \"{}\"", d.name()));
+                }
+                out.push(d)
+            }
+            Err(e) => errors.push(ResourceError::to_string(&e)),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors.join("\n"))
+    }
+}
+
+fn versions_of(r: &XdsResources, t: &str) -> HashMap<String, String> {
+    fn v<T>(m: &BTreeMap<String, Versioned<T>>) -> HashMap<String, String> {
+        m.iter()
+            .filter(|(_, x)| !x.version.is_empty())
+            .map(|(k, x)| (k.clone(), x.version.clone()))
+            .collect()
+    }
+    match t {
+        LISTENER_TYPE => v(&r.listeners),
+        CLUSTER_TYPE => v(&r.clusters),
+        ROUTE_TYPE => v(&r.route_configs),
+        _ => v(&r.endpoints),
+    }
+}
+
+fn next_deadline(state: &State) -> Option<Instant> {
+    state.warming.values().flatten().min().copied()
+}
+
+async fn sleep_until(d: Option<Instant>) {
+    match d {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn forward<T: Send + 'static>(
+    mut rx: mpsc::Receiver<Outbound>,
+    tx: mpsc::Sender<T>,
+    pick: impl Fn(Outbound) -> Option<T> + Send + 'static,
+) {
+    while let Some(o) = rx.recv().await {
+        if let Some(x) = pick(o) {
+            if tx.send(x).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Adds the node to requests (to every one, or only the first with `set_node_on_first_message_only`).
+struct Sender {
+    tx: mpsc::Sender<Outbound>,
+    node: core::Node,
+    first: bool,
+    node_first_only: bool,
+}
+
+impl Sender {
+    fn node(&mut self) -> Option<core::Node> {
+        let include = self.first || !self.node_first_only;
+        self.first = false;
+        include.then(|| self.node.clone())
+    }
+    async fn sotw(&mut self, mut r: DiscoveryRequest) {
+        r.node = self.node();
+        let _ = self.tx.send(Outbound::Sotw(r)).await;
+    }
+    async fn delta(&mut self, mut r: DeltaDiscoveryRequest) {
+        r.node = self.node();
+        let _ = self.tx.send(Outbound::Delta(r)).await;
+    }
+}
+
+/// Node metadata (YAML) → `google.protobuf.Struct`.
+fn yaml_struct(m: &serde_yaml::Mapping) -> pbw::Struct {
+    pbw::Struct {
+        fields: m
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str()?.to_string(), yaml_value(v))))
+            .collect(),
+    }
+}
+
+fn yaml_value(v: &serde_yaml::Value) -> pbw::Value {
+    use pbw::value::Kind;
+    let kind = match v {
+        serde_yaml::Value::Null => Kind::NullValue(0),
+        serde_yaml::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_yaml::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_yaml::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_yaml::Value::Sequence(s) => Kind::ListValue(pbw::ListValue {
+            values: s.iter().map(yaml_value).collect(),
+        }),
+        serde_yaml::Value::Mapping(m) => Kind::StructValue(yaml_struct(m)),
+        serde_yaml::Value::Tagged(t) => return yaml_value(&t.value),
+    };
+    pbw::Value { kind: Some(kind) }
+}

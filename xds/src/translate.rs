@@ -1,0 +1,197 @@
+//! Envoy protos → mecha-config types.
+//!
+//! A resource arrives as a protobuf `Any`. It is decoded with the Envoy descriptors into a dynamic
+//! message, written out as protobuf JSON with the proto field names (the same shape as Envoy's YAML),
+//! and then decoded and validated by mecha-config exactly like static config. So the static and
+//! dynamic paths share one model and one validator, and a field mecha does not support is rejected
+//! with its path instead of being dropped.
+
+use mecha_config::{Cluster, ClusterLoadAssignment, ConfigError, Listener, RouteConfiguration};
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+use std::collections::HashSet;
+use std::sync::OnceLock;
+
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const ENDPOINT_TYPE: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// The Envoy file descriptors mecha translates (see `examples/prune_descriptors.rs`).
+static DESCRIPTORS: &[u8] = include_bytes!("envoy_descriptors.bin");
+
+fn pool() -> &'static DescriptorPool {
+    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        // The bytes are a build artifact checked by the `descriptors_decode` test; a failure here
+        // would be a broken build, not bad input.
+        DescriptorPool::decode(DESCRIPTORS).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "embedded Envoy descriptors are corrupt");
+            DescriptorPool::new()
+        })
+    })
+}
+
+/// Why a resource could not be accepted; `Display` is the NACK's `error_detail` line.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{kind} \"{name}\": {}", errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+pub struct ResourceError {
+    pub kind: &'static str,
+    pub name: String,
+    pub errors: Vec<ConfigError>,
+}
+
+fn kind_of(type_url: &str) -> &'static str {
+    match type_url {
+        LISTENER_TYPE => "Listener",
+        CLUSTER_TYPE => "Cluster",
+        ROUTE_TYPE => "RouteConfiguration",
+        ENDPOINT_TYPE => "ClusterLoadAssignment",
+        _ => "resource",
+    }
+}
+
+/// Decodes an `Any` into the JSON/YAML value of its message (proto field names, enums by name,
+/// 64-bit integers as numbers, nested `Any`s as `{"@type": ..., fields}`).
+pub fn any_to_value(type_url: &str, bytes: &[u8]) -> Result<serde_yaml::Value, String> {
+    let name = type_url.rsplit('/').next().unwrap_or(type_url);
+    let desc = pool()
+        .get_message_by_name(name)
+        .ok_or_else(|| format!("unsupported resource type \"{type_url}\""))?;
+    let msg = DynamicMessage::decode(desc, bytes).map_err(|e| format!("cannot decode: {e}"))?;
+    let opts = SerializeOptions::new()
+        .use_proto_field_name(true)
+        .stringify_64_bit_integers(false)
+        .skip_default_fields(true);
+    let json = msg
+        .serialize_with_options(serde_json::value::Serializer, &opts)
+        .map_err(|e| format!("cannot translate: {e}"))?;
+    serde_yaml::to_value(json).map_err(|e| format!("cannot translate: {e}"))
+}
+
+/// The inverse of [`any_to_value`]: encodes a JSON/YAML description of a message (as written in
+/// an Envoy config) into protobuf bytes. Used by tests and the benchmark to script a control plane.
+pub fn value_to_bytes(type_url: &str, value: &serde_json::Value) -> Result<Vec<u8>, String> {
+    use prost::Message;
+    let name = type_url.rsplit('/').next().unwrap_or(type_url);
+    let desc = pool()
+        .get_message_by_name(name)
+        .ok_or_else(|| format!("unsupported resource type \"{type_url}\""))?;
+    let msg = DynamicMessage::deserialize(desc, value).map_err(|e| e.to_string())?;
+    Ok(msg.encode_to_vec())
+}
+
+/// One decoded and validated resource.
+pub enum Decoded {
+    Listener(Listener),
+    Cluster(Cluster),
+    Route(RouteConfiguration),
+    Endpoints(ClusterLoadAssignment),
+}
+
+impl Decoded {
+    pub fn name(&self) -> &str {
+        match self {
+            Decoded::Listener(l) => &l.name,
+            Decoded::Cluster(c) => &c.name,
+            Decoded::Route(r) => &r.name,
+            Decoded::Endpoints(e) => &e.cluster_name,
+        }
+    }
+}
+
+/// Decodes one resource of `type_url`. `known_clusters` are the clusters an inline route table may
+/// reference. Errors name the resource and the field.
+pub fn decode_resource(
+    type_url: &str,
+    bytes: &[u8],
+    known_clusters: &HashSet<&str>,
+) -> Result<Decoded, ResourceError> {
+    let kind = kind_of(type_url);
+    let value = any_to_value(type_url, bytes).map_err(|m| ResourceError {
+        kind,
+        name: String::new(),
+        errors: vec![ConfigError::new("", m)],
+    })?;
+    let name_field = if type_url == ENDPOINT_TYPE {
+        "cluster_name"
+    } else {
+        "name"
+    };
+    let name = value
+        .get(name_field)
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let err = |errors: Vec<ConfigError>| ResourceError {
+        kind,
+        name: name.clone(),
+        errors,
+    };
+    if name.is_empty() {
+        return Err(err(vec![ConfigError::new(name_field, "must not be empty")]));
+    }
+    let decoded = match type_url {
+        LISTENER_TYPE => Decoded::Listener(
+            mecha_config::decode_listener(value, "", known_clusters).map_err(err)?,
+        ),
+        CLUSTER_TYPE => Decoded::Cluster(mecha_config::decode_cluster(value, "").map_err(err)?),
+        ROUTE_TYPE => Decoded::Route(
+            mecha_config::decode_route_configuration(value, "", known_clusters).map_err(err)?,
+        ),
+        ENDPOINT_TYPE => Decoded::Endpoints(
+            mecha_config::decode_cluster_load_assignment(value, "").map_err(err)?,
+        ),
+        other => {
+            return Err(err(vec![ConfigError::new(
+                "",
+                format!("unsupported resource type \"{other}\""),
+            )]))
+        }
+    };
+    Ok(decoded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_decode() {
+        for t in [LISTENER_TYPE, CLUSTER_TYPE, ROUTE_TYPE, ENDPOINT_TYPE] {
+            let name = t.rsplit('/').next().unwrap();
+            assert!(pool().get_message_by_name(name).is_some(), "{name}");
+        }
+        assert!(pool()
+            .get_message_by_name(
+                "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+            )
+            .is_some());
+    }
+
+    #[test]
+    fn cluster_round_trip_and_field_errors() {
+        let json = serde_json::json!({
+            "name": "backend", "type": "EDS", "connect_timeout": "0.25s",
+            "eds_cluster_config": {"eds_config": {"ads": {}}},
+            "lb_policy": "LEAST_REQUEST",
+        });
+        let bytes = value_to_bytes(CLUSTER_TYPE, &json).unwrap();
+        let Decoded::Cluster(c) = decode_resource(CLUSTER_TYPE, &bytes, &HashSet::new()).unwrap()
+        else {
+            panic!("not a cluster")
+        };
+        assert_eq!(c.name, "backend");
+        assert_eq!(c.discovery_type, mecha_config::DiscoveryType::EDS);
+        assert_eq!(c.connect_timeout(), std::time::Duration::from_millis(250));
+
+        // A field mecha does not implement is rejected with its path, not dropped.
+        let json = serde_json::json!({"name": "bad", "dns_jitter": "1s"});
+        let bytes = value_to_bytes(CLUSTER_TYPE, &json).unwrap();
+        let e = decode_resource(CLUSTER_TYPE, &bytes, &HashSet::new())
+            .err()
+            .unwrap();
+        assert!(e.to_string().starts_with("Cluster \"bad\": "), "{e}");
+        assert!(e.to_string().contains("dns_jitter"), "{e}");
+    }
+}
