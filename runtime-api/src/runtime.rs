@@ -1,0 +1,783 @@
+//! The runtime core shared by the HTTP filter and the gRPC service: the app's identity, its
+//! components, subscriptions and delivery, and service invocation. Built once at start-up (not per
+//! config snapshot), so config swaps never reopen stores or restart consumers.
+
+use crate::cloudevents;
+use crate::component::{ComponentSpecParsed, Resources, Subscription};
+use crate::error::{ApiError, ComponentError};
+use crate::matcher::Expr;
+use crate::pubsub::{self, Message, MessageHandler, PubSub};
+use crate::state::{self, KeyPrefix, StateStore};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use mecha_filters::{full, Body, BoxFuture, Upstream};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// The runtime version reported by the metadata API.
+pub const RUNTIME_VERSION: &str = concat!("mecha-", env!("CARGO_PKG_VERSION"));
+
+/// What the runtime is started with.
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeOptions {
+    pub app_id: String,
+    /// The cluster that reaches the local app (`--app-port`), if there is an app.
+    pub app_cluster: Option<String>,
+    /// `DAPR_API_TOKEN`: required on every API call except health.
+    pub api_token: Option<String>,
+    /// `APP_API_TOKEN`: sent to the app as `dapr-api-token`.
+    pub app_api_token: Option<String>,
+    pub resources: Resources,
+    /// Directory for embedded stores' relative paths.
+    pub data_dir: Option<PathBuf>,
+    /// Largest request body the API accepts (Dapr's `--max-body-size`, default 4 MiB).
+    pub max_body_bytes: usize,
+}
+
+pub struct StoreEntry {
+    pub store: Arc<dyn StateStore>,
+    pub prefix: KeyPrefix,
+    pub type_: String,
+    pub version: String,
+}
+
+pub struct PubSubEntry {
+    pub pubsub: Arc<dyn PubSub>,
+    pub type_: String,
+    pub version: String,
+    pub retry: RetryPolicy,
+}
+
+/// Redelivery to the app after RETRY or an error, from the pub/sub component's Dapr metadata
+/// `backOffPolicy` (constant|exponential), `backOffDuration`, `backOffMaxInterval`,
+/// `backOffMaxRetries` (-1 = until it succeeds).
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub exponential: bool,
+    pub duration: Duration,
+    pub max_interval: Duration,
+    pub max_retries: i64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            exponential: false,
+            duration: Duration::from_millis(500),
+            max_interval: Duration::from_secs(60),
+            max_retries: 3,
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn from_metadata(m: &crate::component::Metadata) -> Result<Self, String> {
+        let mut p = Self::default();
+        if let Some(v) = m.get("backOffPolicy") {
+            p.exponential = match v {
+                "exponential" => true,
+                "constant" => false,
+                other => {
+                    return Err(format!(
+                        "backOffPolicy \"{other}\": expected constant or exponential"
+                    ))
+                }
+            };
+        }
+        if let Some(d) = m.get_duration("backOffDuration", Duration::from_millis(1))? {
+            p.duration = d;
+        }
+        if let Some(d) = m.get_duration("backOffMaxInterval", Duration::from_millis(1))? {
+            p.max_interval = d;
+        }
+        if let Some(n) = m.get_i64("backOffMaxRetries")? {
+            p.max_retries = n;
+        }
+        Ok(p)
+    }
+
+    fn delay(&self, attempt: u32) -> Duration {
+        if self.exponential {
+            self.duration
+                .saturating_mul(2u32.saturating_pow(attempt.min(20)))
+                .min(self.max_interval)
+        } else {
+            self.duration
+        }
+    }
+}
+
+/// A component that failed to start: names the resource file and the problem.
+#[derive(Debug, thiserror::Error)]
+#[error("component \"{name}\" ({type_}) from {source_file}: {message}")]
+pub struct InitError {
+    pub name: String,
+    pub type_: String,
+    pub source_file: String,
+    pub message: String,
+}
+
+struct CompiledSub {
+    sub: Subscription,
+    rules: Vec<(Expr, String)>,
+}
+
+pub struct Runtime {
+    pub opts: RuntimeOptions,
+    pub stores: HashMap<String, StoreEntry>,
+    pub pubsubs: HashMap<String, PubSubEntry>,
+    upstream: OnceLock<Arc<dyn Upstream>>,
+    subscriptions: Mutex<Vec<Subscription>>,
+    extended: Mutex<BTreeMap<String, String>>,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    /// Fired by `POST /v1.0/shutdown`.
+    pub shutdown: tokio::sync::Notify,
+    component_list: Vec<(String, String, String, Vec<String>)>,
+}
+
+impl Runtime {
+    /// Initialises every component. A component that fails is an error naming its file, unless
+    /// it has `ignoreErrors: true` (then a warning).
+    pub async fn new(opts: RuntimeOptions) -> Result<Arc<Runtime>, InitError> {
+        let mut stores = HashMap::new();
+        let mut pubsubs = HashMap::new();
+        let mut component_list = vec![];
+        for c in &opts.resources.components {
+            if !c.scopes.is_empty() && !c.scopes.iter().any(|s| s == &opts.app_id) {
+                continue;
+            }
+            let err = |message: String| InitError {
+                name: c.name.clone(),
+                type_: c.type_.clone(),
+                source_file: c.source.clone(),
+                message,
+            };
+            let result = Self::init_component(c, &opts).await;
+            match result {
+                Ok(Component::State(store)) => {
+                    let features = store.features().iter().map(|s| s.to_string()).collect();
+                    stores.insert(
+                        c.name.clone(),
+                        StoreEntry {
+                            store,
+                            prefix: KeyPrefix::parse(c.metadata.get("keyPrefix")),
+                            type_: c.type_.clone(),
+                            version: c.version.clone(),
+                        },
+                    );
+                    component_list.push((
+                        c.name.clone(),
+                        c.type_.clone(),
+                        c.version.clone(),
+                        features,
+                    ));
+                }
+                Ok(Component::PubSub(ps)) => {
+                    let retry = RetryPolicy::from_metadata(&c.metadata).map_err(err)?;
+                    let features = ps.features().iter().map(|s| s.to_string()).collect();
+                    pubsubs.insert(
+                        c.name.clone(),
+                        PubSubEntry {
+                            pubsub: ps,
+                            type_: c.type_.clone(),
+                            version: c.version.clone(),
+                            retry,
+                        },
+                    );
+                    component_list.push((
+                        c.name.clone(),
+                        c.type_.clone(),
+                        c.version.clone(),
+                        features,
+                    ));
+                }
+                Err(e) if c.ignore_errors => {
+                    tracing::warn!(component = %c.name, file = %c.source, error = %e, "component failed to initialise; ignored (ignoreErrors)");
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
+        let (stop_tx, _) = tokio::sync::watch::channel(false);
+        Ok(Arc::new(Runtime {
+            opts,
+            stores,
+            pubsubs,
+            upstream: OnceLock::new(),
+            subscriptions: Mutex::new(vec![]),
+            extended: Mutex::new(BTreeMap::new()),
+            stop_tx,
+            shutdown: tokio::sync::Notify::new(),
+            component_list,
+        }))
+    }
+
+    async fn init_component(
+        c: &ComponentSpecParsed,
+        opts: &RuntimeOptions,
+    ) -> Result<Component, String> {
+        let m = &c.metadata;
+        match c.type_.as_str() {
+            "state.in-memory" => Ok(Component::State(Arc::new(state::memory::MemoryStore::new()))),
+            "state.sqlite" => {
+                let cs = m
+                    .get("connectionString")
+                    .ok_or("metadata connectionString is required")?;
+                // Dapr accepts a path or a `file:` URI; relative paths live in the data dir.
+                let path = cs.strip_prefix("file:").unwrap_or(cs);
+                let path = path.split('?').next().unwrap_or(path);
+                let mut p = PathBuf::from(path);
+                if p.is_relative() {
+                    if let Some(d) = &opts.data_dir {
+                        p = d.join(p);
+                    }
+                }
+                let cleanup = m.get_duration("cleanupInterval", Duration::from_secs(1))?
+                    .or(Some(Duration::from_secs(3600)));
+                let table = m.get("tableName").unwrap_or("state");
+                state::sqlite::SqliteStore::open(&p, table, cleanup)
+                    .map(|s| Component::State(Arc::new(s)))
+                    .map_err(|e| e.to_string())
+            }
+            "state.redis" => state::redis::RedisStore::new(m)
+                .await
+                .map(|s| Component::State(Arc::new(s)))
+                .map_err(|e| e.to_string()),
+            "pubsub.in-memory" => Ok(Component::PubSub(Arc::new(pubsub::memory::MemoryPubSub::new(
+                m.get_i64("concurrency")?.filter(|n| *n > 0).unwrap_or(100) as usize,
+            )))),
+            "pubsub.redis" => pubsub::redis::RedisPubSub::new(m, &opts.app_id)
+                .await
+                .map(|p| Component::PubSub(Arc::new(p)))
+                .map_err(|e| e.to_string()),
+            other => Err(format!(
+                "unknown component type \"{other}\" (supported: state.in-memory, state.sqlite, state.redis, pubsub.in-memory, pubsub.redis)"
+            )),
+        }
+    }
+
+    /// Sets the upstream handle (the proxy's cluster manager) once; later calls are ignored.
+    pub fn set_upstream(&self, up: Arc<dyn Upstream>) {
+        let _ = self.upstream.set(up);
+    }
+
+    pub fn upstream(&self) -> Option<&Arc<dyn Upstream>> {
+        self.upstream.get()
+    }
+
+    pub fn app_id(&self) -> &str {
+        &self.opts.app_id
+    }
+
+    pub fn store(&self, name: &str) -> Result<&StoreEntry, ApiError> {
+        if self.stores.is_empty() {
+            return Err(ApiError::state_stores_not_configured());
+        }
+        self.stores
+            .get(name)
+            .ok_or_else(|| ApiError::state_store_not_found(name))
+    }
+
+    pub fn pubsub(&self, name: &str) -> Result<&PubSubEntry, ApiError> {
+        if self.pubsubs.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "ERR_PUBSUB_NOT_CONFIGURED",
+                "no pubsub is configured",
+            ));
+        }
+        self.pubsubs
+            .get(name)
+            .ok_or_else(|| ApiError::pubsub_not_found(name))
+    }
+
+    pub fn key(&self, store: &str, e: &StoreEntry, key: &str) -> String {
+        e.prefix.apply(&self.opts.app_id, store, key)
+    }
+
+    /// Publishes `data` (wrapped as a CloudEvent unless `rawPayload=true`).
+    pub async fn publish(
+        &self,
+        pubsub: &str,
+        topic: &str,
+        data: &[u8],
+        content_type: &str,
+        metadata: &BTreeMap<String, String>,
+        traceparent: Option<&str>,
+        tracestate: Option<&str>,
+    ) -> Result<(), ApiError> {
+        if pubsub.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "ERR_PUBSUB_EMPTY",
+                "pubsub name is empty",
+            ));
+        }
+        let entry = self.pubsub(pubsub)?;
+        if topic.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "ERR_TOPIC_NAME_EMPTY",
+                "topic is empty in pubsub ".to_string() + pubsub,
+            ));
+        }
+        let raw = metadata.get("rawPayload").is_some_and(|v| v == "true");
+        let payload = if raw {
+            Bytes::copy_from_slice(data)
+        } else {
+            cloudevents::wrap(
+                data,
+                content_type,
+                &cloudevents::Envelope {
+                    source: &self.opts.app_id,
+                    topic,
+                    pubsub,
+                    traceparent,
+                    tracestate,
+                },
+            )
+            .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "ERR_PUBSUB_CLOUD_EVENTS_SER", m))?
+        };
+        entry
+            .pubsub
+            .publish(topic, payload, metadata)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "ERR_PUBSUB_PUBLISH_MESSAGE",
+                    format!("error when publish to topic {topic} in pubsub {pubsub}: {e}"),
+                )
+            })
+    }
+
+    /// The subscriptions in effect (for the metadata API).
+    pub fn subscriptions(&self) -> Vec<Subscription> {
+        self.subscriptions.lock().clone()
+    }
+
+    pub fn components(&self) -> &[(String, String, String, Vec<String>)] {
+        &self.component_list
+    }
+
+    pub fn extended_metadata(&self) -> BTreeMap<String, String> {
+        self.extended.lock().clone()
+    }
+
+    pub fn set_extended(&self, k: String, v: String) {
+        self.extended.lock().insert(k, v);
+    }
+
+    /// Starts the declarative subscriptions, then (in the background, once the app answers)
+    /// the app's programmatic ones from `GET /dapr/subscribe`.
+    pub async fn start_subscriptions(self: &Arc<Self>) -> Result<(), ApiError> {
+        let declarative: Vec<Subscription> = self
+            .opts
+            .resources
+            .subscriptions
+            .iter()
+            .filter(|s| s.scopes.is_empty() || s.scopes.iter().any(|a| a == &self.opts.app_id))
+            .cloned()
+            .collect();
+        for s in declarative {
+            self.subscribe(s).await?;
+        }
+        if self.opts.app_cluster.is_some() {
+            let rt = self.clone();
+            tokio::spawn(async move { rt.load_programmatic().await });
+        }
+        Ok(())
+    }
+
+    async fn load_programmatic(self: Arc<Self>) {
+        let mut stop = self.stop_tx.subscribe();
+        let mut warned = false;
+        loop {
+            match self
+                .app_request(http::Method::GET, "/dapr/subscribe", Bytes::new(), None)
+                .await
+            {
+                Ok((status, body)) if status.is_success() => {
+                    match parse_programmatic(&body) {
+                        Ok(subs) => {
+                            for s in subs {
+                                if let Err(e) = self.subscribe(s).await {
+                                    tracing::error!(error = %e, "subscription failed");
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "the app's /dapr/subscribe answer is not valid")
+                        }
+                    }
+                    return;
+                }
+                Ok((status, _)) => {
+                    tracing::debug!(%status, "app has no programmatic subscriptions");
+                    return;
+                }
+                Err(e) => {
+                    if !warned {
+                        tracing::info!(error = %e, "waiting for the app to answer /dapr/subscribe");
+                        warned = true;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {},
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    async fn subscribe(self: &Arc<Self>, sub: Subscription) -> Result<(), ApiError> {
+        let entry = self.pubsub(&sub.pubsub)?;
+        let mut rules = vec![];
+        for r in &sub.routes.rules {
+            let e = Expr::parse(&r.match_).map_err(|e| {
+                ApiError::malformed(format!(
+                    "subscription {}/{}: match \"{}\": {e}",
+                    sub.pubsub, sub.topic, r.match_
+                ))
+            })?;
+            rules.push((e, r.path.clone()));
+        }
+        let handler = Arc::new(Delivery {
+            rt: Arc::downgrade(self),
+            sub: Arc::new(CompiledSub {
+                sub: sub.clone(),
+                rules,
+            }),
+            retry: entry.retry.clone(),
+        });
+        entry
+            .pubsub
+            .subscribe(&sub.topic, handler, self.stop_tx.subscribe())
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "ERR_PUBSUB_SUBSCRIBE",
+                    e.to_string(),
+                )
+            })?;
+        tracing::info!(pubsub = %sub.pubsub, topic = %sub.topic, kind = sub.kind, "subscribed");
+        self.subscriptions.lock().push(sub);
+        Ok(())
+    }
+
+    /// Stops every consumer.
+    pub fn stop(&self) {
+        let _ = self.stop_tx.send(true);
+    }
+
+    fn app_headers(&self, req: &mut Request<Body>) {
+        if let Some(t) = &self.opts.app_api_token {
+            if let Ok(v) = http::HeaderValue::from_str(t) {
+                req.headers_mut().insert("dapr-api-token", v);
+            }
+        }
+    }
+
+    /// A buffered request to the local app through the proxy's app cluster.
+    pub async fn app_request(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Bytes,
+        content_type: Option<&str>,
+    ) -> Result<(StatusCode, Bytes), String> {
+        let cluster = self
+            .opts
+            .app_cluster
+            .as_deref()
+            .ok_or("no app port configured")?;
+        let up = self.upstream().ok_or("the proxy is not started")?;
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, "localhost")
+            .body(full(body))
+            .map_err(|e| e.to_string())?;
+        if let Some(ct) = content_type.and_then(|c| http::HeaderValue::from_str(c).ok()) {
+            req.headers_mut().insert(http::header::CONTENT_TYPE, ct);
+        }
+        self.app_headers(&mut req);
+        let resp = up.call(cluster, req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, body))
+    }
+
+    /// Service invocation: `app_id` is this app (call it) or another (through the mesh, to the
+    /// cluster of that name, whose endpoints are the other app's sidecar HTTP API).
+    /// `method_and_query` is what follows `/method/`.
+    pub async fn invoke(
+        &self,
+        app_id: &str,
+        method_and_query: &str,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, ApiError> {
+        let up = self
+            .upstream()
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "ERR_DIRECT_INVOKE",
+                    "the proxy is not started",
+                )
+            })?
+            .clone();
+        strip_hop_by_hop(req.headers_mut());
+        let local = app_id == self.opts.app_id || app_id.is_empty();
+        let (cluster, path) = if local {
+            let cluster = self.opts.app_cluster.clone().ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "ERR_DIRECT_INVOKE",
+                    format!("app {app_id} has no app port configured"),
+                )
+            })?;
+            // Dapr's own headers are for the sidecar, not the app.
+            let keep_token = self.opts.app_api_token.is_some();
+            let names: Vec<http::HeaderName> = req
+                .headers()
+                .keys()
+                .filter(|k| k.as_str().starts_with("dapr-"))
+                .cloned()
+                .collect();
+            for n in names {
+                req.headers_mut().remove(n);
+            }
+            if keep_token {
+                self.app_headers(&mut req);
+            }
+            (cluster, format!("/{method_and_query}"))
+        } else {
+            if !up.has_cluster(app_id) {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "ERR_DIRECT_INVOKE",
+                    format!("failed to invoke, id: {app_id}, err: no cluster named \"{app_id}\" reaches that app id"),
+                ));
+            }
+            req.headers_mut().remove("dapr-app-id");
+            req.headers_mut().insert(
+                "dapr-caller-app-id",
+                http::HeaderValue::from_str(&self.opts.app_id)
+                    .unwrap_or(http::HeaderValue::from_static("")),
+            );
+            (
+                app_id.to_string(),
+                format!("/v1.0/invoke/{app_id}/method/{method_and_query}"),
+            )
+        };
+        *req.uri_mut() = path
+            .parse()
+            .map_err(|e| ApiError::malformed(format!("invalid method path: {e}")))?;
+        match up.call(&cluster, req).await {
+            Ok(resp) => Ok(resp),
+            Err(e) => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ERR_DIRECT_INVOKE",
+                format!("failed to invoke, id: {app_id}, err: {e}"),
+            )),
+        }
+    }
+}
+
+enum Component {
+    State(Arc<dyn StateStore>),
+    PubSub(Arc<dyn PubSub>),
+}
+
+fn strip_hop_by_hop(h: &mut http::HeaderMap) {
+    for n in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "content-length",
+    ] {
+        h.remove(n);
+    }
+}
+
+/// Parses the app's `GET /dapr/subscribe` answer: v1 items with `route`, v2 items with
+/// `routes: {rules, default}`.
+pub fn parse_programmatic(body: &[u8]) -> Result<Vec<Subscription>, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Item {
+        pubsubname: String,
+        topic: String,
+        #[serde(default)]
+        route: Option<String>,
+        #[serde(default)]
+        routes: Option<crate::component::Routes>,
+        #[serde(default)]
+        dead_letter_topic: Option<String>,
+        #[serde(default)]
+        bulk_subscribe: Option<crate::component::BulkSubscribe>,
+        #[serde(default)]
+        metadata: BTreeMap<String, String>,
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(vec![]);
+    }
+    let items: Vec<Item> = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    Ok(items
+        .into_iter()
+        .map(|i| {
+            let mut routes = i.routes.unwrap_or_default();
+            if routes.default.is_none() {
+                routes.default = i.route.or_else(|| Some(format!("/{}", i.topic)));
+            }
+            Subscription {
+                pubsub: i.pubsubname,
+                topic: i.topic,
+                routes,
+                dead_letter_topic: i.dead_letter_topic,
+                bulk_subscribe: i.bulk_subscribe,
+                metadata: i.metadata,
+                scopes: vec![],
+                kind: "programmatic",
+            }
+        })
+        .collect())
+}
+
+/// Delivery of one subscription's messages to the app.
+struct Delivery {
+    rt: std::sync::Weak<Runtime>,
+    sub: Arc<CompiledSub>,
+    retry: RetryPolicy,
+}
+
+enum Outcome {
+    Success,
+    Drop,
+    Retry(String),
+}
+
+impl MessageHandler for Delivery {
+    fn handle(&self, msg: Message) -> BoxFuture<'static, Result<(), ()>> {
+        let rt = self.rt.clone();
+        let sub = self.sub.clone();
+        let retry = self.retry.clone();
+        Box::pin(async move {
+            let Some(rt) = rt.upgrade() else {
+                return Err(());
+            };
+            let event =
+                cloudevents::for_delivery(&msg.data, &msg.topic, &sub.sub.pubsub, rt.app_id());
+            let ev_value = serde_json::Value::Object(event);
+            let path = sub
+                .rules
+                .iter()
+                .find(|(e, _)| e.eval(&ev_value))
+                .map(|(_, p)| p.clone())
+                .or_else(|| sub.sub.routes.default.clone());
+            let Some(path) = path else {
+                tracing::debug!(topic = %msg.topic, "no route matches the event; dropped as Dapr does");
+                return Ok(());
+            };
+            let path = if path.starts_with('/') {
+                path
+            } else {
+                format!("/{path}")
+            };
+            let body = Bytes::from(ev_value.to_string());
+            let mut attempt: u32 = 0;
+            loop {
+                let outcome = match rt
+                    .app_request(
+                        http::Method::POST,
+                        &path,
+                        body.clone(),
+                        Some(cloudevents::CE_CONTENT_TYPE),
+                    )
+                    .await
+                {
+                    Ok((s, b)) if s.is_success() => app_status(&b),
+                    Ok((s, _)) if s == StatusCode::NOT_FOUND => {
+                        tracing::warn!(topic = %msg.topic, %path, "app answered 404; message dropped");
+                        Outcome::Drop
+                    }
+                    Ok((s, _)) => Outcome::Retry(format!("app answered {s}")),
+                    Err(e) => Outcome::Retry(e),
+                };
+                match outcome {
+                    Outcome::Success => return Ok(()),
+                    Outcome::Drop => return Ok(()),
+                    Outcome::Retry(why) => {
+                        if retry.max_retries >= 0 && attempt as i64 >= retry.max_retries {
+                            tracing::warn!(topic = %msg.topic, id = %msg.id, reason = %why, "delivery failed after retries");
+                            break;
+                        }
+                        tracing::debug!(topic = %msg.topic, reason = %why, attempt, "retrying delivery");
+                        tokio::time::sleep(retry.delay(attempt)).await;
+                        attempt += 1;
+                    }
+                }
+            }
+            match &sub.sub.dead_letter_topic {
+                Some(dlt) if !dlt.is_empty() => {
+                    let ps = rt.pubsub(&sub.sub.pubsub).map_err(|_| ())?;
+                    match ps
+                        .pubsub
+                        .publish(dlt, msg.data.clone(), &BTreeMap::new())
+                        .await
+                    {
+                        Ok(()) => {
+                            tracing::info!(topic = %msg.topic, dead_letter = %dlt, "message sent to the dead-letter topic");
+                            Ok(())
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "dead-letter publish failed");
+                            Err(())
+                        }
+                    }
+                }
+                _ => Err(()),
+            }
+        })
+    }
+}
+
+/// Reads the app's answer body: `{"status": "SUCCESS"|"RETRY"|"DROP"}`, or empty / other JSON =
+/// success (Dapr treats an unrecognised body on 2xx as success).
+fn app_status(body: &[u8]) -> Outcome {
+    #[derive(serde::Deserialize)]
+    struct S {
+        status: Option<String>,
+    }
+    match serde_json::from_slice::<S>(body)
+        .ok()
+        .and_then(|s| s.status)
+    {
+        Some(s) if s.eq_ignore_ascii_case("RETRY") => Outcome::Retry("app answered RETRY".into()),
+        Some(s) if s.eq_ignore_ascii_case("DROP") => {
+            tracing::warn!("app answered DROP; message dropped");
+            Outcome::Drop
+        }
+        _ => Outcome::Success,
+    }
+}
+
+impl From<ComponentError> for String {
+    fn from(e: ComponentError) -> String {
+        e.to_string()
+    }
+}
