@@ -3,6 +3,7 @@
 
 mod cli;
 mod iptables;
+mod xds_cmd;
 
 fn main() {
     std::process::exit(cli::main());

@@ -236,13 +236,56 @@ fn config_dump(state: &ServerState) -> Value {
         .iter()
         .map(|c| json!({"cluster": serde_json::to_value(c).unwrap_or(Value::Null), "last_updated": updated}))
         .collect();
-    json!({
+    let mut dump = json!({
         "configs": [
             {"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": bootstrap, "last_updated": updated},
             {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "static_clusters": clusters},
             {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "static_listeners": listeners},
         ]
-    })
+    });
+    if let Some(x) = state.xds.load_full() {
+        xds_config_dump(&x, &mut dump);
+    }
+    dump
+}
+
+/// The dynamic sections (xDS): each resource with its `version_info` and `last_updated`.
+fn xds_config_dump(x: &mecha_config::XdsResources, dump: &mut Value) {
+    fn entries<T: serde::Serialize>(
+        m: &std::collections::BTreeMap<String, mecha_config::Versioned<T>>,
+        key: &str,
+    ) -> Vec<Value> {
+        m.values()
+            .map(|v| json!({"version_info": v.version, key: serde_json::to_value(&*v.value).unwrap_or(Value::Null), "last_updated": humantime(v.last_updated)}))
+            .collect()
+    }
+    let version = |t: &str| x.versions.get(t).cloned().unwrap_or_default();
+    let Some(configs) = dump.get_mut("configs").and_then(|c| c.as_array_mut()) else {
+        return;
+    };
+    for c in configs.iter_mut() {
+        match c.get("@type").and_then(|t| t.as_str()) {
+            Some("type.googleapis.com/envoy.admin.v3.ClustersConfigDump") => {
+                c["version_info"] = json!(version(
+                    "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+                ));
+                c["dynamic_active_clusters"] = json!(entries(&x.clusters, "cluster"));
+            }
+            Some("type.googleapis.com/envoy.admin.v3.ListenersConfigDump") => {
+                c["version_info"] = json!(version(
+                    "type.googleapis.com/envoy.config.listener.v3.Listener"
+                ));
+                c["dynamic_listeners"] = json!(x
+                    .listeners
+                    .iter()
+                    .map(|(n, v)| json!({"name": n, "active_state": {"version_info": v.version, "listener": serde_json::to_value(&*v.value).unwrap_or(Value::Null), "last_updated": humantime(v.last_updated)}}))
+                    .collect::<Vec<_>>());
+            }
+            _ => {}
+        }
+    }
+    configs.push(json!({"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": entries(&x.route_configs, "route_config")}));
+    configs.push(json!({"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump", "dynamic_endpoint_configs": entries(&x.endpoints, "endpoint_config")}));
 }
 
 /// RFC 3339 UTC timestamp without pulling in a date crate.

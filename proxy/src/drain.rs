@@ -14,6 +14,8 @@ const FORCED: u8 = 2;
 pub struct Drain {
     state: watch::Sender<u8>,
     conns: Arc<(AtomicUsize, Notify)>,
+    /// Set for a [`Drain::child`]: the parent's drain reaches this scope too.
+    parent: Option<Box<Drain>>,
 }
 
 impl Default for Drain {
@@ -21,12 +23,17 @@ impl Default for Drain {
         Self {
             state: watch::Sender::new(RUNNING),
             conns: Arc::new((AtomicUsize::new(0), Notify::new())),
+            parent: None,
         }
     }
 }
 
 /// Held by each open downstream connection.
-pub struct ConnTracker(Arc<(AtomicUsize, Notify)>);
+/// The second field is the parent scope's tracker, released together with this one.
+pub struct ConnTracker(
+    Arc<(AtomicUsize, Notify)>,
+    #[allow(dead_code)] Option<Box<ConnTracker>>,
+);
 
 impl Drop for ConnTracker {
     fn drop(&mut self) {
@@ -41,25 +48,49 @@ impl Drain {
         Self::default()
     }
 
-    /// Resolves once draining has begun.
+    /// A nested drain scope (e.g. one generation of a listener replaced by xDS): it can be drained
+    /// on its own, it is drained when this one is, and its connections count as this one's too.
+    pub fn child(&self) -> Drain {
+        Drain {
+            parent: Some(Box::new(self.clone())),
+            ..Drain::default()
+        }
+    }
+
+    /// Resolves once draining has begun (here or in a parent scope).
     pub fn signaled(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         let mut rx = self.state.subscribe();
+        let parent = self.parent.as_ref().map(|p| p.signaled());
         Box::pin(async move {
-            let _ = rx.wait_for(|s| *s >= DRAINING).await;
+            let own = async move {
+                let _ = rx.wait_for(|s| *s >= DRAINING).await;
+            };
+            match parent {
+                Some(parent) => {
+                    tokio::select! {
+                        _ = own => {}
+                        _ = parent => {}
+                    }
+                }
+                None => own.await,
+            }
         })
     }
 
     pub fn is_draining(&self) -> bool {
-        *self.state.borrow() >= DRAINING
+        *self.state.borrow() >= DRAINING || self.parent.as_ref().is_some_and(|p| p.is_draining())
     }
 
     pub fn is_forced(&self) -> bool {
-        *self.state.borrow() >= FORCED
+        *self.state.borrow() >= FORCED || self.parent.as_ref().is_some_and(|p| p.is_forced())
     }
 
     pub fn track(&self) -> ConnTracker {
         self.conns.0.fetch_add(1, Ordering::AcqRel);
-        ConnTracker(self.conns.clone())
+        ConnTracker(
+            self.conns.clone(),
+            self.parent.as_ref().map(|p| Box::new(p.track())),
+        )
     }
 
     pub fn open_connections(&self) -> usize {

@@ -20,6 +20,7 @@ pub mod route;
 pub mod server;
 pub mod stats;
 pub mod tcp_proxy;
+pub mod xds_apply;
 
 pub use build::{build, BuildContext, Snapshot};
 pub use server::{Server, ServerOptions};

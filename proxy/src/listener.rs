@@ -66,7 +66,8 @@ pub async fn run(listener: TcpListener, runtime: Arc<ArcSwap<ListenerRuntime>>, 
     }
 }
 
-async fn serve_connection(
+/// Serves one accepted connection on `rt` (also used by listeners that xDS replaces).
+pub async fn serve_connection(
     rt: Arc<ListenerRuntime>,
     stream: TcpStream,
     remote: SocketAddr,

@@ -41,6 +41,8 @@ pub struct ServerState {
     pub options: ServerOptions,
     pub drain: Drain,
     pub last_updated: ArcSwap<std::time::SystemTime>,
+    /// The xDS resources last applied (`/config_dump`'s dynamic sections); `None` without xDS.
+    pub xds: arc_swap::ArcSwapOption<mecha_config::XdsResources>,
 }
 
 pub struct Server {
@@ -117,6 +119,7 @@ impl Server {
             options,
             drain,
             last_updated: ArcSwap::from_pointee(std::time::SystemTime::now()),
+            xds: Default::default(),
         });
         let admin_addr = match admin {
             Some(tcp) => {
