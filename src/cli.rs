@@ -30,9 +30,9 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Envoy v3 bootstrap (YAML or JSON).
+    /// Envoy v3 bootstrap (YAML or JSON). Optional with --app-id (zero-config runtime mode).
     #[arg(short = 'c', long = "config-path")]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// Worker threads (default: number of cores).
     #[arg(long)]
     concurrency: Option<usize>,
@@ -42,6 +42,9 @@ struct RunArgs {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long = "drain-time-s", default_value_t = 10)]
     drain_time_s: u64,
+    /// Dapr-compatible runtime flags (--app-id, --app-port, --dapr-http-port …).
+    #[command(flatten)]
+    runtime: crate::runtime_cmd::RuntimeArgs,
 }
 
 pub fn main() -> i32 {
@@ -55,7 +58,11 @@ pub fn main() -> i32 {
 
 /// The filters built into this binary.
 pub fn registry() -> Registry {
-    Registry::new()
+    let mut r = Registry::new();
+    r.register_http(std::sync::Arc::new(
+        mecha_runtime_api::RuntimeApiFactory::unbound(),
+    ));
+    r
 }
 
 fn validate(path: &std::path::Path) -> i32 {
@@ -110,10 +117,29 @@ fn run(args: RunArgs) -> i32 {
         .with_target(false)
         .init();
 
-    let bootstrap = match mecha_config::load_bootstrap(&args.config) {
+    if args.runtime.app_id.is_some() || args.config.is_none() {
+        let concurrency = args
+            .concurrency
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
+            .max(1);
+        return crate::runtime_cmd::run(
+            args.config.as_deref(),
+            &args.runtime,
+            concurrency,
+            Duration::from_secs(args.drain_time_s),
+        );
+    }
+    let Some(config_path) = args.config.clone() else {
+        return 1;
+    };
+    let bootstrap = match mecha_config::load_bootstrap(&config_path) {
         Ok(b) => b,
         Err(errors) => {
-            report(&args.config, &errors);
+            report(&config_path, &errors);
             return 1;
         }
     };
@@ -145,7 +171,7 @@ fn run(args: RunArgs) -> i32 {
     };
     let options = mecha_proxy::ServerOptions {
         concurrency,
-        config_path: Some(args.config.display().to_string()),
+        config_path: Some(config_path.display().to_string()),
         drain_timeout: Duration::from_secs(args.drain_time_s),
     };
     runtime.block_on(async move {

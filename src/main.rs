@@ -3,6 +3,7 @@
 
 mod cli;
 mod iptables;
+mod runtime_cmd;
 mod xds_cmd;
 
 fn main() {

@@ -1,0 +1,333 @@
+//! `mecha run --app-id …`: the Dapr-compatible sidecar mode. Builds the runtime (components from
+//! `--resources-path`, or the embedded `statestore` / `pubsub`), puts the runtime API filter in
+//! front of the router on the Dapr HTTP port (or uses the `-c` bootstrap as given, adding the
+//! local app's cluster), serves the gRPC API on the Dapr gRPC port, and starts subscriptions.
+
+use mecha_runtime_api::component::{ComponentSpecParsed, Metadata, Resources};
+use mecha_runtime_api::{Runtime, RuntimeApiFactory, RuntimeOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The cluster that reaches the local app (`--app-port`).
+pub const APP_CLUSTER: &str = "local_app";
+
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct RuntimeArgs {
+    /// The app id (Dapr's `--app-id`); enables the runtime API.
+    #[arg(long = "app-id", env = "APP_ID")]
+    pub app_id: Option<String>,
+    /// The port the app listens on (for pub/sub delivery and invocation of this app).
+    #[arg(long = "app-port", env = "APP_PORT")]
+    pub app_port: Option<u16>,
+    /// How mecha talks to the app: http (grpc app callbacks are not supported yet).
+    #[arg(long = "app-protocol", default_value = "http")]
+    pub app_protocol: String,
+    /// The Dapr HTTP API port.
+    #[arg(
+        long = "dapr-http-port",
+        env = "DAPR_HTTP_PORT",
+        default_value_t = 3500
+    )]
+    pub dapr_http_port: u16,
+    /// The Dapr gRPC API port.
+    #[arg(
+        long = "dapr-grpc-port",
+        env = "DAPR_GRPC_PORT",
+        default_value_t = 50001
+    )]
+    pub dapr_grpc_port: u16,
+    /// Directory of Dapr Component / Subscription YAML files (replaces the embedded defaults).
+    #[arg(long = "resources-path")]
+    pub resources_path: Option<PathBuf>,
+    /// Address the Dapr APIs listen on.
+    #[arg(long = "dapr-listen-address", default_value = "0.0.0.0")]
+    pub listen_address: String,
+}
+
+fn data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("MECHA_DATA_DIR") {
+        return PathBuf::from(d);
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".mecha"),
+        None => PathBuf::from(".mecha"),
+    }
+}
+
+/// The embedded defaults: `statestore` (state.sqlite, durable) and `pubsub` (pubsub.in-memory).
+fn embedded(dir: &Path) -> Resources {
+    let md = |pairs: &[(&str, String)]| {
+        Metadata(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        )
+    };
+    Resources {
+        components: vec![
+            ComponentSpecParsed {
+                name: "statestore".into(),
+                type_: "state.sqlite".into(),
+                version: "v1".into(),
+                ignore_errors: false,
+                metadata: md(&[(
+                    "connectionString",
+                    dir.join("state.db").display().to_string(),
+                )]),
+                scopes: vec![],
+                source: "(embedded default)".into(),
+            },
+            ComponentSpecParsed {
+                name: "pubsub".into(),
+                type_: "pubsub.in-memory".into(),
+                version: "v1".into(),
+                ignore_errors: false,
+                metadata: Metadata::default(),
+                scopes: vec![],
+                source: "(embedded default)".into(),
+            },
+        ],
+        subscriptions: vec![],
+    }
+}
+
+/// The generated bootstrap of zero-config mode: one listener on the Dapr HTTP port whose chain is
+/// [runtime_api, router], and the local app's cluster.
+fn generated_bootstrap(a: &RuntimeArgs) -> String {
+    let app_cluster = match a.app_port {
+        Some(p) => format!(
+            r#"
+  clusters:
+  - name: {APP_CLUSTER}
+    type: STATIC
+    connect_timeout: 5s
+    load_assignment:
+      cluster_name: {APP_CLUSTER}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }}
+"#
+        ),
+        None => String::new(),
+    };
+    format!(
+        r#"
+static_resources:
+  listeners:
+  - name: dapr_http
+    address: {{ socket_address: {{ address: "{addr}", port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: dapr_http
+          codec_type: AUTO
+          route_config:
+            name: dapr
+            virtual_hosts:
+            - name: dapr
+              domains: ["*"]
+              routes: []
+          http_filters:
+          - name: {filter}
+            typed_config:
+              "@type": type.googleapis.com/{filter}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+{app_cluster}"#,
+        addr = a.listen_address,
+        port = a.dapr_http_port,
+        filter = mecha_runtime_api::TYPE_NAME,
+    )
+}
+
+/// Adds the local app's cluster to a user bootstrap when it has none of that name.
+fn add_app_cluster(b: &mut mecha_config::Bootstrap, a: &RuntimeArgs) -> Result<(), String> {
+    let Some(_) = a.app_port else { return Ok(()) };
+    if b.static_resources
+        .clusters
+        .iter()
+        .any(|c| c.name == APP_CLUSTER)
+    {
+        return Ok(());
+    }
+    let text = generated_bootstrap(a);
+    let generated = mecha_config::parse_bootstrap(&text).map_err(|e| e.to_string())?;
+    b.static_resources
+        .clusters
+        .extend(generated.static_resources.clusters);
+    Ok(())
+}
+
+pub(crate) fn run(
+    config: Option<&Path>,
+    a: &RuntimeArgs,
+    concurrency: usize,
+    drain_timeout: Duration,
+) -> i32 {
+    let Some(app_id) = a.app_id.clone() else {
+        eprintln!("mecha run: -c <bootstrap> or --app-id <id> is required");
+        return 1;
+    };
+    if a.app_protocol != "http" {
+        eprintln!(
+            "mecha run: --app-protocol {}: only http is supported (gRPC app callbacks are not implemented yet)",
+            a.app_protocol
+        );
+        return 1;
+    }
+    let runtime = if concurrency == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(concurrency)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    runtime.block_on(serve(config, a, app_id, concurrency, drain_timeout))
+}
+
+async fn serve(
+    config: Option<&Path>,
+    a: &RuntimeArgs,
+    app_id: String,
+    concurrency: usize,
+    drain_timeout: Duration,
+) -> i32 {
+    let dir = data_dir();
+    let resources = match &a.resources_path {
+        Some(p) => match mecha_runtime_api::component::load_dir(p) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("mecha: {e}");
+                return 1;
+            }
+        },
+        None if config.is_none() => embedded(&dir),
+        None => Resources::default(),
+    };
+    let bootstrap = match config {
+        Some(path) => match mecha_config::load_bootstrap(path) {
+            Ok(mut b) => match add_app_cluster(&mut b, a) {
+                Ok(()) => b,
+                Err(e) => {
+                    eprintln!("mecha: {e}");
+                    return 1;
+                }
+            },
+            Err(errors) => {
+                eprintln!("{}: {} error(s)", path.display(), errors.0.len());
+                for e in &errors.0 {
+                    eprintln!("{e}");
+                }
+                return 1;
+            }
+        },
+        None => match mecha_config::parse_bootstrap(&generated_bootstrap(a)) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("mecha: generated bootstrap is invalid: {e}");
+                return 1;
+            }
+        },
+    };
+    let opts = RuntimeOptions {
+        app_id,
+        app_cluster: a.app_port.map(|_| APP_CLUSTER.to_string()),
+        api_token: std::env::var("DAPR_API_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+        app_api_token: std::env::var("APP_API_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+        resources,
+        data_dir: Some(dir),
+        max_body_bytes: 4 << 20,
+    };
+    let rt = match Runtime::new(opts).await {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("mecha: {e}");
+            return 1;
+        }
+    };
+    let mut registry = crate::cli::registry();
+    registry.register_http(Arc::new(RuntimeApiFactory::new(rt.clone())));
+    let ctx = mecha_proxy::BuildContext::new(registry);
+    // Pub/sub delivery and invocation need the upstream even when no listener uses the filter.
+    rt.set_upstream(Arc::new(ctx.upstream()));
+    let options = mecha_proxy::ServerOptions {
+        concurrency,
+        config_path: config.map(|p| p.display().to_string()),
+        drain_timeout,
+    };
+    let grpc_addr = format!("{}:{}", a.listen_address, a.dapr_grpc_port);
+    let grpc_listener = match tokio::net::TcpListener::bind(&grpc_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("mecha: cannot bind the Dapr gRPC port {grpc_addr}: {e}");
+            return 1;
+        }
+    };
+    let server = match mecha_proxy::Server::start_with(bootstrap, ctx, options).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("mecha: {e}");
+            return 1;
+        }
+    };
+    // xDS (dynamic_resources in a -c bootstrap) works in runtime mode too.
+    if let Err(e) = crate::xds_cmd::start(&server) {
+        eprintln!("mecha: {e}");
+        return 1;
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(mecha_runtime_api::grpc::run_server(
+        rt.clone(),
+        grpc_listener,
+        stop_rx,
+    ));
+    if let Err(e) = rt.start_subscriptions().await {
+        eprintln!("mecha: {e}");
+        return 1;
+    }
+    tracing::info!(app_id = %rt.app_id(), http_port = a.dapr_http_port, grpc_port = a.dapr_grpc_port, "runtime API started");
+    wait_for_shutdown(&rt).await;
+    tracing::info!("draining");
+    rt.stop();
+    let _ = stop_tx.send(true);
+    let clean = server.drain().await;
+    tracing::info!(clean, "stopped");
+    0
+}
+
+async fn wait_for_shutdown(rt: &Runtime) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        rt.shutdown.notified().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+        _ = rt.shutdown.notified() => {},
+    }
+}
