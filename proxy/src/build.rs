@@ -2,7 +2,9 @@
 //! filters through the registry, and creates (or reuses) clusters. Every error carries the
 //! field path it concerns.
 
+use crate::capture::CaptureRuntime;
 use crate::cluster::{ClusterManager, UpstreamHandle};
+use crate::filter_chain_match::ChainMatcher;
 use crate::http::{Hcm, Router};
 use crate::listener::{FilterChainRuntime, ListenerRuntime, Terminal};
 use crate::route::RouteTable;
@@ -101,14 +103,14 @@ pub fn build(b: &Bootstrap, ctx: &BuildContext) -> Result<Snapshot, ConfigErrors
         };
         let address = SocketAddr::new(ip, sa.port_value);
         let mut chains = vec![];
-        if l.filter_chains.len() > 1 {
-            errors.push(ConfigError::new(
-                format!("{lpath}.filter_chains"),
-                "more than one filter chain needs filter_chain_match, which this build does not support yet",
-            ));
-        }
-        for (ci, chain) in l.filter_chains.iter().enumerate() {
-            let cpath = format!("{lpath}.filter_chains[{ci}]");
+        // The default chain (if any) is built last and split off after the loop.
+        let default_chain = l
+            .default_filter_chain
+            .iter()
+            .map(|c| (format!("{lpath}.default_filter_chain"), c));
+        let all_chains = l.filter_chains.iter().enumerate();
+        let all_chains = all_chains.map(|(ci, c)| (format!("{lpath}.filter_chains[{ci}]"), c));
+        for (cpath, chain) in all_chains.chain(default_chain) {
             let mut network_filters = vec![];
             let mut terminal = None;
             for (fi, f) in chain.filters.iter().enumerate() {
@@ -154,13 +156,28 @@ pub fn build(b: &Bootstrap, ctx: &BuildContext) -> Result<Snapshot, ConfigErrors
                 )),
             }
         }
+        let default_chain =
+            if l.default_filter_chain.is_some() && chains.len() > l.filter_chains.len() {
+                chains.pop()
+            } else {
+                None
+            };
+        let scope = Scope::listener(&address.to_string());
         listeners.push(Arc::new(ListenerRuntime {
             name: l.name.clone(),
             address,
             chains,
-            stats: ListenerStats::new(&ctx.stats, &Scope::listener(&address.to_string())),
+            stats: ListenerStats::new(&ctx.stats, &scope),
+            matcher: ChainMatcher::new(
+                l.filter_chains
+                    .iter()
+                    .map(|c| c.filter_chain_match.as_ref()),
+            ),
+            default_chain,
+            capture: CaptureRuntime::new(&l.capture, &ctx.stats, &scope),
         }));
     }
+    crate::capture::link_handoff(&listeners);
     if errors.is_empty() {
         Ok(Snapshot {
             bootstrap: b.clone(),

@@ -12,10 +12,14 @@
 pub mod admin;
 pub mod body;
 pub mod build;
+pub mod capture;
 pub mod cluster;
 pub mod drain;
+pub mod filter_chain_match;
 pub mod http;
 pub mod listener;
+pub mod listener_filters;
+pub mod original_dst;
 pub mod route;
 pub mod server;
 pub mod stats;

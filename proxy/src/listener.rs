@@ -1,8 +1,13 @@
-//! Listeners: bind, accept, run the network filters, hand the connection to the terminal filter
-//! (HTTP connection manager or TCP proxy).
+//! Listeners: bind, accept, recover the original destination and run the listener filters
+//! (transparent capture, `capture.rs`), select the filter chain (`filter_chain_match`), run the
+//! network filters, hand the connection to the terminal filter (HTTP connection manager or TCP
+//! proxy).
 
+use crate::capture::{handoff_target, CaptureRuntime};
 use crate::drain::Drain;
+use crate::filter_chain_match::{ChainMatcher, ConnMeta};
 use crate::http::{ConnInfo, Hcm};
+use crate::listener_filters::{inspect, Detected, Outcome};
 use crate::stats::ListenerStats;
 use crate::tcp_proxy::TcpProxy;
 use arc_swap::ArcSwap;
@@ -28,6 +33,21 @@ pub struct ListenerRuntime {
     pub address: SocketAddr,
     pub chains: Vec<FilterChainRuntime>,
     pub stats: ListenerStats,
+    /// Chain selection over `chains` (Envoy's `filter_chain_match` order).
+    pub matcher: ChainMatcher,
+    /// Serves connections no chain matches.
+    pub default_chain: Option<FilterChainRuntime>,
+    pub capture: CaptureRuntime,
+}
+
+/// Keeps `downstream_cx_active` right on every exit path.
+struct ActiveCx<'a>(&'a ListenerStats);
+
+impl Drop for ActiveCx<'_> {
+    fn drop(&mut self) {
+        self.0.downstream_cx_active.dec();
+        self.0.downstream_cx_destroy.inc();
+    }
 }
 
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -68,18 +88,68 @@ pub async fn run(listener: TcpListener, runtime: Arc<ArcSwap<ListenerRuntime>>, 
 
 /// Serves one accepted connection on `rt` (also used by listeners that xDS replaces).
 pub async fn serve_connection(
-    rt: Arc<ListenerRuntime>,
+    mut rt: Arc<ListenerRuntime>,
     stream: TcpStream,
     remote: SocketAddr,
     drain: Drain,
 ) {
     let _ = stream.set_nodelay(true);
-    let local = stream.local_addr().unwrap_or(rt.address);
+    let mut local = stream.local_addr().unwrap_or(rt.address);
+    if rt.capture.restore_original_dst {
+        match crate::original_dst::original_dst(&stream, local) {
+            Ok(Some(dst)) => {
+                if dst != local && rt.capture.use_original_dst {
+                    if let Some(target) = handoff_target(&rt, dst) {
+                        tracing::trace!(%remote, %dst, from = %rt.name, to = %target.name, "handing off to the original destination's listener");
+                        rt = target;
+                    }
+                }
+                local = dst;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(%remote, error = %e, "SO_ORIGINAL_DST failed"),
+        }
+    }
     rt.stats.downstream_cx_total.inc();
     rt.stats.downstream_cx_active.inc();
+    let _active = ActiveCx(&rt.stats);
     let started = Instant::now();
-    let Some(chain) = rt.chains.first() else {
+    let detected = match &rt.capture.inspectors {
+        None => Detected::default(),
+        Some(insp) => match inspect(&stream, insp).await {
+            Outcome::Done(d) => d,
+            Outcome::TimedOut(d) => {
+                if let Some(c) = &rt.capture.pre_cx_timeout {
+                    c.inc();
+                }
+                if !insp.continue_on_timeout {
+                    tracing::debug!(%remote, "listener filters timed out; closing");
+                    return;
+                }
+                d
+            }
+            Outcome::Close(reason) => {
+                tracing::debug!(%remote, reason, "connection closed by a listener filter");
+                return;
+            }
+        },
+    };
+    let meta = ConnMeta {
+        destination: local,
+        source: remote,
+        direct_source: remote,
+        server_name: detected.server_name.as_deref(),
+        transport: detected.transport,
+        application_protocols: &detected.application_protocols,
+    };
+    let chain = rt
+        .matcher
+        .select(&meta)
+        .and_then(|i| rt.chains.get(i))
+        .or(rt.default_chain.as_ref());
+    let Some(chain) = chain else {
         rt.stats.no_filter_chain_match.inc();
+        tracing::debug!(%remote, %local, sni = ?detected.server_name, "no filter chain matches");
         return;
     };
     let info = ConnectionInfo {
@@ -90,8 +160,6 @@ pub async fn serve_connection(
     for f in &chain.network_filters {
         if let NetworkAction::Close(reason) = f.on_new_connection(&info) {
             tracing::debug!(%remote, %reason, "connection closed by network filter");
-            rt.stats.downstream_cx_active.dec();
-            rt.stats.downstream_cx_destroy.inc();
             return;
         }
     }
@@ -101,10 +169,8 @@ pub async fn serve_connection(
                 .serve(stream, ConnInfo { remote, local }, drain)
                 .await
         }
-        Terminal::Tcp(tp) => tp.clone().serve(stream).await,
+        Terminal::Tcp(tp) => tp.clone().serve(stream, local).await,
     }
-    rt.stats.downstream_cx_active.dec();
-    rt.stats.downstream_cx_destroy.inc();
     rt.stats
         .downstream_cx_length_ms
         .record_duration_ms(started.elapsed());

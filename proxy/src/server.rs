@@ -73,7 +73,9 @@ impl Server {
         snapshot.clusters.start_discovery();
         let drain = Drain::new();
         let mut bound = vec![];
-        for l in &snapshot.listeners {
+        // `bind_to_port: false` listeners only receive connections handed off by a
+        // `use_original_dst` listener.
+        for l in snapshot.listeners.iter().filter(|l| l.capture.bind_to_port) {
             let tcp = listener::bind(l.address).map_err(|source| ProxyError::Bind {
                 name: l.name.clone(),
                 addr: l.address,

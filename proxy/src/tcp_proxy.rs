@@ -20,7 +20,9 @@ pub struct TcpProxy {
 }
 
 impl TcpProxy {
-    pub async fn serve<IO>(self: Arc<Self>, downstream: IO)
+    /// Proxies `downstream`; `local` is its (restored) destination, the host of an
+    /// `ORIGINAL_DST` cluster.
+    pub async fn serve<IO>(self: Arc<Self>, downstream: IO, local: std::net::SocketAddr)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -30,7 +32,7 @@ impl TcpProxy {
             self.stats.downstream_cx_no_route.inc();
             return;
         };
-        let Some(host) = cluster.pick(None) else {
+        let Some(host) = cluster.pick_for(None, Some(local)) else {
             cluster.stats.upstream_cx_none_healthy.inc();
             return;
         };

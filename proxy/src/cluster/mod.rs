@@ -4,6 +4,7 @@
 pub mod dns;
 pub mod host;
 pub mod lb;
+pub mod original_dst;
 pub mod pool;
 
 use crate::stats::{ClusterManagerStats, ClusterStats};
@@ -79,6 +80,8 @@ pub struct Cluster {
     pub stats: Arc<ClusterStats>,
     pub hosts: ArcSwap<HostSet>,
     pub pool_settings: PoolSettings,
+    /// The on-demand host table of an `ORIGINAL_DST` cluster (transparent capture).
+    pub original_dst: Option<original_dst::OriginalDstHosts>,
     /// Background resolution (DNS clusters); aborted when the cluster is dropped.
     refresher: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -116,6 +119,7 @@ impl Cluster {
             stats,
             hosts: ArcSwap::from_pointee(HostSet::new(&cfg, vec![])),
             pool_settings,
+            original_dst: original_dst::OriginalDstHosts::new(&cfg),
             refresher: parking_lot::Mutex::new(None),
             config: cfg,
         });
@@ -128,6 +132,10 @@ impl Cluster {
 
     /// Starts DNS resolution for STRICT_DNS / LOGICAL_DNS clusters (needs a Tokio runtime).
     pub fn start_discovery(self: &Arc<Self>) {
+        if self.original_dst.is_some() {
+            let handle = tokio::spawn(original_dst::cleanup(Arc::downgrade(self)));
+            *self.refresher.lock() = Some(handle);
+        }
         if matches!(
             self.config.discovery_type,
             DiscoveryType::STRICT_DNS | DiscoveryType::LOGICAL_DNS

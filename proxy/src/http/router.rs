@@ -118,7 +118,9 @@ impl Router {
         } else {
             action.hash(req.headers(), query, remote.ip())
         };
-        let Some(host) = cluster.pick(hash) else {
+        // ORIGINAL_DST clusters: the host is the connection's original destination (or header).
+        let dst = cluster.http_destination(req.headers(), local);
+        let Some(host) = cluster.pick_for(hash, dst) else {
             cluster.stats.upstream_cx_none_healthy.inc();
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
