@@ -249,7 +249,7 @@ impl Hcm {
     }
 
     /// Envoy's request preparation; returns a local reply when the request must not proceed.
-    fn prepare(&self, req: &mut Request<Body>, info: ConnInfo) -> Result<(), Response<Body>> {
+    pub fn prepare(&self, req: &mut Request<Body>, info: ConnInfo) -> Result<(), Response<Body>> {
         let upgrade = upgrade_type(req.headers());
         if let Some(kind) = &upgrade {
             if !(kind == "websocket" && self.websocket) {
