@@ -3,4 +3,11 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod admin;
+mod drain;
+mod failures;
+mod lb;
+mod protocols;
 mod routing;
+mod tcp;
+mod validate;

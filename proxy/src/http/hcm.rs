@@ -44,6 +44,7 @@ pub struct Hcm {
     max_headers_count: Option<usize>,
     use_remote_address: bool,
     skip_xff_append: bool,
+    xff_num_trusted_hops: usize,
     generate_request_id: bool,
     preserve_external_request_id: bool,
     idle_timeout: Option<Duration>,
@@ -76,6 +77,7 @@ impl Hcm {
             max_headers_count: common.max_headers_count.map(|n| n as usize),
             use_remote_address: cfg.use_remote_address,
             skip_xff_append: cfg.skip_xff_append,
+            xff_num_trusted_hops: cfg.xff_num_trusted_hops as usize,
             generate_request_id: cfg.generate_request_id(),
             preserve_external_request_id: cfg.preserve_external_request_id,
             // Envoy's default downstream idle timeout is 1 hour; 0 disables it.
@@ -299,14 +301,37 @@ impl Hcm {
             .as_ref()
             .map(|r| r.name.clone())
             .unwrap_or_else(|| "".into());
+        let client = self.trusted_client(req.headers(), info.remote);
         req.extensions_mut().insert(RequestInfo {
-            downstream_remote: info.remote,
+            downstream_remote: client,
             downstream_local: info.local,
             route_name,
             per_filter,
         });
         req.extensions_mut().insert(SelectedRoute(route));
         Ok(())
+    }
+}
+
+impl Hcm {
+    /// Envoy's trusted client address: without `use_remote_address` (or with trusted hops) it is
+    /// the `x-forwarded-for` entry `xff_num_trusted_hops` from the right; else the peer address.
+    fn trusted_client(&self, headers: &http::HeaderMap, peer: SocketAddr) -> SocketAddr {
+        if self.use_remote_address && self.xff_num_trusted_hops == 0 {
+            return peer;
+        }
+        let Some(xff) = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) else {
+            return peer;
+        };
+        let entries: Vec<&str> = xff.split(',').map(str::trim).collect();
+        // With use_remote_address the peer was already appended, so it is the first entry from
+        // the right in both modes.
+        entries
+            .len()
+            .checked_sub(1 + self.xff_num_trusted_hops)
+            .and_then(|i| entries[i].parse::<std::net::IpAddr>().ok())
+            .map(|ip| SocketAddr::new(ip, 0))
+            .unwrap_or(peer)
     }
 }
 

@@ -1,0 +1,142 @@
+//! Parsing and validation of the bootstrap subset: Envoy field names, durations, errors with paths.
+
+use mecha_config::*;
+
+const GOOD: &str = r#"
+admin: { address: { socket_address: { address: 127.0.0.1, port_value: 9901 } } }
+static_resources:
+  listeners:
+  - name: l
+    address: { socket_address: { address: 0.0.0.0, port_value: 10000 } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          common_http_protocol_options: { idle_timeout: 1.5s }
+          route_config:
+            virtual_hosts:
+            - name: v
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster: c, timeout: { seconds: 2, nanos: 500000000 } }
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
+  clusters:
+  - name: c
+    connect_timeout: 0.25s
+    type: STRICT_DNS
+    lb_policy: MAGLEV
+    load_assignment:
+      cluster_name: c
+      endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: example.com, port_value: 80 } } } }] }]
+"#;
+
+#[test]
+fn envoy_style_bootstrap_parses() {
+    let b = parse_bootstrap(GOOD).unwrap();
+    let l = &b.static_resources.listeners[0];
+    let NetworkFilterConfig::HttpConnectionManager(hcm) = &l.filter_chains[0].filters[0].config
+    else {
+        panic!("not an HCM")
+    };
+    assert_eq!(hcm.stat_prefix, "ingress");
+    assert_eq!(
+        hcm.common_http_protocol_options
+            .as_ref()
+            .unwrap()
+            .idle_timeout,
+        Some(PbDuration::millis(1500))
+    );
+    let route = hcm.route_config.as_ref().unwrap().virtual_hosts[0].routes[0]
+        .route
+        .as_ref()
+        .unwrap();
+    assert_eq!(route.timeout, Some(PbDuration::millis(2500)));
+    let c = &b.static_resources.clusters[0];
+    assert_eq!(
+        (c.discovery_type, c.lb_policy),
+        (DiscoveryType::STRICT_DNS, LbPolicy::MAGLEV)
+    );
+    assert_eq!(c.connect_timeout(), std::time::Duration::from_millis(250));
+}
+
+#[test]
+fn json_is_accepted_too() {
+    let json = r#"{"static_resources": {"clusters": [{"name": "c", "connect_timeout": "1s"}]}}"#;
+    assert_eq!(
+        parse_bootstrap(json).unwrap().static_resources.clusters[0].name,
+        "c"
+    );
+}
+
+#[test]
+fn errors_name_the_field_path() {
+    let bad = GOOD
+        .replace("lb_policy: MAGLEV", "lb_policy: FASTEST")
+        .replace("idle_timeout: 1.5s", "idle_timeout: soon");
+    let errs = parse_bootstrap(&bad).unwrap_err();
+    let text = errs.to_string();
+    assert!(
+        text.contains("static_resources.clusters[0].lb_policy: unknown value \"FASTEST\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("static_resources.listeners[0].filter_chains[0].filters[0].typed_config.common_http_protocol_options.idle_timeout: invalid duration \"soon\""),
+        "{text}"
+    );
+    assert_eq!(errs.0.len(), 2, "{text}");
+}
+
+#[test]
+fn unsupported_fields_are_rejected_not_ignored() {
+    let bad = GOOD.replace(
+        "    connect_timeout: 0.25s\n",
+        "    connect_timeout: 0.25s\n    upstream_bind_config: {}\n",
+    );
+    let text = parse_bootstrap(&bad).unwrap_err().to_string();
+    assert!(
+        text.contains(
+            "static_resources.clusters[0]: unknown or unsupported field \"upstream_bind_config\""
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn cross_references_and_shapes_are_validated() {
+    let bad = GOOD
+        .replace("route: { cluster: c,", "route: { cluster: missing,")
+        .replace("type: STRICT_DNS", "type: STATIC")
+        .replace("domains: [\"*\"]", "domains: [\"a.*.b\"]");
+    let text = parse_bootstrap(&bad).unwrap_err().to_string();
+    assert!(
+        text.contains("routes[0].route.cluster: unknown cluster \"missing\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("socket_address.address: \"example.com\" is not an IP address"),
+        "{text}"
+    );
+    assert!(
+        text.contains("virtual_hosts[0].domains[0]: invalid wildcard"),
+        "{text}"
+    );
+}
+
+#[test]
+fn durations_parse_like_protobuf_json() {
+    assert_eq!(
+        parse_duration("0.25s").unwrap(),
+        std::time::Duration::from_millis(250)
+    );
+    assert_eq!(
+        parse_duration("15s").unwrap(),
+        std::time::Duration::from_secs(15)
+    );
+    assert!(parse_duration("15").is_err());
+    assert!(parse_duration("-1s").is_err());
+}

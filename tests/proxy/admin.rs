@@ -1,0 +1,128 @@
+//! Admin endpoints and stat values after known traffic.
+
+use crate::common::*;
+use crate::routing::vhost_routes;
+
+#[tokio::test]
+async fn admin_endpoints_after_known_traffic() {
+    let up = Upstream::echo("a").await;
+    let (admin, port) = (free_port(), free_port());
+    let routes = "              - match: { prefix: \"/missing\" }\n                direct_response: { status: 404 }\n              - match: { prefix: \"/\" }\n                route: { cluster: backend }\n";
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &vhost_routes(routes),
+        &static_cluster("backend", &[up.addr], "ROUND_ROBIN", ""),
+    );
+    let m = Mecha::start(&cfg, admin).await;
+    let c = client();
+    for _ in 0..7 {
+        assert_eq!(
+            send(
+                &c,
+                http::Request::get(format!("http://127.0.0.1:{port}/ok"))
+                    .body(Default::default())
+                    .unwrap()
+            )
+            .await
+            .unwrap()
+            .status,
+            200
+        );
+    }
+    for _ in 0..3 {
+        assert_eq!(
+            send(
+                &c,
+                http::Request::get(format!("http://127.0.0.1:{port}/missing"))
+                    .body(Default::default())
+                    .unwrap()
+            )
+            .await
+            .unwrap()
+            .status,
+            404
+        );
+    }
+
+    let r = m.admin_get("/ready").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "LIVE\n"));
+
+    let stats = m.admin_get("/stats").await.text();
+    for (name, value) in [
+        ("cluster.backend.upstream_rq_total", 7),
+        ("cluster.backend.upstream_rq_2xx", 7),
+        ("cluster.backend.upstream_cx_total", 1),
+        ("cluster.backend.upstream_cx_active", 1),
+        ("cluster.backend.upstream_rq_active", 0),
+        ("cluster.backend.membership_healthy", 1),
+        ("cluster.backend.membership_total", 1),
+        ("http.ingress_http.downstream_rq_total", 10),
+        ("http.ingress_http.downstream_rq_2xx", 7),
+        ("http.ingress_http.downstream_rq_4xx", 3),
+        ("http.ingress_http.downstream_rq_5xx", 0),
+        ("http.ingress_http.downstream_cx_total", 1),
+        ("http.ingress_http.downstream_cx_active", 1),
+    ] {
+        assert!(
+            stats.contains(&format!("{name}: {value}\n")),
+            "expected {name}: {value} in\n{stats}"
+        );
+    }
+    assert!(stats.contains("http.ingress_http.downstream_rq_time: P0("));
+    assert!(stats.contains("cluster.backend.upstream_rq_time: P0("));
+
+    let prom = m.admin_get("/stats/prometheus").await;
+    assert!(prom
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain"));
+    let prom = prom.text();
+    assert!(prom.contains("# TYPE envoy_cluster_upstream_rq_total counter"));
+    assert!(
+        prom.contains("envoy_cluster_upstream_rq_total{envoy_cluster_name=\"backend\"} 7"),
+        "{prom}"
+    );
+    assert!(prom.contains(
+        "envoy_http_downstream_rq_total{envoy_http_conn_manager_prefix=\"ingress_http\"} 10"
+    ));
+    assert!(prom.contains("envoy_http_downstream_rq_time_bucket{envoy_http_conn_manager_prefix=\"ingress_http\",le=\"+Inf\"} 10"));
+
+    let clusters = m.admin_get("/clusters").await.text();
+    let host = format!("backend::{}", up.addr);
+    assert!(
+        clusters.contains(&format!("{host}::rq_total::7")),
+        "{clusters}"
+    );
+    assert!(clusters.contains(&format!("{host}::cx_active::1")));
+    assert!(clusters.contains(&format!("{host}::health_flags::healthy")));
+    assert!(clusters.contains(&format!("{host}::weight::1")));
+    let cj = m.admin_get("/clusters?format=json").await.json();
+    assert_eq!(cj["cluster_statuses"][0]["name"], "backend");
+
+    let listeners = m.admin_get("/listeners").await.text();
+    assert_eq!(listeners, format!("ingress::127.0.0.1:{port}\n"));
+
+    let dump = m.admin_get("/config_dump").await.json();
+    let types: Vec<&str> = dump["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["@type"].as_str().unwrap())
+        .collect();
+    assert!(types.contains(&"type.googleapis.com/envoy.admin.v3.ClustersConfigDump"));
+    let clusters = dump["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["static_clusters"].is_array())
+        .unwrap();
+    assert_eq!(clusters["static_clusters"][0]["cluster"]["name"], "backend");
+
+    let info = m.admin_get("/server_info").await.json();
+    assert_eq!(info["state"], "LIVE");
+    assert_eq!(info["command_line_options"]["concurrency"], 2);
+
+    assert_eq!(m.admin_get("/nope").await.status, 404);
+}

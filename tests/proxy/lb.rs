@@ -1,0 +1,247 @@
+//! Load-balancing policies and DNS discovery, observed from real upstreams.
+
+use crate::common::*;
+use crate::routing::vhost_routes;
+use std::collections::HashMap;
+
+async fn start_lb(
+    policy: &str,
+    n: usize,
+    route_extra: &str,
+    cluster_extra: &str,
+) -> (Mecha, u16, Vec<Upstream>) {
+    let mut ups = vec![];
+    for i in 0..n {
+        ups.push(Upstream::echo(&format!("u{i}")).await);
+    }
+    let addrs: Vec<_> = ups.iter().map(|u| u.addr).collect();
+    let (admin, port) = (free_port(), free_port());
+    let routes = format!("              - match: {{ prefix: \"/\" }}\n                route:\n                  cluster: c\n{route_extra}");
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &vhost_routes(&routes),
+        &static_cluster("c", &addrs, policy, cluster_extra),
+    );
+    (Mecha::start(&cfg, admin).await, port, ups)
+}
+
+async fn distribution(port: u16, n: usize, headers: &[(&str, String)]) -> HashMap<String, usize> {
+    let c = client();
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let mut b = http::Request::get(format!("http://127.0.0.1:{port}/"));
+        for (k, v) in headers {
+            b = b.header(*k, v.as_str());
+        }
+        let r = send(&c, b.body(Default::default()).unwrap()).await.unwrap();
+        *counts
+            .entry(r.header("x-upstream-name").unwrap().to_string())
+            .or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test]
+async fn round_robin_is_exactly_even() {
+    let (_m, port, _ups) = start_lb("ROUND_ROBIN", 3, "", "").await;
+    let d = distribution(port, 300, &[]).await;
+    assert_eq!(d.len(), 3);
+    assert!(d.values().all(|v| *v == 100), "{d:?}");
+}
+
+#[tokio::test]
+async fn weighted_round_robin_follows_weights() {
+    let a = Upstream::echo("heavy").await;
+    let b = Upstream::echo("light").await;
+    let (admin, port) = (free_port(), free_port());
+    let cluster = format!(
+        r#"  - name: c
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: c
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}
+          load_balancing_weight: 3
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}
+          load_balancing_weight: 1
+"#,
+        a.addr.port(),
+        b.addr.port()
+    );
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &vhost_routes(
+            "              - match: { prefix: \"/\" }\n                route: { cluster: c }\n",
+        ),
+        &cluster,
+    );
+    let _m = Mecha::start(&cfg, admin).await;
+    let d = distribution(port, 400, &[]).await;
+    assert_eq!((d["heavy"], d["light"]), (300, 100));
+}
+
+#[tokio::test]
+async fn random_and_least_request_spread_load() {
+    for policy in ["RANDOM", "LEAST_REQUEST"] {
+        let (_m, port, _ups) = start_lb(policy, 3, "", "").await;
+        let d = distribution(port, 600, &[]).await;
+        assert_eq!(d.len(), 3, "{policy}: {d:?}");
+        // Expected 200 each; a fair policy stays well inside [120, 280].
+        assert!(
+            d.values().all(|v| (120..=280).contains(v)),
+            "{policy}: {d:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn least_request_avoids_the_busy_host() {
+    // Host "slow" holds every request it gets; P2C must steer new requests to the idle hosts.
+    let slow = Upstream::start(std::sync::Arc::new(|_req| {
+        Box::pin(async {
+            tokio::time::sleep(std::time::Duration::from_secs(20)).await;
+            http::Response::builder()
+                .header("x-upstream-name", "slow")
+                .body(Default::default())
+                .unwrap()
+        })
+    }))
+    .await;
+    let fast1 = Upstream::echo("fast1").await;
+    let fast2 = Upstream::echo("fast2").await;
+    let (admin, port) = (free_port(), free_port());
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &vhost_routes("              - match: { prefix: \"/\" }\n                route: { cluster: c, timeout: 0s }\n"),
+        &static_cluster("c", &[slow.addr, fast1.addr, fast2.addr], "LEAST_REQUEST", "    least_request_lb_config: { choice_count: 3 }\n"),
+    );
+    let _m = Mecha::start(&cfg, admin).await;
+    let url: &'static str = Box::leak(format!("http://127.0.0.1:{port}/").into_boxed_str());
+    // Park requests until the slow host holds one of them.
+    for _ in 0..60 {
+        if slow.hits() >= 1 {
+            break;
+        }
+        tokio::spawn(get(url));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        slow.hits() >= 1,
+        "could not park a request on the slow host"
+    );
+    let before = slow.hits();
+    let fast_before = fast1.hits() + fast2.hits();
+    for _ in 0..60 {
+        tokio::spawn(get(url));
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // With choice_count 3 over 3 hosts, a busy host only wins when all three picks land on it
+    // (1 in 27 per request, and rarer as its queue grows); round robin would send it 20.
+    let to_slow = slow.hits() - before;
+    let to_fast = fast1.hits() + fast2.hits() - fast_before;
+    assert!(to_slow <= 6, "slow host got {to_slow} of 60 new requests");
+    assert_eq!(to_slow + to_fast, 60);
+}
+
+#[tokio::test]
+async fn ring_hash_and_maglev_are_sticky_per_key() {
+    for policy in ["RING_HASH", "MAGLEV"] {
+        let extra = "                  hash_policy: [{ header: { header_name: x-user } }]\n";
+        let (_m, port, _ups) = start_lb(policy, 4, extra, "").await;
+        let mut owners = HashMap::new();
+        for user in 0..40 {
+            let key = format!("user-{user}");
+            let d = distribution(port, 5, &[("x-user", key.clone())]).await;
+            assert_eq!(d.len(), 1, "{policy}: {key} went to several hosts: {d:?}");
+            owners.insert(key, d.keys().next().unwrap().clone());
+        }
+        let distinct: std::collections::HashSet<_> = owners.values().collect();
+        assert!(
+            distinct.len() >= 3,
+            "{policy}: keys should spread over hosts: {owners:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn priorities_fail_over_only_when_needed() {
+    let p0 = Upstream::echo("p0").await;
+    let p1 = Upstream::echo("p1").await;
+    let (admin, port) = (free_port(), free_port());
+    let cluster = format!(
+        r#"  - name: c
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: c
+      endpoints:
+      - priority: 0
+        lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}
+      - priority: 1
+        lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}
+"#,
+        p0.addr.port(),
+        p1.addr.port()
+    );
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &vhost_routes(
+            "              - match: { prefix: \"/\" }\n                route: { cluster: c }\n",
+        ),
+        &cluster,
+    );
+    let _m = Mecha::start(&cfg, admin).await;
+    let d = distribution(port, 50, &[]).await;
+    assert_eq!(d.get("p0"), Some(&50), "{d:?}");
+}
+
+#[tokio::test]
+async fn strict_dns_resolves_localhost() {
+    let up = Upstream::echo("dns").await;
+    let (admin, port) = (free_port(), free_port());
+    let cluster = format!(
+        r#"  - name: dns
+    type: STRICT_DNS
+    connect_timeout: 1s
+    dns_lookup_family: V4_ONLY
+    dns_refresh_rate: 1s
+    load_assignment:
+      cluster_name: dns
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: localhost, port_value: {} }} }} }}
+"#,
+        up.addr.port()
+    );
+    let cfg = http_bootstrap(admin, port, "", &vhost_routes("              - match: { prefix: \"/\" }\n                route: { cluster: dns, auto_host_rewrite: true }\n"), &cluster);
+    let m = Mecha::start(&cfg, admin).await;
+    let mut ok = None;
+    for _ in 0..50 {
+        let r = get(&format!("http://127.0.0.1:{port}/")).await.unwrap();
+        if r.status == 200 {
+            ok = Some(r);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let r = ok.expect("STRICT_DNS cluster never resolved localhost");
+    assert_eq!(r.header("x-upstream-name"), Some("dns"));
+    assert_eq!(
+        r.json()["headers"]["host"][0],
+        "localhost",
+        "auto_host_rewrite uses the DNS name"
+    );
+    assert!(m.stat("cluster.dns.update_success").await.unwrap() >= 1);
+    assert_eq!(m.stat("cluster.dns.membership_total").await, Some(1));
+}
