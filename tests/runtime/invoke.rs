@@ -1,0 +1,198 @@
+//! Service invocation: the local app, the `dapr-app-id` header form, and app A -> sidecar A ->
+//! sidecar B -> app B over loopback through a cluster named after the app id.
+
+use crate::common::{Handler, Resp, TempDir, Upstream};
+use crate::{req, Sidecar};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use std::sync::Arc;
+
+/// Echoes method, path, query, a header and the body as JSON; `/status/N` answers N.
+pub async fn echo_app(name: &'static str) -> Upstream {
+    let h: Handler = Arc::new(move |r: http::Request<hyper::body::Incoming>| {
+        Box::pin(async move {
+            let method = r.method().to_string();
+            let path = r.uri().path().to_string();
+            let query = r.uri().query().unwrap_or("").to_string();
+            let hdr = r
+                .headers()
+                .get("x-test")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let has_dapr_hdr = r.headers().keys().any(|k| k.as_str() == "dapr-app-id");
+            let body = r
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let status = path
+                .strip_prefix("/status/")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(200u16);
+            let v = serde_json::json!({"app": name, "method": method, "path": path, "query": query,
+                "x_test": hdr, "body": String::from_utf8_lossy(&body), "dapr_app_id_header": has_dapr_hdr});
+            let mut resp: Resp = http::Response::new(Full::new(Bytes::from(v.to_string())));
+            *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            resp.headers_mut()
+                .insert("x-from-app", name.parse().unwrap());
+            resp
+        })
+    });
+    Upstream::start(h).await
+}
+
+#[tokio::test]
+async fn invoke_local_app_and_header_form() {
+    let app = echo_app("a").await;
+    let data = TempDir::new();
+    let m = Sidecar::start(
+        "appa",
+        &["--app-port", &app.addr.port().to_string()],
+        &[("MECHA_DATA_DIR", &data.0.display().to_string())],
+    )
+    .await;
+    let r = req(
+        "PUT",
+        &format!("{}/v1.0/invoke/appa/method/orders/7?x=1&y=2", m.url()),
+        "payload",
+        &[("x-test", "v")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["method"], "PUT");
+    assert_eq!(v["path"], "/orders/7");
+    assert_eq!(v["query"], "x=1&y=2");
+    assert_eq!(v["x_test"], "v");
+    assert_eq!(v["body"], "payload");
+    assert_eq!(r.header("x-from-app"), Some("a"));
+    // Status codes pass through unchanged.
+    let r = req(
+        "GET",
+        &format!("{}/v1.0/invoke/appa/method/status/418", m.url()),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 418);
+    // Header form: any path, dapr-app-id names the target; the header is not sent to the app.
+    let r = req(
+        "POST",
+        &format!("{}/hello?q=1", m.url()),
+        "b",
+        &[("dapr-app-id", "appa")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["path"], "/hello");
+    assert_eq!(r.json()["query"], "q=1");
+    assert_eq!(r.json()["dapr_app_id_header"], false);
+    // Unknown app id: ERR_DIRECT_INVOKE.
+    let r = req(
+        "GET",
+        &format!("{}/v1.0/invoke/nobody/method/x", m.url()),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 500);
+    assert_eq!(r.json()["errorCode"], "ERR_DIRECT_INVOKE");
+}
+
+#[tokio::test]
+async fn two_sidecars_on_loopback() {
+    let app_b = echo_app("b").await;
+    let data = TempDir::new();
+    let dd = data.0.display().to_string();
+    let b = Sidecar::start(
+        "appb",
+        &["--app-port", &app_b.addr.port().to_string()],
+        &[("MECHA_DATA_DIR", &dd)],
+    )
+    .await;
+    // Sidecar A's bootstrap: the runtime API filter on its HTTP port, and a cluster named after
+    // app B's id whose endpoint is B's sidecar.
+    let a_port = crate::common::free_port();
+    let cfg = format!(
+        r#"static_resources:
+  listeners:
+  - name: dapr_http
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {a_port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: dapr_http
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: []
+          http_filters:
+          - name: mecha.filters.http.runtime_api
+            typed_config:
+              "@type": type.googleapis.com/mecha.filters.http.runtime_api
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: appb
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: appb
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {bp} }} }} }}
+"#,
+        bp = b.http_port
+    );
+    std::fs::write(data.0.join("a.yaml"), cfg).unwrap();
+    let grpc = crate::common::free_port();
+    let mut child = std::process::Command::new(crate::common::mecha_bin())
+        .args([
+            "run",
+            "--app-id",
+            "appa",
+            "--dapr-grpc-port",
+            &grpc.to_string(),
+            "--dapr-listen-address",
+            "127.0.0.1",
+            "-c",
+        ])
+        .arg(data.0.join("a.yaml"))
+        .env("MECHA_DATA_DIR", &dd)
+        .spawn()
+        .unwrap();
+    let a_url = format!("http://127.0.0.1:{a_port}");
+    let mut ok = false;
+    for _ in 0..200 {
+        if let Ok(r) = crate::common::get(&format!("{a_url}/v1.0/healthz")).await {
+            if r.status == 204 {
+                ok = true;
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    }
+    assert!(ok, "sidecar A did not start");
+    let r = req(
+        "POST",
+        &format!("{a_url}/v1.0/invoke/appb/method/api/do?z=9"),
+        "hi",
+        &[("x-test", "t")],
+    )
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["app"], "b");
+    assert_eq!(v["path"], "/api/do");
+    assert_eq!(v["query"], "z=9");
+    assert_eq!(v["body"], "hi");
+    assert_eq!(v["x_test"], "t");
+}
