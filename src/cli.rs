@@ -62,6 +62,12 @@ pub fn registry() -> Registry {
     r.register_http(std::sync::Arc::new(
         mecha_runtime_api::RuntimeApiFactory::unbound(),
     ));
+    r.register_http(std::sync::Arc::new(
+        mecha_filters::builtin::fault::FaultFactory,
+    ));
+    r.register_http(std::sync::Arc::new(
+        mecha_filters::builtin::local_ratelimit::LocalRateLimitFactory,
+    ));
     r
 }
 

@@ -55,6 +55,15 @@ pub struct Cluster {
     pub original_dst_lb_config: Option<crate::OriginalDstLbConfig>,
     #[serde(default)]
     pub cleanup_interval: Option<PbDuration>,
+    /// Issue 4 (`resilience.rs`): circuit breakers, outlier detection, health checks, panic threshold.
+    #[serde(default)]
+    pub circuit_breakers: Option<crate::CircuitBreakers>,
+    #[serde(default)]
+    pub outlier_detection: Option<crate::OutlierDetection>,
+    #[serde(default)]
+    pub health_checks: Vec<crate::HealthCheck>,
+    #[serde(default)]
+    pub common_lb_config: Option<crate::CommonLbConfig>,
 }
 
 impl Cluster {

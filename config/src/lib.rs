@@ -15,6 +15,7 @@ mod common;
 mod dynamic;
 mod error;
 mod listener;
+mod resilience;
 mod route;
 mod validate;
 
@@ -25,6 +26,7 @@ pub use common::*;
 pub use dynamic::*;
 pub use error::{ConfigError, ConfigErrors};
 pub use listener::*;
+pub use resilience::*;
 pub use route::*;
 
 /// Parses and validates a bootstrap document (YAML or JSON), collecting every error found.

@@ -66,6 +66,15 @@ pub struct VirtualHost {
     pub response_headers_to_remove: Vec<String>,
     #[serde(default)]
     pub typed_per_filter_config: BTreeMap<String, TypedConfig>,
+    /// Used by routes without their own `retry_policy` (issue 4, `resilience.rs`).
+    #[serde(default)]
+    pub retry_policy: Option<crate::RetryPolicy>,
+    #[serde(default)]
+    pub include_request_attempt_count: bool,
+    #[serde(default)]
+    pub include_attempt_count_in_response: bool,
+    #[serde(default)]
+    pub per_request_buffer_limit_bytes: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -91,6 +100,9 @@ pub struct Route {
     pub response_headers_to_remove: Vec<String>,
     #[serde(default)]
     pub typed_per_filter_config: BTreeMap<String, TypedConfig>,
+    /// Retry buffer limit (issue 4); falls back to the virtual host's, then 1 MiB.
+    #[serde(default)]
+    pub per_request_buffer_limit_bytes: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
@@ -187,6 +199,11 @@ pub struct RouteAction {
     pub idle_timeout: Option<PbDuration>,
     #[serde(default)]
     pub hash_policy: Vec<HashPolicy>,
+    /// Issue 4 (`resilience.rs`): retries and gRPC timeout handling.
+    #[serde(default)]
+    pub retry_policy: Option<crate::RetryPolicy>,
+    #[serde(default)]
+    pub max_stream_duration: Option<crate::MaxStreamDuration>,
 }
 
 #[allow(non_camel_case_types)]

@@ -14,6 +14,7 @@
 //! It depends only on `mecha-config`; the proxy and the runtime API depend on it.
 
 pub mod body;
+pub mod builtin;
 pub mod chain;
 pub mod network;
 pub mod registry;

@@ -141,3 +141,57 @@ stat_struct!(ClusterManagerStats {
     gauges: [active_clusters, warming_clusters],
     histograms: []
 });
+
+// Resilience (issue 4): retries, timeouts and overflow, on the cluster scope.
+stat_struct!(ResilienceStats {
+    counters: [
+        upstream_rq_retry,
+        upstream_rq_retry_success,
+        upstream_rq_retry_overflow,
+        upstream_rq_retry_limit_exceeded,
+        upstream_rq_retry_backoff_exponential,
+        upstream_rq_per_try_timeout,
+        upstream_cx_overflow,
+        upstream_rq_pending_overflow
+    ],
+    gauges: [],
+    histograms: []
+});
+
+// `cluster.<name>.outlier_detection.*`, Envoy's names.
+stat_struct!(OutlierStats {
+    counters: [
+        ejections_enforced_total,
+        ejections_total,
+        ejections_overflow,
+        ejections_consecutive_5xx,
+        ejections_enforced_consecutive_5xx,
+        ejections_detected_consecutive_5xx,
+        ejections_enforced_consecutive_gateway_failure,
+        ejections_detected_consecutive_gateway_failure,
+        ejections_enforced_consecutive_local_origin_failure,
+        ejections_detected_consecutive_local_origin_failure,
+        ejections_enforced_success_rate,
+        ejections_detected_success_rate,
+        ejections_enforced_failure_percentage,
+        ejections_detected_failure_percentage,
+        ejections_enforced_failure_percentage_local_origin,
+        ejections_detected_failure_percentage_local_origin
+    ],
+    gauges: [ejections_active],
+    histograms: []
+});
+
+// `cluster.<name>.health_check.*`, Envoy's names.
+stat_struct!(HealthCheckStats {
+    counters: [
+        attempt,
+        success,
+        failure,
+        passive_failure,
+        network_failure,
+        verify_cluster
+    ],
+    gauges: [healthy, degraded],
+    histograms: []
+});

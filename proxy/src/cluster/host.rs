@@ -26,6 +26,8 @@ pub struct Host {
     pub cx: Arc<ConnStats>,
     pub health_flags: AtomicU32,
     pub pool: Pool,
+    /// Outlier-detection counters and ejection state (issue 4, `outlier.rs`).
+    pub outlier: super::outlier::HostState,
 }
 
 impl Host {

@@ -1,11 +1,15 @@
 //! The cluster manager: clusters, their host sets (static or DNS-resolved), load balancing and
 //! per-host pools, and the one function that sends a request to a cluster.
 
+pub mod circuit_breaker;
 pub mod dns;
+pub mod health_check;
 pub mod host;
 pub mod lb;
 pub mod original_dst;
+pub mod outlier;
 pub mod pool;
+pub mod resilience;
 
 use crate::stats::{ClusterManagerStats, ClusterStats};
 use arc_swap::ArcSwap;
@@ -25,6 +29,8 @@ use std::time::Instant;
 pub struct HostSet {
     pub all: Vec<Arc<Host>>,
     levels: Vec<Level>,
+    /// `common_lb_config.healthy_panic_threshold` in percent (default 50).
+    panic_threshold: f64,
 }
 
 struct Level {
@@ -48,14 +54,28 @@ impl HostSet {
                 }
             })
             .collect();
-        Self { all, levels }
+        let panic_threshold =
+            mecha_config::CommonLbConfig::panic_threshold(cfg.common_lb_config.as_ref());
+        Self {
+            all,
+            levels,
+            panic_threshold,
+        }
     }
 
     /// Picks a host: the first priority level with a healthy host serves the request; if no host
     /// anywhere is healthy, Envoy's panic mode sends to any host.
     pub fn pick(&self, hash: Option<u64>) -> Option<Arc<Host>> {
         for level in &self.levels {
-            if level.hosts.iter().any(|h| h.is_healthy()) {
+            let healthy = level.hosts.iter().filter(|h| h.is_healthy()).count();
+            if healthy > 0 {
+                // Envoy's panic mode: below the healthy-panic threshold, balance over every host.
+                if (healthy as f64) * 100.0 < self.panic_threshold * level.hosts.len() as f64 {
+                    return level
+                        .lb
+                        .pick(&level.hosts, hash)
+                        .map(|i| level.hosts[i].clone());
+                }
                 // Try a few picks to skip unhealthy hosts without building a new balancer.
                 for _ in 0..level.hosts.len().max(4) {
                     let i = level.lb.pick(&level.hosts, hash)?;
@@ -82,6 +102,8 @@ pub struct Cluster {
     pub pool_settings: PoolSettings,
     /// The on-demand host table of an `ORIGINAL_DST` cluster (transparent capture).
     pub original_dst: Option<original_dst::OriginalDstHosts>,
+    /// Circuit breakers, retry stats, outlier detection, health checks (issue 4).
+    pub resilience: resilience::Resilience,
     /// Background resolution (DNS clusters); aborted when the cluster is dropped.
     refresher: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -114,12 +136,13 @@ impl Cluster {
             connect_timeout: cfg.connect_timeout(),
             idle_timeout: cfg.upstream_idle_timeout(),
         };
-        let cluster = Arc::new(Self {
+        let cluster = Arc::new_cyclic(|owner| Self {
             name: cfg.name.clone(),
             stats,
             hosts: ArcSwap::from_pointee(HostSet::new(&cfg, vec![])),
             pool_settings,
             original_dst: original_dst::OriginalDstHosts::new(&cfg),
+            resilience: resilience::Resilience::new(&cfg, store, owner.clone()),
             refresher: parking_lot::Mutex::new(None),
             config: cfg,
         });
@@ -136,6 +159,7 @@ impl Cluster {
             let handle = tokio::spawn(original_dst::cleanup(Arc::downgrade(self)));
             *self.refresher.lock() = Some(handle);
         }
+        self.resilience.start();
         if matches!(
             self.config.discovery_type,
             DiscoveryType::STRICT_DNS | DiscoveryType::LOGICAL_DNS
@@ -168,8 +192,22 @@ impl Cluster {
             .store(Arc::new(HostSet::new(&self.config, hosts)));
     }
 
+    /// Recomputes `membership_healthy` after a health flag changed.
+    pub fn refresh_health_stats(&self) {
+        let hosts = self.hosts.load();
+        self.stats
+            .membership_healthy
+            .set(hosts.all.iter().filter(|h| h.is_healthy()).count() as i64);
+    }
+
     fn new_host(&self, s: HostSpec) -> Arc<Host> {
         let cx = Arc::new(ConnStats::default());
+        // With active health checks a new host is unhealthy until its first check passes.
+        let initial_flags = if self.resilience.has_active_health_checks() {
+            host::health::FAILED_ACTIVE_HC
+        } else {
+            0
+        };
         Arc::new(Host {
             addr: s.addr,
             hostname: s.hostname.into(),
@@ -181,7 +219,8 @@ impl Cluster {
             rq_error: AtomicU64::new(0),
             pool: pool::new_pool(s.addr, &self.pool_settings, self.stats.clone(), cx.clone()),
             cx,
-            health_flags: Default::default(),
+            health_flags: initial_flags.into(),
+            outlier: Default::default(),
         })
     }
 
@@ -196,6 +235,11 @@ impl Cluster {
         host: Arc<Host>,
         mut req: http::Request<Body>,
     ) -> Result<http::Response<Body>, UpstreamError> {
+        // max_requests circuit breaker: a CAS admission, held until the response body ends.
+        let Some(rq_slot) = self.resilience.breakers.default.requests.try_acquire() else {
+            self.resilience.stats.upstream_rq_pending_overflow.inc();
+            return Err(UpstreamError::Overflow("max_requests".into()));
+        };
         set_upstream_uri(&mut req, host.addr, self.pool_settings.http2);
         let stats = &self.stats;
         stats.upstream_rq_total.inc();
@@ -203,13 +247,18 @@ impl Cluster {
         let guard = RequestGuard {
             active: ActiveRequest::new(host.clone()),
             stats: self.stats.clone(),
+            _rq_slot: rq_slot,
         };
+        let outlier = self.resilience.outlier();
         let start = Instant::now();
         match host.pool.request(req).await {
             Ok(resp) => {
                 stats.upstream_rq_time.record_duration_ms(start.elapsed());
                 stats.record_status(resp.status().as_u16());
                 stats.upstream_rq_completed.inc();
+                if let Some(d) = outlier {
+                    d.report(&host, outlier::Outcome::Status(resp.status().as_u16()));
+                }
                 Ok(resp.map(|b| guarded_body(b, guard)))
             }
             Err(e) => {
@@ -217,6 +266,14 @@ impl Cluster {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 stats.upstream_rq_completed.inc();
                 stats.record_status(503);
+                if let Some(d) = outlier {
+                    let o = if e.is_connect() {
+                        outlier::Outcome::ConnectFailed
+                    } else {
+                        outlier::Outcome::Reset
+                    };
+                    d.report(&host, o);
+                }
                 let reason = if e.is_connect() {
                     "connection failure".to_string()
                 } else {
@@ -292,6 +349,7 @@ struct RequestGuard {
     #[allow(dead_code)]
     active: ActiveRequest,
     stats: Arc<ClusterStats>,
+    _rq_slot: circuit_breaker::Slot,
 }
 
 impl Drop for RequestGuard {

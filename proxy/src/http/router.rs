@@ -4,6 +4,7 @@
 
 use super::hcm::authority;
 use super::headers::strip_hop_by_hop;
+use super::retry;
 use super::upgrade::spawn_tunnel;
 use crate::cluster::ClusterManager;
 use crate::route::headers::Vars;
@@ -12,7 +13,7 @@ use crate::stats::HttpStats;
 use arc_swap::ArcSwap;
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use mecha_filters::{full, local_reply, Body, BoxFuture, HttpService, RequestInfo, UpstreamError};
+use mecha_filters::{full, local_reply, Body, BoxFuture, HttpService, RequestInfo};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -166,8 +167,8 @@ impl Router {
         for level in &route.header_levels {
             level.apply_request(headers, &vars);
         }
-        let timeout = action.timeout;
-        if let (Some(t), false) = (timeout, self.suppress_envoy_headers) {
+        let plan = retry::Plan::new(&action.resilience, action.timeout, headers);
+        if let (Some(t), false) = (plan.expected_timeout(), self.suppress_envoy_headers) {
             headers.insert(
                 EXPECTED_TIMEOUT.clone(),
                 HeaderValue::from(t.as_millis() as u64),
@@ -180,30 +181,11 @@ impl Router {
             None
         };
         let start = Instant::now();
-        let sent = cluster.send(host, req);
-        let result = match timeout {
-            Some(t) => match tokio::time::timeout(t, sent).await {
-                Ok(r) => r,
-                Err(_) => {
-                    // Dropping the send future resets the upstream stream / closes the connection.
-                    cluster.stats.upstream_rq_timeout.inc();
-                    Err(UpstreamError::Timeout)
-                }
-            },
-            None => sent.await,
-        };
-        let mut resp = match result {
+        // Attempts, retries and timeouts live in retry.rs; Err is the local reply to send.
+        let upgrade = downstream_upgrade.is_some();
+        let mut resp = match retry::forward(plan, cluster, host, hash, req, upgrade).await {
             Ok(r) => r,
-            Err(UpstreamError::Timeout) => {
-                return local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
-            }
-            Err(UpstreamError::Connect(reason)) => {
-                return local_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("upstream connect error or disconnect/reset before headers. {reason}"),
-                )
-            }
-            Err(e) => return local_reply(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+            Err(local) => return local,
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(down) = downstream_upgrade {

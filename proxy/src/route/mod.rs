@@ -78,6 +78,8 @@ pub struct RouteAction {
     pub timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     pub hash_policy: Vec<HashPolicy>,
+    /// Retries, attempt-count headers, body buffer limit, gRPC timeout (issue 4, `http/retry.rs`).
+    pub resilience: Arc<crate::http::retry::RoutePolicy>,
 }
 
 pub enum ClusterTarget {
@@ -309,7 +311,15 @@ impl RouteTable {
                     per_filter,
                     [vops.clone(), top.clone()],
                 ) {
-                    Ok(e) => routes.push(Arc::new(e)),
+                    Ok(mut e) => {
+                        if let Action::Route(a) = &mut e.action {
+                            match crate::http::retry::RoutePolicy::compile(r, &rpath, vh, &vpath) {
+                                Ok(p) => a.resilience = p,
+                                Err(mut e) => errors.append(&mut e),
+                            }
+                        }
+                        routes.push(Arc::new(e))
+                    }
                     Err(mut e) => errors.append(&mut e),
                 }
             }
@@ -886,6 +896,7 @@ fn compile_route_action(a: &cfg::RouteAction, path: &str) -> Result<RouteAction,
         },
         idle_timeout: a.idle_timeout.filter(|d| !d.is_zero()).map(|d| d.0),
         hash_policy,
+        resilience: Default::default(),
     })
 }
 
@@ -1023,6 +1034,7 @@ impl Redirect {
                 timeout: None,
                 idle_timeout: None,
                 hash_policy: vec![],
+                resilience: Default::default(),
             };
             if let Some(p) = route.rewrite_path(&path, &ra) {
                 new_path = p;

@@ -1,0 +1,189 @@
+//! Circuit breakers (exact overflow under concurrency, gauges) and outlier ejection.
+
+use crate::*;
+
+#[tokio::test]
+async fn max_requests_overflows_at_exactly_the_threshold() {
+    let ctl = Ctl::new();
+    let up = scripted("a", &ctl).await;
+    ctl.set_default("a", Act::Gate);
+    let (admin, port) = (free_port(), free_port());
+    let cb = "    circuit_breakers:\n      thresholds:\n      - { priority: DEFAULT, max_requests: 5, track_remaining: true }\n";
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &routes(
+            "",
+            "              - match: { prefix: \"/\" }\n                route: { cluster: a }\n",
+        ),
+        &static_cluster("a", &[up.addr], "ROUND_ROBIN", cb),
+    );
+    let m = Mecha::start(&cfg, admin).await;
+    assert_eq!(
+        m.stat("cluster.a.circuit_breakers.default.remaining_rq")
+            .await,
+        Some(5)
+    );
+    let tasks: Vec<_> = (0..12)
+        .map(|_| tokio::spawn(async move { request(port, "GET", "/", &[], vec![]).await }))
+        .collect();
+    // Admitted requests wait at the gate; the rest must come back overloaded meanwhile.
+    assert!(eventually(10, || async { ctl.in_flight.load(Ordering::SeqCst) == 5 }).await);
+    assert!(
+        eventually(10, || async {
+            m.stat("cluster.a.upstream_rq_pending_overflow").await == Some(7)
+        })
+        .await
+    );
+    assert_eq!(
+        m.stat("cluster.a.circuit_breakers.default.rq_open").await,
+        Some(1)
+    );
+    assert_eq!(
+        m.stat("cluster.a.circuit_breakers.default.remaining_rq")
+            .await,
+        Some(0)
+    );
+    ctl.open_gate();
+    let mut statuses = vec![];
+    for t in tasks {
+        let r = t.await.unwrap();
+        if r.status == 503 {
+            assert_eq!(r.header("x-envoy-overloaded"), Some("true"));
+            assert!(r.text().contains("overflow"), "{}", r.text());
+        }
+        statuses.push(r.status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [vec![200; 5], vec![503; 7]].concat());
+    assert_eq!(up.hits(), 5);
+    assert!(
+        eventually(5, || async {
+            m.stat("cluster.a.circuit_breakers.default.rq_open").await == Some(0)
+                && m.stat("cluster.a.circuit_breakers.default.remaining_rq")
+                    .await
+                    == Some(5)
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn max_retries_overflow_returns_the_upstream_response() {
+    let ctl = Ctl::new();
+    let up = scripted("a", &ctl).await;
+    let (admin, port) = (free_port(), free_port());
+    let cb = "    circuit_breakers:\n      thresholds:\n      - { max_retries: 1 }\n";
+    let route = "              - match: { prefix: \"/\" }\n                route:\n                  cluster: a\n                  retry_policy: { retry_on: \"5xx\", num_retries: 1, retry_back_off: { base_interval: 0.001s } }\n";
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &routes("", route),
+        &static_cluster("a", &[up.addr], "ROUND_ROBIN", cb),
+    );
+    let m = Mecha::start(&cfg, admin).await;
+    // The first attempts fail; the one admitted retry waits at the gate while holding the slot.
+    ctl.script("a", vec![Act::Status(503), Act::Gate]);
+    let first = tokio::spawn(async move { request(port, "GET", "/", &[], vec![]).await });
+    assert!(
+        eventually(10, || async {
+            ctl.in_flight.load(Ordering::SeqCst) == 1 && ctl.log.lock().unwrap().len() == 2
+        })
+        .await
+    );
+    assert_eq!(
+        m.stat("cluster.a.circuit_breakers.default.rq_retry_open")
+            .await,
+        Some(1)
+    );
+    ctl.script("a", vec![Act::Status(503), Act::Status(503)]);
+    for _ in 0..2 {
+        let r = request(port, "GET", "/", &[], vec![]).await;
+        assert_eq!((r.status, r.text()), (503, "a:503".to_string()));
+    }
+    assert_eq!(
+        m.stat("cluster.a.upstream_rq_retry_overflow").await,
+        Some(2)
+    );
+    ctl.open_gate();
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(m.stat("cluster.a.upstream_rq_retry").await, Some(1));
+    assert_eq!(up.hits(), 4);
+    assert!(
+        eventually(5, || async {
+            m.stat("cluster.a.circuit_breakers.default.rq_retry_open")
+                .await
+                == Some(0)
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn consecutive_5xx_ejects_and_the_host_returns() {
+    let ctl = Ctl::new();
+    let (bad, good) = (scripted("bad", &ctl).await, scripted("good", &ctl).await);
+    ctl.set_default("bad", Act::Status(503));
+    let (admin, port) = (free_port(), free_port());
+    let od = "    outlier_detection:\n      consecutive_5xx: 3\n      interval: 0.1s\n      base_ejection_time: 0.6s\n      max_ejection_percent: 50\n";
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &routes(
+            "",
+            "              - match: { prefix: \"/\" }\n                route: { cluster: c }\n",
+        ),
+        &static_cluster("c", &[bad.addr, good.addr], "ROUND_ROBIN", od),
+    );
+    let m = Mecha::start(&cfg, admin).await;
+    for _ in 0..6 {
+        request(port, "GET", "/", &[], vec![]).await;
+    }
+    assert_eq!(bad.hits(), 3);
+    let p = "cluster.c.outlier_detection.";
+    assert_eq!(m.stat(&format!("{p}ejections_active")).await, Some(1));
+    assert_eq!(
+        m.stat(&format!("{p}ejections_enforced_total")).await,
+        Some(1)
+    );
+    assert_eq!(
+        m.stat(&format!("{p}ejections_enforced_consecutive_5xx"))
+            .await,
+        Some(1)
+    );
+    assert_eq!(
+        m.stat(&format!("{p}ejections_detected_consecutive_5xx"))
+            .await,
+        Some(1)
+    );
+    assert_eq!(m.stat("cluster.c.membership_healthy").await, Some(1));
+    let clusters = m.admin_get("/clusters").await.text();
+    assert!(
+        clusters.contains(&format!(
+            "c::{}::health_flags::/failed_outlier_check",
+            bad.addr
+        )),
+        "{clusters}"
+    );
+    for _ in 0..10 {
+        let r = request(port, "GET", "/", &[], vec![]).await;
+        assert_eq!(r.header("x-upstream-name"), Some("good"));
+    }
+    assert_eq!(bad.hits(), 3, "an ejected host gets no traffic");
+    // base_ejection_time × 1 later (plus an interval), the host is back.
+    assert!(
+        eventually(5, || async {
+            m.stat("cluster.c.outlier_detection.ejections_active").await == Some(0)
+        })
+        .await
+    );
+    ctl.set_default("bad", Act::Ok);
+    for _ in 0..4 {
+        assert_eq!(request(port, "GET", "/", &[], vec![]).await.status, 200);
+    }
+    assert!(bad.hits() >= 4, "the host came back");
+    assert_eq!(m.stat("cluster.c.membership_healthy").await, Some(2));
+}
