@@ -6,6 +6,7 @@
 mod common;
 
 mod breakers;
+mod filters;
 mod health;
 mod retries;
 mod timeouts;
