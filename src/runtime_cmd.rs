@@ -306,7 +306,11 @@ async fn serve(
         eprintln!("mecha: {e}");
         return 1;
     }
-    tracing::info!(app_id = %rt.app_id(), http_port = a.dapr_http_port, grpc_port = a.dapr_grpc_port, "runtime API started");
+    if config.is_none() {
+        tracing::info!(app_id = %rt.app_id(), http_port = a.dapr_http_port, grpc_port = a.dapr_grpc_port, "runtime API started");
+    } else {
+        tracing::info!(app_id = %rt.app_id(), grpc_port = a.dapr_grpc_port, "runtime API started (HTTP on the bootstrap's listeners)");
+    }
     wait_for_shutdown(&rt).await;
     tracing::info!("draining");
     rt.stop();

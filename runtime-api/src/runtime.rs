@@ -4,7 +4,7 @@
 
 use crate::cloudevents;
 use crate::component::{ComponentSpecParsed, Resources, Subscription};
-use crate::error::{ApiError, ComponentError};
+use crate::error::ApiError;
 use crate::matcher::Expr;
 use crate::pubsub::{self, Message, MessageHandler, PubSub};
 use crate::state::{self, KeyPrefix, StateStore};
@@ -773,11 +773,5 @@ fn app_status(body: &[u8]) -> Outcome {
             Outcome::Drop
         }
         _ => Outcome::Success,
-    }
-}
-
-impl From<ComponentError> for String {
-    fn from(e: ComponentError) -> String {
-        e.to_string()
     }
 }
