@@ -366,7 +366,8 @@ impl AdsClient {
         };
         let names: Vec<String> = match &result {
             Ok(d) => d.iter().map(|d| d.name().to_string()).collect(),
-            Err(_) => vec![],
+            // Undecodable: attribute the attempt to what was asked for (RDS/EDS stats).
+            Err(_) => state.subs[t].names.iter().cloned().collect(),
         };
         self.sink.event(&XdsEvent::Update {
             type_url: t,

@@ -1,0 +1,401 @@
+//! xDS integration tests: the real `mecha` binary driven by a scripted control plane (a tonic
+//! server on envoy-types' AggregatedDiscoveryService, in `cp.rs`).
+
+#[path = "../common/mod.rs"]
+mod common;
+mod cp;
+
+use common::*;
+use cp::*;
+use std::time::{Duration, Instant};
+
+/// Polls `f` until it returns true (generous bound: this is a correctness test, not a timing one).
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn upstream_name(port: u16) -> Option<String> {
+    let r = get(&format!("http://127.0.0.1:{port}/")).await.ok()?;
+    (r.status == 200).then(|| r.header("x-upstream-name").map(str::to_string))?
+}
+
+async fn serves(port: u16, name: &str) -> bool {
+    upstream_name(port).await.as_deref() == Some(name)
+}
+
+/// CDS (an EDS cluster) + EDS + LDS (a listener with RDS) + RDS: traffic flows; EDS changes shift
+/// load; an RDS update moves traffic to a new cluster; stats and config_dump follow.
+#[tokio::test]
+async fn sotw_routes_clusters_endpoints_and_updates() {
+    let (a1, a2, b) = (
+        Upstream::echo("a1").await,
+        Upstream::echo("a2").await,
+        Upstream::echo("b").await,
+    );
+    let cp = ControlPlane::start().await;
+    let (admin, port) = (free_port(), free_port());
+    cp.set(CLUSTER_TYPE, vec![eds_cluster("a")]);
+    cp.set(ENDPOINT_TYPE, vec![cla("a", &[a1.addr])]);
+    cp.set(
+        LISTENER_TYPE,
+        vec![listener("ingress", port, "r1", "ingress_http")],
+    );
+    cp.set(ROUTE_TYPE, vec![route("r1", "a")]);
+    let m = Mecha::start(&bootstrap(admin, cp.addr, "GRPC"), admin).await;
+    eventually("traffic via xDS to a1", || serves(port, "a1")).await;
+    assert_eq!(m.stat("control_plane.connected_state").await, Some(1));
+    assert!(m.stat("listener_manager.lds.update_success").await >= Some(1));
+    assert!(m.stat("cluster_manager.cds.update_success").await >= Some(1));
+    assert!(m.stat("http.ingress_http.rds.r1.update_success").await >= Some(1));
+
+    // The client subscribed to exactly what the listener and cluster reference, and ACKed.
+    let reqs = cp.requests();
+    assert!(reqs
+        .iter()
+        .any(|r| r.type_url == ROUTE_TYPE && r.resource_names == ["r1"]));
+    assert!(reqs
+        .iter()
+        .any(|r| r.type_url == ENDPOINT_TYPE && r.resource_names == ["a"]));
+    assert!(reqs.iter().any(|r| r.type_url == LISTENER_TYPE
+        && r.version_info == "1"
+        && !r.response_nonce.is_empty()));
+    assert_eq!(
+        reqs[0].node.as_ref().map(|n| n.id.as_str()),
+        Some("test-node")
+    );
+
+    // EDS: a second endpoint takes a share of the load.
+    cp.set(ENDPOINT_TYPE, vec![cla("a", &[a1.addr, a2.addr])]);
+    eventually("load shared by a1 and a2", || async {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10 {
+            if let Some(n) = upstream_name(port).await {
+                seen.insert(n);
+            }
+        }
+        seen.contains("a1") && seen.contains("a2")
+    })
+    .await;
+
+    // A new cluster plus a route update moves traffic to it.
+    cp.set(
+        CLUSTER_TYPE,
+        vec![eds_cluster("a"), xds_static_cluster("b", &[b.addr])],
+    );
+    cp.set(ROUTE_TYPE, vec![route("r1", "b")]);
+    eventually("traffic moved to b", || serves(port, "b")).await;
+
+    let dump = m.admin_get("/config_dump").await.json();
+    let text = dump.to_string();
+    assert!(text.contains("dynamic_listeners"), "{text}");
+    assert!(text.contains("dynamic_active_clusters"), "{text}");
+    assert!(text.contains("dynamic_route_configs"), "{text}");
+    assert!(text.contains("last_updated"), "{text}");
+}
+
+/// An invalid resource is NACKed whole with an error_detail naming it and the field; the old config
+/// keeps serving.
+#[tokio::test]
+async fn invalid_resource_is_nacked_and_old_config_keeps_serving() {
+    let a = Upstream::echo("a").await;
+    let cp = ControlPlane::start().await;
+    let (admin, port) = (free_port(), free_port());
+    cp.set(CLUSTER_TYPE, vec![xds_static_cluster("a", &[a.addr])]);
+    cp.set(
+        LISTENER_TYPE,
+        vec![listener("ingress", port, "r1", "ingress_http")],
+    );
+    cp.set(ROUTE_TYPE, vec![route("r1", "a")]);
+    let m = Mecha::start(&bootstrap(admin, cp.addr, "GRPC"), admin).await;
+    eventually("traffic to a", || serves(port, "a")).await;
+
+    // A real Envoy field mecha does not implement: rejected, not ignored.
+    let mut bad = xds_static_cluster("c", &[a.addr]);
+    bad["dns_jitter"] = serde_json::json!("1s");
+    cp.set(CLUSTER_TYPE, vec![xds_static_cluster("a", &[a.addr]), bad]);
+    // A broken regex in a route.
+    let mut bad_route = route("r1", "a");
+    bad_route["virtual_hosts"][0]["routes"][0]["match"] =
+        serde_json::json!({"safe_regex": {"regex": "(unclosed"}});
+    cp.set(ROUTE_TYPE, vec![bad_route]);
+    eventually("both NACKs", || async {
+        let reqs = cp.requests();
+        let nack = |t: &str| {
+            reqs.iter()
+                .any(|r| r.type_url == t && r.error_detail.is_some())
+        };
+        nack(CLUSTER_TYPE) && nack(ROUTE_TYPE)
+    })
+    .await;
+    let reqs = cp.requests();
+    let cds = reqs
+        .iter()
+        .find(|r| r.type_url == CLUSTER_TYPE && r.error_detail.is_some())
+        .unwrap();
+    let detail = &cds.error_detail.as_ref().unwrap().message;
+    assert!(
+        detail.contains("Cluster \"c\"") && detail.contains("dns_jitter"),
+        "{detail}"
+    );
+    // A NACK carries the previous accepted version.
+    assert_eq!(cds.version_info, "1");
+    let rds = reqs
+        .iter()
+        .find(|r| r.type_url == ROUTE_TYPE && r.error_detail.is_some())
+        .unwrap();
+    let detail = &rds.error_detail.as_ref().unwrap().message;
+    assert!(
+        detail.contains("RouteConfiguration \"r1\"") && detail.contains("safe_regex.regex"),
+        "{detail}"
+    );
+    assert!(m.stat("cluster_manager.cds.update_rejected").await >= Some(1));
+    assert!(m.stat("http.ingress_http.rds.r1.update_rejected").await >= Some(1));
+    for _ in 0..5 {
+        assert!(serves(port, "a").await, "old config stopped serving");
+    }
+}
+
+/// The control plane goes away (traffic keeps flowing on the last good config) and comes back on
+/// the same address with new config: mecha reconnects, re-subscribes and resumes.
+#[tokio::test]
+async fn reconnect_resubscribe_resume() {
+    let (a, b) = (Upstream::echo("a").await, Upstream::echo("b").await);
+    let cp = ControlPlane::start().await;
+    let (admin, port) = (free_port(), free_port());
+    cp.set(
+        CLUSTER_TYPE,
+        vec![
+            xds_static_cluster("a", &[a.addr]),
+            xds_static_cluster("b", &[b.addr]),
+        ],
+    );
+    cp.set(
+        LISTENER_TYPE,
+        vec![listener("ingress", port, "r1", "ingress_http")],
+    );
+    cp.set(ROUTE_TYPE, vec![route("r1", "a")]);
+    let m = Mecha::start(&bootstrap(admin, cp.addr, "GRPC"), admin).await;
+    eventually("traffic to a", || serves(port, "a")).await;
+
+    cp.stop();
+    eventually("disconnected", || async {
+        m.stat("control_plane.connected_state").await == Some(0)
+    })
+    .await;
+    for _ in 0..5 {
+        assert!(
+            serves(port, "a").await,
+            "last good config must keep serving"
+        );
+    }
+    let before = cp.requests().len();
+    cp.set(ROUTE_TYPE, vec![route("r1", "b")]);
+    let cp2 = ControlPlane::start_on(cp.addr, cp.shared.clone()).await;
+    eventually("traffic to b after reconnect", || serves(port, "b")).await;
+    assert_eq!(m.stat("control_plane.connected_state").await, Some(1));
+    // On the new stream the client sent its accepted versions and its RDS subscription again.
+    let reqs = cp2.requests();
+    let again = &reqs[before..];
+    assert!(again.iter().any(|r| r.type_url == LISTENER_TYPE
+        && r.version_info == "1"
+        && r.response_nonce.is_empty()));
+    assert!(again
+        .iter()
+        .any(|r| r.type_url == ROUTE_TYPE && r.resource_names == ["r1"]));
+}
+
+/// Delta xDS: add resources, change them, remove a listener (its port stops accepting).
+#[tokio::test]
+async fn delta_add_change_remove() {
+    let (a, b) = (Upstream::echo("a").await, Upstream::echo("b").await);
+    let cp = ControlPlane::start().await;
+    let (admin, p1, p2) = (free_port(), free_port(), free_port());
+    cp.set(
+        CLUSTER_TYPE,
+        vec![eds_cluster("a"), xds_static_cluster("b", &[b.addr])],
+    );
+    cp.set(ENDPOINT_TYPE, vec![cla("a", &[a.addr])]);
+    cp.set(
+        LISTENER_TYPE,
+        vec![
+            listener("one", p1, "r1", "one"),
+            listener("two", p2, "r2", "two"),
+        ],
+    );
+    cp.set(ROUTE_TYPE, vec![route("r1", "a"), route("r2", "a")]);
+    let _m = Mecha::start(&bootstrap(admin, cp.addr, "DELTA_GRPC"), admin).await;
+    eventually("listener one", || serves(p1, "a")).await;
+    eventually("listener two", || serves(p2, "a")).await;
+    let reqs = cp.delta_requests();
+    assert!(reqs.iter().any(
+        |r| r.type_url == ROUTE_TYPE && r.resource_names_subscribe.contains(&"r1".to_string())
+    ));
+    assert!(reqs
+        .iter()
+        .any(|r| !r.response_nonce.is_empty() && r.error_detail.is_none()));
+
+    // Change one route; remove listener two (its route is then unsubscribed).
+    cp.set(ROUTE_TYPE, vec![route("r1", "b"), route("r2", "a")]);
+    cp.set(LISTENER_TYPE, vec![listener("one", p1, "r1", "one")]);
+    eventually("route r1 changed", || serves(p1, "b")).await;
+    eventually("listener two removed", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", p2))
+            .await
+            .is_err()
+    })
+    .await;
+    eventually("r2 unsubscribed", || async {
+        cp.delta_requests().iter().any(|r| {
+            r.type_url == ROUTE_TYPE && r.resource_names_unsubscribe.contains(&"r2".to_string())
+        })
+    })
+    .await;
+}
+
+/// A listener replaced while a slow request is in flight: the request completes on the old
+/// listener, new requests are served by the new one.
+#[tokio::test]
+async fn listener_replace_drains_without_resetting_in_flight() {
+    let slow = Upstream::start(std::sync::Arc::new(|_req| {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            http::Response::builder()
+                .header("x-upstream-name", "slow")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    b"done",
+                )))
+                .unwrap()
+        })
+    }))
+    .await;
+    let b = Upstream::echo("b").await;
+    let cp = ControlPlane::start().await;
+    let (admin, port) = (free_port(), free_port());
+    cp.set(
+        CLUSTER_TYPE,
+        vec![
+            xds_static_cluster("slow", &[slow.addr]),
+            xds_static_cluster("b", &[b.addr]),
+        ],
+    );
+    cp.set(LISTENER_TYPE, vec![listener("ingress", port, "r1", "v1")]);
+    cp.set(ROUTE_TYPE, vec![route("r1", "slow"), route("r2", "b")]);
+    let m = Mecha::start(&bootstrap(admin, cp.addr, "GRPC"), admin).await;
+    eventually("listener up", || async {
+        m.stat("listener_manager.lds.update_success").await >= Some(1)
+            && tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+    })
+    .await;
+    let in_flight = tokio::spawn(async move { get(&format!("http://127.0.0.1:{port}/")).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Same address, different connection manager (new stat prefix and route config).
+    cp.set(LISTENER_TYPE, vec![listener("ingress", port, "r2", "v2")]);
+    eventually("new listener serves b", || serves(port, "b")).await;
+    let r = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight request was reset");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "done");
+}
+
+/// Continuous load while the control plane pushes 100 route/cluster/endpoint updates: zero failed
+/// requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_100_updates_zero_failed_requests() {
+    let ups = [
+        Upstream::echo("a").await,
+        Upstream::echo("b").await,
+        Upstream::echo("c").await,
+    ];
+    let cp = ControlPlane::start().await;
+    let (admin, port) = (free_port(), free_port());
+    cp.set(
+        CLUSTER_TYPE,
+        vec![eds_cluster("a"), xds_static_cluster("b", &[ups[1].addr])],
+    );
+    cp.set(ENDPOINT_TYPE, vec![cla("a", &[ups[0].addr])]);
+    cp.set(
+        LISTENER_TYPE,
+        vec![listener("ingress", port, "r1", "ingress_http")],
+    );
+    cp.set(ROUTE_TYPE, vec![route("r1", "a")]);
+    let m = Mecha::start(&bootstrap(admin, cp.addr, "GRPC"), admin).await;
+    eventually("traffic to a", || serves(port, "a")).await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = vec![];
+    for _ in 0..4 {
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            let c = client();
+            let (mut ok, mut failed) = (0u64, vec![]);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let req = http::Request::get(format!("http://127.0.0.1:{port}/"))
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                match send(&c, req).await {
+                    Ok(r) if r.status == 200 => ok += 1,
+                    Ok(r) => failed.push(format!("{} {}", r.status, r.text())),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    for i in 0..100u32 {
+        match i % 4 {
+            0 => cp.set(ROUTE_TYPE, vec![route("r1", "b")]),
+            1 => cp.set(ENDPOINT_TYPE, vec![cla("a", &[ups[0].addr, ups[2].addr])]),
+            2 => cp.set(ROUTE_TYPE, vec![route("r1", "a")]),
+            _ => {
+                let extra = format!("extra{i}");
+                cp.set(
+                    CLUSTER_TYPE,
+                    vec![
+                        eds_cluster("a"),
+                        xds_static_cluster("b", &[ups[1].addr]),
+                        xds_static_cluster(&extra, &[ups[2].addr]),
+                    ],
+                );
+                cp.set(ENDPOINT_TYPE, vec![cla("a", &[ups[0].addr])]);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    eventually("all updates applied", || async {
+        m.stat("http.ingress_http.rds.r1.update_success").await >= Some(40)
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, vec![]);
+    for w in workers {
+        let (o, f) = w.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(ok > 100, "too little load: {ok}");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok,
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(
+        m.stat("cluster_manager.cds.update_rejected")
+            .await
+            .unwrap_or(0),
+        0
+    );
+}
