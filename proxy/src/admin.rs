@@ -73,8 +73,25 @@ pub fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Full<Byte
         "/clusters" => clusters(state, json_format),
         "/config_dump" => json_resp(config_dump(state)),
         "/stats" => {
-            let filter = query_param(&req, "filter");
-            let body = state.ctx.stats.render_text(filter);
+            // Envoy's `filter` is a regular expression over stat names; `usedonly` hides zeros.
+            let filter = query_param(&req, "filter").map(|f| regex::Regex::new(&percent_decode(f)));
+            let filter = match filter {
+                Some(Err(e)) => return text(StatusCode::BAD_REQUEST, format!("invalid regex: {e}\n"), "text/plain"),
+                Some(Ok(re)) => Some(re),
+                None => None,
+            };
+            let used_only = query_param(&req, "usedonly").is_some();
+            let body: String = state
+                .ctx
+                .stats
+                .render_text(None)
+                .lines()
+                .filter(|l| {
+                    let (name, value) = l.split_once(": ").unwrap_or((l, ""));
+                    filter.as_ref().is_none_or(|re| re.is_match(name)) && !(used_only && (value == "0" || value.starts_with("P0(nan")))
+                })
+                .flat_map(|l| [l, "\n"])
+                .collect();
             if json_format {
                 let stats: Vec<Value> = body
                     .lines()
@@ -97,6 +114,27 @@ pub fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Full<Byte
         ),
         _ => text(StatusCode::NOT_FOUND, "invalid path. admin commands are listed at /help\n".into(), "text/plain"),
     }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn server_info(state: &ServerState) -> Value {

@@ -73,6 +73,21 @@ async fn admin_endpoints_after_known_traffic() {
     assert!(stats.contains("http.ingress_http.downstream_rq_time: P0("));
     assert!(stats.contains("cluster.backend.upstream_rq_time: P0("));
 
+    let filtered = m
+        .admin_get("/stats?filter=%5Ecluster%5C.backend%5C.upstream_rq_(total%7C2xx)%24")
+        .await
+        .text();
+    assert_eq!(
+        filtered,
+        "cluster.backend.upstream_rq_2xx: 7\ncluster.backend.upstream_rq_total: 7\n"
+    );
+    let used = m
+        .admin_get("/stats?usedonly&filter=http%5C.ingress_http%5C.downstream_rq_5xx")
+        .await
+        .text();
+    assert_eq!(used, "", "usedonly hides zero counters");
+    assert_eq!(m.admin_get("/stats?filter=(").await.status, 400);
+
     let prom = m.admin_get("/stats/prometheus").await;
     assert!(prom
         .header("content-type")
