@@ -100,7 +100,7 @@ fn unsupported_fields_are_rejected_not_ignored() {
     let text = parse_bootstrap(&bad).unwrap_err().to_string();
     assert!(
         text.contains(
-            "static_resources.clusters[0]: unknown or unsupported field \"upstream_bind_config\""
+            "static_resources.clusters[0].upstream_bind_config: unknown or unsupported field \"upstream_bind_config\""
         ),
         "{text}"
     );
