@@ -5,14 +5,19 @@
 //! `filter_chain_match`; the bytes stay in the socket for the chain that is selected.
 //!
 //! Bytes are read with `recv(MSG_PEEK)`. Peeking does not drain the socket, so readiness would
-//! stay set and a naive loop would spin while a ClientHello is still arriving; the peek runs in
-//! `TcpStream::try_io`, and "no new bytes since the last peek" is reported as `WouldBlock`,
-//! which clears tokio's readiness until more data arrives.
+//! stay set and a naive loop would spin while a ClientHello is still arriving. Clearing the
+//! stream's own readiness while bytes wait in the socket is not an option either: epoll is
+//! edge-triggered, so after a listener-filter timeout the selected chain would wait for an edge
+//! that never comes (the client has sent its ClientHello and waits for the server). So the
+//! stream's readiness is only ever cleared by a real `EAGAIN`; waiting for *more* bytes uses a
+//! second registration of the same socket (a `dup`ed fd in an `AsyncFd`, created only when the
+//! first bytes are incomplete), whose readiness is cleared when a peek finds nothing new.
 
 use mecha_filters::stats::{Counter, Scope, Store};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
+use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -119,9 +124,29 @@ pub async fn inspect(stream: &TcpStream, insp: &Inspectors) -> Outcome {
     }
 }
 
+/// `recv(MSG_PEEK)` into `buf`: how many bytes the socket holds (up to `buf.len()`).
+fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: recv writes at most buf.len() bytes into buf.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            libc::MSG_PEEK,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 async fn inspect_inner(stream: &TcpStream, insp: &Inspectors) -> Outcome {
+    let fd = stream.as_raw_fd();
     let mut buf = vec![0u8; 2048];
     let mut seen = 0usize;
+    // Waits for bytes beyond `seen` without touching the stream's readiness (module docs).
+    let mut more: Option<AsyncFd<OwnedFd>> = None;
     let mut tls_state = if insp.tls {
         Parse::NeedMore
     } else {
@@ -133,34 +158,37 @@ async fn inspect_inner(stream: &TcpStream, insp: &Inspectors) -> Outcome {
         Parse::NotFound
     };
     loop {
-        if stream.readable().await.is_err() {
-            return Outcome::Close("socket error during listener filters");
-        }
-        let fd = stream.as_raw_fd();
-        let last = seen;
-        let peeked = stream.try_io(Interest::READABLE, || {
-            // SAFETY: recv writes at most buf.len() bytes into buf.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_PEEK,
-                )
-            };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
+        let peeked = match &more {
+            None => {
+                if stream.readable().await.is_err() {
+                    return Outcome::Close("socket error during listener filters");
+                }
+                // A WouldBlock here is a real EAGAIN (nothing buffered): clearing is right.
+                match stream.try_io(Interest::READABLE, || peek(fd, &mut buf)) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    r => r,
+                }
             }
-            let n = n as usize;
-            if n != 0 && n == last && n < buf.len() {
-                // Nothing new: clear readiness and wait for more bytes.
-                return Err(io::ErrorKind::WouldBlock.into());
+            Some(waiter) => {
+                let Ok(mut guard) = waiter.readable().await else {
+                    return Outcome::Close("socket error during listener filters");
+                };
+                match peek(fd, &mut buf) {
+                    Ok(n) if n != 0 && n == seen && n < buf.len() => {
+                        // Nothing new: wait for the next edge on the second registration.
+                        guard.clear_ready();
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        guard.clear_ready();
+                        continue;
+                    }
+                    r => r,
+                }
             }
-            Ok(n)
-        });
+        };
         let n = match peeked {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(_) => return Outcome::Close("socket error during listener filters"),
         };
         if n == 0 {
@@ -171,8 +199,11 @@ async fn inspect_inner(stream: &TcpStream, insp: &Inspectors) -> Outcome {
         if tls_state == Parse::NeedMore {
             tls_state = parse_client_hello(data);
         }
-        // The HTTP inspector does not look at TLS connections (as Envoy).
-        if http_state == Parse::NeedMore && !matches!(tls_state, Parse::Found(_)) {
+        // The HTTP inspector does not look at TLS connections (as Envoy): a ClientHello ends
+        // its search, it must not wait for bytes the client sends only after the handshake.
+        if matches!(tls_state, Parse::Found(_)) {
+            http_state = Parse::NotFound;
+        } else if http_state == Parse::NeedMore {
             http_state = parse_http(data);
         }
         if let (Parse::NeedMore, _) | (_, Parse::NeedMore) = (&tls_state, &http_state) {
@@ -190,6 +221,18 @@ async fn inspect_inner(stream: &TcpStream, insp: &Inspectors) -> Outcome {
                     continue;
                 }
             } else {
+                if more.is_none() {
+                    let registered = stream.as_fd().try_clone_to_owned().and_then(|dup| {
+                        // SAFETY: the AsyncFd owns `dup`, an open fd that stays open and
+                        // refers to the same socket until the AsyncFd is dropped.
+                        unsafe { AsyncFd::register_with_interest(dup, Interest::READABLE) }
+                            .map_err(io::Error::from)
+                    });
+                    match registered {
+                        Ok(w) => more = Some(w),
+                        Err(_) => return Outcome::Close("socket error during listener filters"),
+                    }
+                }
                 continue;
             }
         }
@@ -486,6 +529,92 @@ mod tests {
             parse_client_hello(&two),
             Parse::Found((Some("a.example".into()), vec![]))
         );
+    }
+
+    fn inspectors(tls: bool, http: bool, timeout: Option<Duration>) -> Inspectors {
+        Inspectors {
+            tls,
+            http,
+            timeout,
+            continue_on_timeout: true,
+            stats: InspectorStats::new(&Store::new()),
+        }
+    }
+
+    /// A connected (client, accepted server side) pair on loopback.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    async fn inspect_within(stream: &TcpStream, insp: &Inspectors) -> Outcome {
+        tokio::time::timeout(Duration::from_secs(5), inspect(stream, insp))
+            .await
+            .expect("inspection did not end")
+    }
+
+    #[tokio::test]
+    async fn full_client_hello_ends_inspection_with_both_inspectors() {
+        use tokio::io::AsyncWriteExt;
+        let (mut c, s) = pair().await;
+        c.write_all(&client_hello("secure.example.com", &["h2"]))
+            .await
+            .unwrap();
+        // No listener timeout: a ClientHello alone must end inspection (the HTTP inspector
+        // must not wait for bytes a TLS client sends only after the server's reply).
+        let insp = inspectors(true, true, None);
+        let Outcome::Done(d) = inspect_within(&s, &insp).await else {
+            panic!("not done")
+        };
+        assert_eq!(d.transport, "tls");
+        assert_eq!(d.server_name.as_deref(), Some("secure.example.com"));
+        assert_eq!(d.application_protocols, vec!["h2".to_string()]);
+        assert_eq!(insp.stats.sni_found.value(), 1);
+        assert_eq!(insp.stats.http_not_found.value(), 0);
+    }
+
+    #[tokio::test]
+    async fn client_hello_in_two_writes_waits_for_the_rest() {
+        use tokio::io::AsyncWriteExt;
+        let (mut c, s) = pair().await;
+        let ch = client_hello("split.example", &[]);
+        let (a, b) = ch.split_at(30);
+        c.write_all(a).await.unwrap();
+        let b = b.to_vec();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            c.write_all(&b).await.unwrap();
+            c
+        });
+        let insp = inspectors(true, true, Some(Duration::from_secs(3)));
+        let Outcome::Done(d) = inspect_within(&s, &insp).await else {
+            panic!("not done")
+        };
+        assert_eq!(d.server_name.as_deref(), Some("split.example"));
+        let _c = writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn after_a_timeout_the_peeked_bytes_are_still_readable() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut c, mut s) = pair().await;
+        // An incomplete ClientHello; the client then waits for the server (as TLS clients do).
+        let ch = client_hello("slow.example", &[]);
+        c.write_all(&ch[..20]).await.unwrap();
+        let insp = inspectors(true, true, Some(Duration::from_millis(200)));
+        assert_eq!(
+            inspect_within(&s, &insp).await,
+            Outcome::TimedOut(Detected::default())
+        );
+        // The chain that gets the connection reads the bytes without a new edge from the peer.
+        let mut got = [0u8; 20];
+        tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut got))
+            .await
+            .expect("bytes buffered before the timeout are readable")
+            .unwrap();
+        assert_eq!(&got[..], &ch[..20]);
     }
 
     #[test]

@@ -138,6 +138,44 @@ fn http_server(ns: &Netns, addr: SocketAddr, name: &'static str) {
     });
 }
 
+/// An HTTP/1.1 server that answers 503 to its first `failures` requests, then 200; it counts
+/// every request it sees in `hits`.
+fn flaky_http_server(
+    ns: &Netns,
+    addr: SocketAddr,
+    failures: usize,
+    hits: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::Ordering;
+    let listener = ns
+        .run(async move { tokio::net::TcpListener::bind(addr).await })
+        .expect("bind flaky server");
+    ns.spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                continue;
+            };
+            let hits = hits.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: http::Request<_>| {
+                    let n = hits.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let status = if n < failures { 503 } else { 200 };
+                        let resp = http::Response::builder()
+                            .status(status)
+                            .body(Full::new(Bytes::from(format!("attempt {}", n + 1))))
+                            .expect("response");
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+}
+
 fn echo_server(ns: &Netns, addr: SocketAddr) {
     let listener = ns
         .run(async move { tokio::net::TcpListener::bind(addr).await })
@@ -195,6 +233,8 @@ fn install(ns: &Netns, extra: &[&str]) {
 struct Tls {
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
+    /// The server's (self-signed) certificate, the only root the client trusts.
+    cert: rustls::pki_types::CertificateDer<'static>,
 }
 
 /// A self-signed certificate for both names, trusted by the client config.
@@ -225,6 +265,7 @@ fn tls_configs() -> Tls {
     Tls {
         server: Arc::new(server),
         client: Arc::new(client),
+        cert: ck.cert.der().clone(),
     }
 }
 
@@ -257,23 +298,37 @@ fn tls_server(ns: &Netns, addr: SocketAddr, cfg: Arc<rustls::ServerConfig>) {
     });
 }
 
+/// A TLS exchange with `sni` through whatever is at `addr` (10 s at most): the reply and the
+/// certificate the peer presented in the handshake.
 async fn tls_call(
     addr: SocketAddr,
     sni: &'static str,
     cfg: Arc<rustls::ClientConfig>,
-) -> Result<String, String> {
-    let s = tokio::net::TcpStream::connect(addr)
+) -> Result<(String, Vec<u8>), String> {
+    let call = async move {
+        let s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = rustls::pki_types::ServerName::try_from(sni).map_err(|e| e.to_string())?;
+        let mut tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, s)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let peer_cert = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec())
+            .ok_or("no peer certificate")?;
+        tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        tls.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
+        Ok((String::from_utf8_lossy(&out).into_owned(), peer_cert))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), call)
         .await
-        .map_err(|e| e.to_string())?;
-    let name = rustls::pki_types::ServerName::try_from(sni).map_err(|e| e.to_string())?;
-    let mut tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect(name, s)
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    tls.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
-    Ok(String::from_utf8_lossy(&out).into_owned())
+        .unwrap_or_else(|_| Err("timed out".into()))
 }
 
 #[test]
@@ -347,8 +402,74 @@ fn outbound_capture_http_and_raw_tcp() {
     // mecha's own upstream connections are not captured again: exactly the client's two
     // connections reached the outbound listener (a loop would add one per upstream connection).
     assert_eq!(
-        stat(&s, "listener.0.0.0.0:15001.downstream_cx_total"),
+        stat(&s, "listener.0.0.0.0_15001.downstream_cx_total"),
         2,
+        "{s}"
+    );
+}
+
+#[test]
+fn outbound_retries_go_to_the_original_destination() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut t = Topology::new();
+    let server_ip = t.server_ip;
+    let hits = Arc::new(AtomicUsize::new(0));
+    flaky_http_server(&t.server, (server_ip, 80).into(), 2, hits.clone());
+    http_server(&t.server, (server_ip, 8080).into(), "other");
+    install(&t.client, &[]);
+    // The captured HTTP route (any port) retries 5xx: every attempt must go to the request's
+    // original destination, not to another destination the ORIGINAL_DST cluster has seen.
+    let config = OUTBOUND
+        .replace(
+            "route: {cluster: outbound_http}",
+            "route: {cluster: outbound_http, retry_policy: {retry_on: 5xx, num_retries: 3, \
+             retry_back_off: {base_interval: 0.001s}}}",
+        )
+        .replace(
+            "destination_port: 80, application_protocols",
+            "application_protocols",
+        );
+    assert_eq!(config.matches("retry_policy").count(), 1);
+    assert!(!config.contains("destination_port"));
+    t.procs.push(MechaProc::start(&t.client, &config));
+
+    // A second destination in the cluster's host table.
+    let (status, headers, _) = t
+        .client
+        .run(http_get((server_ip, 8080).into(), "/warm"))
+        .expect("http to the second destination");
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers.get("x-served-by").map(|v| v.as_bytes()),
+        Some(&b"other"[..])
+    );
+
+    let (status, headers, body) = t
+        .client
+        .run(http_get((server_ip, 80).into(), "/retry"))
+        .expect("http through mecha");
+    let s = stats(&t.client);
+    assert_eq!(status, 200, "{body}\n{s}");
+    assert_eq!(body, "attempt 3", "{s}");
+    assert!(headers.get("x-served-by").is_none(), "{headers:?}");
+    assert_eq!(
+        headers.get("x-mecha-route").map(|v| v.as_bytes()),
+        Some(&b"outbound-http"[..])
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        stat(&s, "cluster.outbound_http.upstream_rq_retry"),
+        2,
+        "{s}"
+    );
+    assert_eq!(
+        stat(&s, "cluster.outbound_http.upstream_rq_retry_success"),
+        1,
+        "{s}"
+    );
+    assert_eq!(
+        stat(&s, "cluster.outbound_http.upstream_rq_total"),
+        4,
         "{s}"
     );
 }
@@ -376,7 +497,7 @@ fn inbound_capture_delivers_to_the_app_with_inbound_stats() {
     assert_eq!(stat(&s, "http.inbound_8080.downstream_rq_total"), 1, "{s}");
     assert_eq!(stat(&s, "cluster.inbound|8080||.upstream_rq_2xx"), 1, "{s}");
     assert_eq!(
-        stat(&s, "listener.0.0.0.0:15006.downstream_cx_total"),
+        stat(&s, "listener.0.0.0.0_15006.downstream_cx_total"),
         1,
         "{s}"
     );
@@ -494,7 +615,6 @@ fn iptables_errors_are_clear() {
 }
 
 #[test]
-#[ignore = "hangs in the TLS exchange through mecha; being investigated (see docs/transparent.md)"]
 fn tls_passthrough_with_sni_matching() {
     let mut t = Topology::new();
     let server_ip = t.server_ip;
@@ -502,22 +622,52 @@ fn tls_passthrough_with_sni_matching() {
     tls_server(&t.server, (server_ip, 443).into(), tls.server.clone());
     install(&t.client, &[]);
     t.procs.push(MechaProc::start(&t.client, OUTBOUND));
-    // TLS stays end to end; the SNI picks the filter chain.
+
+    // TLS stays end to end: the client, which trusts only the server's certificate, completes
+    // the handshake with the real server (mecha never terminates it) and the data comes back.
+    // The SNI picks the `tls-sni` chain.
     let cfg = tls.client.clone();
-    let reply = t
+    let (reply, cert) = t
         .client
         .run(tls_call((server_ip, 443).into(), "secure.example.com", cfg))
-        .expect("tls via sni chain");
+        .unwrap_or_else(|e| panic!("tls via the sni chain: {e}\n{}", stats(&t.client)));
     assert_eq!(reply, "tls:secure.example.com:ping");
+    assert_eq!(cert, tls.cert.to_vec(), "the server's own certificate");
+    let s = stats(&t.client);
+    assert_eq!(stat(&s, "tcp.tls_sni.downstream_cx_total"), 1, "{s}");
+    assert_eq!(stat(&s, "tcp.passthrough.downstream_cx_total"), 0, "{s}");
+    assert_eq!(
+        stat(&s, "cluster.PassthroughCluster.upstream_cx_total"),
+        1,
+        "{s}"
+    );
+
+    // Another SNI matches no chain's server_names: the default (passthrough) chain takes it,
+    // still end to end.
     let cfg = tls.client.clone();
-    let reply = t
+    let (reply, cert) = t
         .client
         .run(tls_call((server_ip, 443).into(), "other.example.com", cfg))
-        .expect("tls via default chain");
+        .unwrap_or_else(|e| panic!("tls via the default chain: {e}\n{}", stats(&t.client)));
     assert_eq!(reply, "tls:other.example.com:ping");
+    assert_eq!(cert, tls.cert.to_vec());
 
     let s = stats(&t.client);
     assert_eq!(stat(&s, "tcp.tls_sni.downstream_cx_total"), 1, "{s}");
     assert_eq!(stat(&s, "tcp.passthrough.downstream_cx_total"), 1, "{s}");
+    assert_eq!(stat(&s, "tls_inspector.tls_found"), 2, "{s}");
     assert_eq!(stat(&s, "tls_inspector.sni_found"), 2, "{s}");
+    // The ClientHello alone decided the chain: nothing waited for the listener filter timeout
+    // (continue_on_listener_filters_timeout would otherwise have sent both to the default chain).
+    assert_eq!(
+        stat(&s, "listener.0.0.0.0_15001.downstream_pre_cx_timeout"),
+        0,
+        "{s}"
+    );
+    assert_eq!(stat(&s, "http_inspector.http_not_found"), 0, "{s}");
+    assert_eq!(
+        stat(&s, "listener.0.0.0.0_15001.downstream_cx_total"),
+        2,
+        "{s}"
+    );
 }
