@@ -746,6 +746,9 @@ async fn run(
         n: 1,
     };
     let mut tried: Vec<Arc<Host>> = vec![];
+    // ORIGINAL_DST clusters: retries go to the destination the router resolved for the first
+    // attempt (`http_destination` + `pick_for`); other clusters ignore it and load-balance.
+    let dst = first.addr;
     let mut host = first;
     let mut retries: u32 = 0;
     let mut _retry_slot = None;
@@ -801,7 +804,7 @@ async fn run(
         stats.upstream_rq_retry_backoff_exponential.inc();
         tokio::time::sleep(backoff.next()).await;
         tried.push(host);
-        host = match pick_next(cluster, hash, &tried, retry) {
+        host = match pick_next(cluster, hash, dst, &tried, retry) {
             Some(h) => h,
             None => {
                 cluster.stats.upstream_cx_none_healthy.inc();
@@ -816,6 +819,7 @@ async fn run(
 fn pick_next(
     cluster: &Cluster,
     hash: Option<u64>,
+    dst: std::net::SocketAddr,
     tried: &[Arc<Host>],
     retry: &RetryConfig,
 ) -> Option<Arc<Host>> {
@@ -826,7 +830,7 @@ fn pick_next(
     };
     let mut last = None;
     for _ in 0..attempts {
-        let h = cluster.pick(hash)?;
+        let h = cluster.pick_for(hash, Some(dst))?;
         if !retry.previous_hosts || !tried.iter().any(|t| Arc::ptr_eq(t, &h)) {
             return Some(h);
         }
