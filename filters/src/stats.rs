@@ -164,9 +164,14 @@ impl Scope {
     pub fn tcp(prefix: &str) -> Self {
         Self::tagged("tcp", "envoy_tcp_prefix", prefix)
     }
-    /// `listener.<address>.` with tag `envoy_listener_address`.
+    /// `listener.<address>.` with tag `envoy_listener_address`; as Envoy, ':' in the address
+    /// becomes '_' (`listener.0.0.0.0_15001.`, `listener.[__]_15001.`).
     pub fn listener(addr: &str) -> Self {
-        Self::tagged("listener", "envoy_listener_address", addr)
+        Self::tagged(
+            "listener",
+            "envoy_listener_address",
+            &addr.replace(':', "_"),
+        )
     }
     /// A scope without a tag (`server.`, `cluster_manager.`, `listener_manager.`, …).
     pub fn plain(prefix: &str) -> Self {
@@ -386,6 +391,27 @@ mod tests {
         assert!(s
             .render_text(None)
             .contains("cluster.backend.upstream_rq_total: 2"));
+    }
+
+    #[test]
+    fn listener_names_replace_colons_as_envoy() {
+        let s = Store::new();
+        s.counter(&Scope::listener("0.0.0.0:15001"), "downstream_cx_total")
+            .inc();
+        s.counter(&Scope::listener("[::]:15006"), "downstream_cx_total")
+            .inc();
+        assert_eq!(
+            s.value("listener.0.0.0.0_15001.downstream_cx_total"),
+            Some(1)
+        );
+        assert_eq!(s.value("listener.[__]_15006.downstream_cx_total"), Some(1));
+        let text = s.render_prometheus();
+        assert!(
+            text.contains(
+                "envoy_listener_downstream_cx_total{envoy_listener_address=\"0.0.0.0_15001\"} 1"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
