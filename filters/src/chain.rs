@@ -71,6 +71,12 @@ impl FilterChain {
     }
 }
 
+/// Inserted into a request's extensions by a filter that changed what routing depends on (path,
+/// `Host`, headers): the router then selects the route again, as Envoy's `clearRouteCache()`.
+/// The runtime API uses it to send service invocation through the mesh's routes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClearRouteCache;
+
 /// Facts about the downstream connection and request, set by the connection manager in the
 /// request's extensions before the chain runs.
 #[derive(Debug, Clone)]

@@ -22,7 +22,9 @@ pub mod stats;
 pub mod upstream;
 
 pub use body::{empty, full, local_reply, Body, BoxError};
-pub use chain::{FilterChain, HttpFilter, HttpService, Next, PerFilterConfig, RequestInfo};
+pub use chain::{
+    ClearRouteCache, FilterChain, HttpFilter, HttpService, Next, PerFilterConfig, RequestInfo,
+};
 pub use network::{ConnectionInfo, NetworkAction, NetworkFilter};
 pub use registry::{FactoryContext, HttpFilterFactory, NetworkFilterFactory, Registry};
 pub use upstream::{Upstream, UpstreamError};

@@ -299,7 +299,9 @@ pub fn build_hcm(
     let (Some(routes), true) = (routes, errors.is_empty()) else {
         return Err(errors);
     };
+    let routes = Arc::new(ArcSwap::from_pointee(routes));
     let router = Router {
+        routes: routes.clone(),
         clusters: ctx.clusters.clone(),
         stats: stats.clone(),
         suppress_envoy_headers: router_cfg.suppress_envoy_headers,

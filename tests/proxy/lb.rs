@@ -142,7 +142,13 @@ async fn least_request_avoids_the_busy_host() {
         tokio::spawn(get(url));
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Wait (generously, the machine may be loaded) until all 60 reached some upstream.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while slow.hits() - before + fast1.hits() + fast2.hits() - fast_before < 60
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     // With choice_count 3 over 3 hosts, a busy host only wins when all three picks land on it
     // (1 in 27 per request, and rarer as its queue grows); round robin would send it 20.
     let to_slow = slow.hits() - before;

@@ -6,6 +6,7 @@ mod common;
 mod admin;
 mod drain;
 mod failures;
+mod filters;
 mod lb;
 mod protocols;
 mod routing;

@@ -37,7 +37,8 @@ pub struct ConnInfo {
 pub struct Hcm {
     pub stat_prefix: String,
     pub stats: HttpStats,
-    pub routes: ArcSwap<RouteTable>,
+    /// Shared with the router, which re-selects routes when a filter clears the route cache.
+    pub routes: Arc<ArcSwap<RouteTable>>,
     pub chain: FilterChain,
     codec: CodecType,
     max_headers_bytes: usize,
@@ -62,7 +63,7 @@ impl Hcm {
     pub fn new(
         cfg: &HttpConnectionManager,
         stats: HttpStats,
-        routes: RouteTable,
+        routes: Arc<ArcSwap<RouteTable>>,
         chain: FilterChain,
     ) -> Self {
         let common = cfg.common_http_protocol_options.clone().unwrap_or_default();
@@ -70,7 +71,7 @@ impl Hcm {
         Self {
             stat_prefix: cfg.stat_prefix.clone(),
             stats,
-            routes: ArcSwap::from_pointee(routes),
+            routes,
             chain,
             codec: cfg.codec_type,
             max_headers_bytes: cfg.max_request_headers_bytes(),

@@ -8,12 +8,14 @@ use super::retry;
 use super::upgrade::spawn_tunnel;
 use crate::cluster::ClusterManager;
 use crate::route::headers::Vars;
-use crate::route::{Action, HostRewrite, RouteEntry};
+use crate::route::{Action, HostRewrite, RouteEntry, RouteTable};
 use crate::stats::HttpStats;
 use arc_swap::ArcSwap;
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use mecha_filters::{full, local_reply, Body, BoxFuture, HttpService, RequestInfo};
+use mecha_filters::{
+    full, local_reply, Body, BoxFuture, ClearRouteCache, HttpService, RequestInfo,
+};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,6 +27,8 @@ static UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upst
 pub struct SelectedRoute(pub Option<Arc<RouteEntry>>);
 
 pub struct Router {
+    /// The connection manager's route table (for re-selection after `ClearRouteCache`).
+    pub routes: Arc<ArcSwap<RouteTable>>,
     pub clusters: Arc<ArcSwap<ClusterManager>>,
     pub stats: HttpStats,
     /// `envoy.extensions.filters.http.router.v3.Router.suppress_envoy_headers`.
@@ -40,7 +44,21 @@ impl HttpService for Router {
 impl Router {
     async fn route(&self, mut req: Request<Body>) -> Response<Body> {
         self.stats.rq_total.inc();
-        let route = match req.extensions_mut().remove::<SelectedRoute>() {
+        let selected = req.extensions_mut().remove::<SelectedRoute>();
+        let selected = if req.extensions_mut().remove::<ClearRouteCache>().is_some() {
+            let table = self.routes.load();
+            let path = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            Some(SelectedRoute(
+                table.route(authority(&req), path, req.headers()).cloned(),
+            ))
+        } else {
+            selected
+        };
+        let route = match selected {
             Some(SelectedRoute(Some(r))) => r,
             _ => {
                 self.stats.no_route.inc();
