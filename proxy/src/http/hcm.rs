@@ -2,7 +2,7 @@
 //! prepares each request as Envoy does (hop-by-hop headers, `x-forwarded-*`, `x-request-id`),
 //! selects the route, and runs the HTTP filter chain that ends in the router.
 
-use super::headers::{strip_hop_by_hop, upgrade_type, uuid_v4};
+use super::headers::{strip_hop_by_hop, upgrade_type, uuid_v4_header};
 use super::router::SelectedRoute;
 use crate::drain::Drain;
 use crate::route::RouteTable;
@@ -281,9 +281,7 @@ impl Hcm {
             let external = headers.contains_key(&X_REQUEST_ID);
             // At the edge Envoy does not trust an external request id unless told to.
             if !external || (self.use_remote_address && !self.preserve_external_request_id) {
-                if let Ok(v) = HeaderValue::from_str(&uuid_v4()) {
-                    headers.insert(X_REQUEST_ID.clone(), v);
-                }
+                headers.insert(X_REQUEST_ID.clone(), uuid_v4_header());
             }
         }
         let table = self.routes.load();

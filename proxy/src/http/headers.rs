@@ -70,17 +70,49 @@ pub fn upgrade_type(headers: &HeaderMap) -> Option<String> {
 
 /// A random RFC 4122 version-4 UUID, as Envoy generates for `x-request-id`.
 pub fn uuid_v4() -> String {
+    let buf = uuid_v4_bytes();
+    // The buffer holds only ASCII hex digits and dashes.
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// [`uuid_v4`] as a header value, formatted on the stack (one allocation: the value's bytes).
+pub fn uuid_v4_header() -> HeaderValue {
+    HeaderValue::from_bytes(&uuid_v4_bytes()).unwrap_or(HeaderValue::from_static(""))
+}
+
+fn uuid_v4_bytes() -> [u8; 36] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let hex =
-        |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
-    format!(
-        "{}-{}-{}-{}-{}",
-        hex(0..4),
-        hex(4..6),
-        hex(6..8),
-        hex(8..10),
-        hex(10..16)
-    )
+    let mut out = [b'-'; 36];
+    let mut o = 0;
+    for (i, x) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            o += 1;
+        }
+        out[o] = HEX[(x >> 4) as usize];
+        out[o + 1] = HEX[(x & 0x0f) as usize];
+        o += 2;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn uuid_v4_is_rfc4122_v4() {
+        let u = super::uuid_v4();
+        assert_eq!(u.len(), 36);
+        let parts: Vec<&str> = u.split('-').collect();
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        assert!(u.bytes().all(|c| c == b'-' || c.is_ascii_hexdigit()));
+        assert_eq!(&parts[2][..1], "4");
+        assert!(matches!(&parts[3][..1], "8" | "9" | "a" | "b"));
+        assert_ne!(u, super::uuid_v4());
+        assert_eq!(super::uuid_v4_header().len(), 36);
+    }
 }

@@ -1,0 +1,338 @@
+#!/usr/bin/env bash
+# Load benchmark: one upstream, four paths to it, measured in the same run.
+#
+#   direct   load generator -> upstream
+#   mecha    load generator -> mecha   (--concurrency 1)      -> upstream
+#   nginx    load generator -> nginx   (worker_processes 1)   -> upstream (keepalive pool)
+#   haproxy  load generator -> haproxy (nbthread 1)           -> upstream (http-reuse always)
+#
+# Each proxy runs on CPU $PROXY_CPU; the upstream (nginx, 1 worker, `return 200`) and the load
+# generator share CPU $LOAD_CPU. Measured per path:
+#   h1-sat   HTTP/1.1 keep-alive at saturation: wrk -t1 -c$CONNS           (req/s, p50, p99)
+#   h1-rate  HTTP/1.1 at a fixed rate below the knee (half the slowest proxy's saturation
+#            throughput, the same rate for every path): h2load --h1 --rps   (p50, p99)
+#   h2-sat   HTTP/2 cleartext (prior knowledge) at saturation: h2load -c$H2_CONNS -m$H2_STREAMS
+#   cpu      the proxy's CPU use during h1-sat (1.00 = one core busy), and req/s per core-second
+# plus mecha's RSS idle and with 1,000 open, busy connections.
+#
+# Usage: scripts/load-bench.sh            (env: DURATION=10 CONNS=64 H2_CONNS=16 H2_STREAMS=10
+#                                          PROXY_CPU=0 LOAD_CPU=1 SKIP_BUILD=1 KEEP=1)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+DURATION="${DURATION:-10}"
+CONNS="${CONNS:-64}"
+H2_CONNS="${H2_CONNS:-16}"
+H2_STREAMS="${H2_STREAMS:-10}"
+PROXY_CPU="${PROXY_CPU:-0}"
+LOAD_CPU="${LOAD_CPU:-1}"
+RSS_CONNS="${RSS_CONNS:-1000}"
+BASE_PORT="${BASE_PORT:-18080}"
+
+UP_PORT=$BASE_PORT
+MECHA_PORT=$((BASE_PORT + 1))
+MECHA_ADMIN=$((BASE_PORT + 2))
+NGINX_PORT=$((BASE_PORT + 3))
+NGINX_H2_PORT=$((BASE_PORT + 4))
+HAPROXY_PORT=$((BASE_PORT + 5))
+HAPROXY_H2_PORT=$((BASE_PORT + 6))
+
+log() { printf '== %s\n' "$*" >&2; }
+
+# --- tools -------------------------------------------------------------------------------------
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v h2load >/dev/null || need+=(nghttp2-client)
+command -v nginx >/dev/null || need+=(nginx)
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v taskset >/dev/null || need+=(util-linux)
+if ((${#need[@]})); then
+  log "installing ${need[*]}"
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+if [ -z "${SKIP_BUILD:-}" ]; then
+  log "cargo build --release"
+  (cd "$ROOT" && cargo build --release --bin mecha >&2)
+fi
+MECHA_BIN="${MECHA_BIN:-$ROOT/target/release/mecha}"
+
+WORK="$(mktemp -d /tmp/mecha-load.XXXXXX)"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [ -n "${KEEP:-}" ] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "port $1 did not open" >&2
+  return 1
+}
+
+# --- configs -----------------------------------------------------------------------------------
+mkdir -p "$WORK/up" "$WORK/nginx"
+cat >"$WORK/up/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/up/nginx.pid;
+error_log $WORK/up/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+  server {
+    listen 127.0.0.1:$UP_PORT backlog=4096;
+    location / { return 200 "ok\n"; }
+  }
+}
+EOF
+
+cat >"$WORK/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+  upstream up {
+    server 127.0.0.1:$UP_PORT;
+    keepalive 1024;
+    keepalive_requests 100000000;
+  }
+  server {
+    listen 127.0.0.1:$NGINX_PORT backlog=4096;
+    listen 127.0.0.1:$NGINX_H2_PORT http2 backlog=4096;
+    http2_max_concurrent_streams 256;
+    location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOF
+
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  option http-keep-alive
+  http-reuse always
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend fe
+  bind 127.0.0.1:$HAPROXY_PORT
+  bind 127.0.0.1:$HAPROXY_H2_PORT proto h2
+  default_backend be
+backend be
+  server up 127.0.0.1:$UP_PORT
+EOF
+
+cat >"$WORK/mecha.yaml" <<EOF
+admin:
+  address: { socket_address: { address: 127.0.0.1, port_value: $MECHA_ADMIN } }
+static_resources:
+  listeners:
+  - name: bench
+    address: { socket_address: { address: 127.0.0.1, port_value: $MECHA_PORT } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          codec_type: AUTO
+          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster: up }
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: up
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: up
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $UP_PORT } } }
+EOF
+
+# --- processes ---------------------------------------------------------------------------------
+taskset -c "$LOAD_CPU" nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" -e "$WORK/up/error.log" &
+PIDS+=($!)
+taskset -c "$PROXY_CPU" nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" &
+NGINX_PID=$!
+PIDS+=($NGINX_PID)
+taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+HAPROXY_PID=$!
+PIDS+=($HAPROXY_PID)
+taskset -c "$PROXY_CPU" "$MECHA_BIN" run -c "$WORK/mecha.yaml" --concurrency 1 --log-level warn \
+  >"$WORK/mecha.log" 2>&1 &
+MECHA_PID=$!
+PIDS+=($MECHA_PID)
+for p in $UP_PORT $MECHA_PORT $NGINX_PORT $NGINX_H2_PORT $HAPROXY_PORT $HAPROXY_H2_PORT; do
+  wait_port "$p"
+done
+sleep 0.5
+curl -fsS "http://127.0.0.1:$MECHA_PORT/" >/dev/null
+curl -fsS "http://127.0.0.1:$NGINX_PORT/" >/dev/null
+curl -fsS "http://127.0.0.1:$HAPROXY_PORT/" >/dev/null
+
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+MECHA_RSS_IDLE=$(rss_kb "$MECHA_PID")
+
+# All processes of a proxy (nginx: master + worker).
+proc_tree() { echo "$1"; pgrep -P "$1" || true; }
+cpu_ticks() {
+  local t=0 p
+  for p in $(proc_tree "$1"); do
+    [ -r "/proc/$p/stat" ] || continue
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$t"
+}
+HZ=$(getconf CLK_TCK)
+
+# wrk latency text (e.g. 812.00us, 1.20ms, 2.00s) -> milliseconds.
+to_ms() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
+    if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000;
+    printf "%.3f", n }'
+}
+# p50 and p99 (ms) from an h2load --log-file (3rd column: microseconds).
+log_pcts() {
+  cat "$@" | awk '$2 >= 200 && $2 < 300 {print $3}' | sort -n | awk '
+    { a[NR] = $1 } END {
+      if (NR == 0) { print "nan nan"; exit }
+      i50 = int(NR * 0.50); if (i50 < 1) i50 = 1;
+      i99 = int(NR * 0.99); if (i99 < 1) i99 = 1;
+      printf "%.3f %.3f\n", a[i50] / 1000, a[i99] / 1000 }'
+}
+
+declare -A PORT=([direct]=$UP_PORT [mecha]=$MECHA_PORT [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT)
+declare -A H2PORT=([direct]="" [mecha]=$MECHA_PORT [nginx]=$NGINX_H2_PORT [haproxy]=$HAPROXY_H2_PORT)
+declare -A PID=([direct]="" [mecha]=$MECHA_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID)
+TARGETS=(direct mecha nginx haproxy)
+declare -A RPS P50 P99 CPU RATE_P50 RATE_P99 RATE_RPS H2_RPS H2_P50 H2_P99 ERRS
+
+# --- HTTP/1.1 saturation (wrk) -----------------------------------------------------------------
+for t in "${TARGETS[@]}"; do
+  url="http://127.0.0.1:${PORT[$t]}/"
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s "$url" >/dev/null # warm-up (pools, caches)
+  c0=0
+  [ -n "${PID[$t]}" ] && c0=$(cpu_ticks "${PID[$t]}")
+  s0=$(date +%s.%N)
+  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$url")
+  s1=$(date +%s.%N)
+  echo "$out" >"$WORK/wrk-$t.txt"
+  RPS[$t]=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")
+  P50[$t]=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+  P99[$t]=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+  ERRS[$t]=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+  if [ -n "${PID[$t]}" ]; then
+    c1=$(cpu_ticks "${PID[$t]}")
+    CPU[$t]=$(awk -v a="$c0" -v b="$c1" -v s0="$s0" -v s1="$s1" -v hz="$HZ" \
+      'BEGIN {printf "%.2f", (b - a) / hz / (s1 - s0)}')
+  else
+    CPU[$t]="-"
+  fi
+  log "h1-sat $t: ${RPS[$t]} req/s p50 ${P50[$t]} ms p99 ${P99[$t]} ms cpu ${CPU[$t]} ${ERRS[$t]}"
+done
+
+# --- HTTP/1.1 at a fixed rate below the knee (h2load --h1 --rps) -------------------------------
+min_rps=${RPS[mecha]}
+for t in nginx haproxy; do ((RPS[$t] < min_rps)) && min_rps=${RPS[$t]}; done
+RATE_CLIENTS=16
+RATE=$((min_rps / 2 / RATE_CLIENTS * RATE_CLIENTS))
+for t in "${TARGETS[@]}"; do
+  url="http://127.0.0.1:${PORT[$t]}/"
+  rm -f "$WORK/rate-$t.log"
+  out=$(taskset -c "$LOAD_CPU" h2load --h1 -t1 -c"$RATE_CLIENTS" --rps=$((RATE / RATE_CLIENTS)) \
+    -D "$DURATION" --warm-up-time=1 --log-file="$WORK/rate-$t.log" "$url")
+  RATE_RPS[$t]=$(awk '/^finished in/ {gsub(",", "", $4); printf "%.0f", $4}' <<<"$out")
+  read -r RATE_P50[$t] RATE_P99[$t] < <(log_pcts "$WORK/rate-$t.log")
+  log "h1-rate $t @ $RATE/s: ${RATE_RPS[$t]} req/s p50 ${RATE_P50[$t]} ms p99 ${RATE_P99[$t]} ms"
+done
+
+# --- HTTP/2 cleartext saturation (h2load) ------------------------------------------------------
+for t in mecha nginx haproxy; do
+  url="http://127.0.0.1:${H2PORT[$t]}/"
+  taskset -c "$LOAD_CPU" h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D 2 "$url" >/dev/null
+  rm -f "$WORK/h2-$t.log"
+  out=$(taskset -c "$LOAD_CPU" h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D "$DURATION" \
+    --warm-up-time=1 --log-file="$WORK/h2-$t.log" "$url")
+  echo "$out" >"$WORK/h2-$t.txt"
+  H2_RPS[$t]=$(awk '/^finished in/ {gsub(",", "", $4); printf "%.0f", $4}' <<<"$out")
+  read -r H2_P50[$t] H2_P99[$t] < <(log_pcts "$WORK/h2-$t.log")
+  grep -q "succeeded" <<<"$out" && log "h2-sat $t: ${H2_RPS[$t]} req/s p50 ${H2_P50[$t]} ms p99 ${H2_P99[$t]} ms ($(grep '^requests:' <<<"$out"))"
+done
+
+# --- mecha RSS with 1,000 open, busy connections -----------------------------------------------
+taskset -c "$LOAD_CPU" wrk -t1 -c"$RSS_CONNS" -d8s "http://127.0.0.1:$MECHA_PORT/" >"$WORK/wrk-rss.txt" &
+WRK_RSS=$!
+sleep 5
+MECHA_RSS_BUSY=$(rss_kb "$MECHA_PID")
+OPEN=$(curl -fsS "http://127.0.0.1:$MECHA_ADMIN/stats" | awk -F': ' '$1 == "http.bench.downstream_cx_active" {print $2}')
+wait $WRK_RSS
+MECHA_HWM=$(awk '/^VmHWM/ {print $2}' "/proc/$MECHA_PID/status")
+sleep 1
+MECHA_RSS_AFTER=$(rss_kb "$MECHA_PID")
+
+# --- report ------------------------------------------------------------------------------------
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+per_core() { awk -v r="$1" -v c="$2" 'BEGIN { if (c > 0) printf "%.0f", r / c; else print "-" }'; }
+echo
+echo "mecha load benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo))"
+echo "proxies on CPU $PROXY_CPU (1 worker each), upstream nginx + load generator on CPU $LOAD_CPU, ${DURATION}s per point"
+echo "$("$MECHA_BIN" --version), $(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | awk '{print "haproxy/" $3}'), $(wrk --version 2>&1 | head -1 | awk '{print "wrk/" $2}'), $(h2load --version | awk '{print $2}')"
+echo
+printf '%-8s | %-34s | %-9s | %-30s | %s\n' "" "HTTP/1.1 saturation (wrk -c$CONNS)" "" "HTTP/1.1 at $RATE req/s" "HTTP/2 h2c (h2load -c$H2_CONNS -m$H2_STREAMS)"
+printf '%-8s | %10s %10s %10s | %4s %7s | %10s %10s %7s | %10s %10s %10s\n' \
+  path "req/s" "p50 ms" "p99 ms" cpu "rq/cpu-s" "req/s" "p50 ms" "p99 ms" "req/s" "p50 ms" "p99 ms"
+for t in "${TARGETS[@]}"; do
+  printf '%-8s | %10s %10s %10s | %4s %7s | %10s %10s %7s | %10s %10s %10s\n' "$t" \
+    "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}" "${CPU[$t]}" "$(per_core "${RPS[$t]}" "${CPU[$t]/-/0}")" \
+    "${RATE_RPS[$t]}" "${RATE_P50[$t]}" "${RATE_P99[$t]}" \
+    "${H2_RPS[$t]:--}" "${H2_P50[$t]:--}" "${H2_P99[$t]:--}"
+done
+echo
+echo "ratios (HTTP/1.1 saturation req/s; p99 at saturation; p99 at fixed rate; HTTP/2 req/s):"
+for b in direct nginx haproxy; do
+  h2r="-"
+  [ -n "${H2_RPS[$b]:-}" ] && h2r=$(ratio "${H2_RPS[mecha]}" "${H2_RPS[$b]}")
+  echo "  mecha/$b: throughput $(ratio "${RPS[mecha]}" "${RPS[$b]}")x, p99 $(ratio "${P99[mecha]}" "${P99[$b]}")x, fixed-rate p99 $(ratio "${RATE_P99[mecha]}" "${RATE_P99[$b]}")x, h2 throughput ${h2r}x"
+done
+echo "  mecha/nginx req per cpu-second: $(ratio "$(per_core "${RPS[mecha]}" "${CPU[mecha]}")" "$(per_core "${RPS[nginx]}" "${CPU[nginx]}")")x, mecha/haproxy: $(ratio "$(per_core "${RPS[mecha]}" "${CPU[mecha]}")" "$(per_core "${RPS[haproxy]}" "${CPU[haproxy]}")")x"
+echo
+echo "mecha RSS: idle $((MECHA_RSS_IDLE / 1024)) MB ($MECHA_RSS_IDLE kB); with ${OPEN:-?} open busy connections $((MECHA_RSS_BUSY / 1024)) MB ($MECHA_RSS_BUSY kB); peak $((MECHA_HWM / 1024)) MB; after they closed $((MECHA_RSS_AFTER / 1024)) MB"
+for t in "${TARGETS[@]}"; do
+  [ -n "${ERRS[$t]// /}" ] && echo "note: $t: ${ERRS[$t]}"
+done
+[ -n "${KEEP:-}" ] && echo "raw output kept in $WORK"
+exit 0
