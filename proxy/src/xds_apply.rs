@@ -13,7 +13,7 @@
 //! requests, forced after the server's drain time) while the replacement accepts new ones.
 
 use crate::build::build;
-use crate::cluster::{ClusterManager, HostSpec};
+use crate::cluster::ClusterManager;
 use crate::drain::Drain;
 use crate::listener::{self, ListenerRuntime, Terminal};
 use crate::route::RouteTable;
@@ -21,11 +21,11 @@ use crate::server::ServerState;
 use arc_swap::ArcSwap;
 use mecha_config::{
     Bootstrap, Cluster as ClusterConfig, ClusterLoadAssignment, ConfigError, DiscoveryType,
-    HealthStatus, Listener, NetworkFilterConfig, RouteConfiguration, TypedConfig, XdsResources,
+    Listener, NetworkFilterConfig, RouteConfiguration, TypedConfig, XdsResources,
 };
 use mecha_filters::HttpFilterFactory;
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -223,7 +223,7 @@ impl XdsApplier {
                 .get(&c.name)
                 .is_some_and(|(k, old)| *k == key && Arc::ptr_eq(old, &cla.value));
             if !unchanged {
-                c.update_hosts(eds_hosts(&cla.value));
+                c.update_hosts(crate::cluster::assignment_hosts(&cla.value));
             }
             eds.insert(c.name.clone(), (key, cla.value.clone()));
         }
@@ -429,34 +429,6 @@ fn stop_listener(a: ActiveListener, drain_time: Duration) {
         stop.drain(Duration::ZERO).await;
         gen.drain.drain(drain_time).await;
     });
-}
-
-/// EDS endpoints → host specs. Endpoints the control plane marks unhealthy, draining or timed out
-/// are left out, as Envoy does not route to them.
-pub fn eds_hosts(cla: &ClusterLoadAssignment) -> Vec<HostSpec> {
-    let mut out = vec![];
-    for loc in &cla.endpoints {
-        for ep in &loc.lb_endpoints {
-            if matches!(
-                ep.health_status,
-                Some(HealthStatus::UNHEALTHY | HealthStatus::DRAINING | HealthStatus::TIMEOUT)
-            ) {
-                continue;
-            }
-            let sa = &ep.endpoint.address.socket_address;
-            let Ok(ip) = sa.address.parse::<IpAddr>() else {
-                continue;
-            };
-            out.push(HostSpec {
-                addr: SocketAddr::new(ip, sa.port_value),
-                hostname: ep.endpoint.hostname.clone().unwrap_or_default(),
-                weight: ep.load_balancing_weight.unwrap_or(1),
-                priority: loc.priority,
-                locality: loc.locality.clone(),
-            });
-        }
-    }
-    out
 }
 
 /// The accept loop of an xDS listener: each connection is served by the generation current when

@@ -251,3 +251,36 @@ async fn strict_dns_resolves_localhost() {
     assert!(m.stat("cluster.dns.update_success").await.unwrap() >= 1);
     assert_eq!(m.stat("cluster.dns.membership_total").await, Some(1));
 }
+
+#[tokio::test]
+async fn endpoints_marked_unhealthy_get_no_traffic() {
+    let good = Upstream::echo("good").await;
+    let bad = Upstream::echo("bad").await;
+    let (admin, port) = (free_port(), free_port());
+    let cluster = format!(
+        r#"  - name: c
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: c
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}
+          health_status: DRAINING
+"#,
+        good.addr.port(),
+        bad.addr.port()
+    );
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &vhost_routes(
+            "              - match: { prefix: \"/\" }\n                route: { cluster: c }\n",
+        ),
+        &cluster,
+    );
+    let _m = Mecha::start(&cfg, admin).await;
+    let d = distribution(port, 20, &[]).await;
+    assert_eq!(d.get("good"), Some(&20), "{d:?}");
+}

@@ -292,19 +292,36 @@ impl Cluster {
 }
 
 fn static_specs(cfg: &ClusterConfig) -> Vec<HostSpec> {
+    cfg.load_assignment
+        .as_ref()
+        .map(assignment_hosts)
+        .unwrap_or_default()
+}
+
+/// A load assignment's endpoints as host specs, for static config and EDS alike. Endpoints
+/// marked unhealthy, draining or timed out are left out, as Envoy does not route to them.
+pub fn assignment_hosts(cla: &mecha_config::ClusterLoadAssignment) -> Vec<HostSpec> {
+    use mecha_config::HealthStatus;
     let mut out = vec![];
-    for loc in cfg.load_assignment.iter().flat_map(|la| &la.endpoints) {
+    for loc in &cla.endpoints {
         for ep in &loc.lb_endpoints {
-            let sa = &ep.endpoint.address.socket_address;
-            if let Ok(ip) = sa.address.parse::<std::net::IpAddr>() {
-                out.push(HostSpec {
-                    addr: SocketAddr::new(ip, sa.port_value),
-                    hostname: ep.endpoint.hostname.clone().unwrap_or_default(),
-                    weight: ep.load_balancing_weight.unwrap_or(1),
-                    priority: loc.priority,
-                    locality: loc.locality.clone(),
-                });
+            if matches!(
+                ep.health_status,
+                Some(HealthStatus::UNHEALTHY | HealthStatus::DRAINING | HealthStatus::TIMEOUT)
+            ) {
+                continue;
             }
+            let sa = &ep.endpoint.address.socket_address;
+            let Ok(ip) = sa.address.parse::<std::net::IpAddr>() else {
+                continue;
+            };
+            out.push(HostSpec {
+                addr: SocketAddr::new(ip, sa.port_value),
+                hostname: ep.endpoint.hostname.clone().unwrap_or_default(),
+                weight: ep.load_balancing_weight.unwrap_or(1),
+                priority: loc.priority,
+                locality: loc.locality.clone(),
+            });
         }
     }
     out
