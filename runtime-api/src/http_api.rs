@@ -162,7 +162,7 @@ impl RuntimeApiFilter {
             .is_some_and(|v| v.as_bytes() == token.as_bytes())
     }
 
-    async fn handle(&self, req: Request<Body>) -> Result<Response<Body>, ApiError> {
+    async fn handle(&self, req: Request<Body>, next: Next<'_>) -> Result<Response<Body>, ApiError> {
         let path = req.uri().path().to_string();
         let query = req.uri().query().map(str::to_string);
         let q = query.as_deref();
@@ -394,7 +394,9 @@ impl RuntimeApiFilter {
                 if let Some(q) = q {
                     method_q = format!("{method_q}?{q}");
                 }
-                self.rt.invoke(&app_id, &method_q, req).await
+                self.rt
+                    .invoke_with(&app_id, &method_q, req, Some(next))
+                    .await
             }
             ("v1.0", ["metadata"], &Method::GET) => {
                 Ok(json_response(StatusCode::OK, &self.metadata()))
@@ -461,9 +463,9 @@ impl HttpFilter for RuntimeApiFilter {
                         .path_and_query()
                         .map(|p| p.as_str().trim_start_matches('/').to_string())
                         .unwrap_or_default();
-                    self.rt.invoke(&app, &mq, req).await
+                    self.rt.invoke_with(&app, &mq, req, Some(next)).await
                 }
-                _ => self.handle(req).await,
+                _ => self.handle(req, next).await,
             };
             result.unwrap_or_else(|e| {
                 tracing::debug!(error = %e, "runtime API error");

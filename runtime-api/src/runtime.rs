@@ -11,7 +11,7 @@ use crate::state::{self, KeyPrefix, StateStore};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use mecha_filters::{full, Body, BoxFuture, Upstream};
+use mecha_filters::{full, Body, BoxFuture, ClearRouteCache, Next, Upstream};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -519,12 +519,29 @@ impl Runtime {
 
     /// Service invocation: `app_id` is this app (call it) or another (through the mesh, to the
     /// cluster of that name, whose endpoints are the other app's sidecar HTTP API).
-    /// `method_and_query` is what follows `/method/`.
+    /// `method_and_query` is what follows `/method/`. No route selection: see [`Self::invoke_with`].
     pub async fn invoke(
         &self,
         app_id: &str,
         method_and_query: &str,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, ApiError> {
+        self.invoke_with(app_id, method_and_query, req, None).await
+    }
+
+    /// Service invocation from the HTTP filter. With `next` (the rest of the filter chain), a
+    /// remote app id is first tried through the connection manager's routes: the request gets
+    /// `Host: <app-id>` and the path `/v1.0/invoke/<app-id>/method/<method>`, `ClearRouteCache`
+    /// makes the router select a route again, so a virtual host whose `domains` contain the app id
+    /// applies its route's cluster, retry policy, timeout and stats. When no route matches, the
+    /// router answers its bare no-route 404 (no headers, request body untouched); then the call
+    /// falls back to the cluster named after the app id, as without `next`.
+    pub async fn invoke_with(
+        &self,
+        app_id: &str,
+        method_and_query: &str,
         mut req: Request<Body>,
+        next: Option<Next<'_>>,
     ) -> Result<Response<Body>, ApiError> {
         let up = self
             .upstream()
@@ -562,13 +579,6 @@ impl Runtime {
             }
             (cluster, format!("/{method_and_query}"))
         } else {
-            if !up.has_cluster(app_id) {
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "ERR_DIRECT_INVOKE",
-                    format!("failed to invoke, id: {app_id}, err: no cluster named \"{app_id}\" reaches that app id"),
-                ));
-            }
             req.headers_mut().remove("dapr-app-id");
             req.headers_mut().insert(
                 "dapr-caller-app-id",
@@ -583,6 +593,21 @@ impl Runtime {
         *req.uri_mut() = path
             .parse()
             .map_err(|e| ApiError::malformed(format!("invalid method path: {e}")))?;
+        if !local {
+            if let (Some(next), Ok(host)) = (next, http::HeaderValue::from_str(app_id)) {
+                match route_invoke(next, req, host).await {
+                    Ok(resp) => return Ok(resp),
+                    Err(back) => req = back,
+                }
+            }
+            if !up.has_cluster(app_id) {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "ERR_DIRECT_INVOKE",
+                    format!("failed to invoke, id: {app_id}, err: no route for host \"{app_id}\" and no cluster named \"{app_id}\" reaches that app id"),
+                ));
+            }
+        }
         match up.call(&cluster, req).await {
             Ok(resp) => Ok(resp),
             Err(e) => Err(ApiError::new(
@@ -590,6 +615,76 @@ impl Runtime {
                 "ERR_DIRECT_INVOKE",
                 format!("failed to invoke, id: {app_id}, err: {e}"),
             )),
+        }
+    }
+}
+
+/// Sends a remote invocation through the rest of the chain with `Host: <app-id>` and a route
+/// re-selection. `Err` gives the request back unchanged when the router found no route (its bare
+/// 404, and the body was never read), so the caller can use the direct cluster path.
+async fn route_invoke(
+    next: Next<'_>,
+    req: Request<Body>,
+    host: http::HeaderValue,
+) -> Result<Response<Body>, Request<Body>> {
+    let (parts, body) = req.into_parts();
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    let mut routed = Request::from_parts(
+        parts.clone(),
+        Body::new(Reclaim {
+            inner: Some(body),
+            tx: Some(tx),
+        }),
+    );
+    routed.headers_mut().insert(http::header::HOST, host);
+    routed.extensions_mut().insert(ClearRouteCache);
+    let resp = next.run(routed).await;
+    if resp.status() == StatusCode::NOT_FOUND && resp.headers().is_empty() {
+        if let Ok(body) = rx.try_recv() {
+            return Err(Request::from_parts(parts, body));
+        }
+    }
+    Ok(resp)
+}
+
+/// A request body that, when dropped before it was ever polled, hands the inner body back
+/// (so a request the router did not forward can be sent another way).
+struct Reclaim {
+    inner: Option<Body>,
+    tx: Option<tokio::sync::oneshot::Sender<Body>>,
+}
+
+impl http_body::Body for Reclaim {
+    type Data = Bytes;
+    type Error = mecha_filters::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.tx = None;
+        match self.inner.as_mut() {
+            Some(b) => std::pin::Pin::new(b).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner
+            .as_ref()
+            .map(|b| b.size_hint())
+            .unwrap_or_else(|| http_body::SizeHint::with_exact(0))
+    }
+}
+
+impl Drop for Reclaim {
+    fn drop(&mut self) {
+        if let (Some(tx), Some(b)) = (self.tx.take(), self.inner.take()) {
+            let _ = tx.send(b);
         }
     }
 }

@@ -1,5 +1,7 @@
 //! Service invocation: the local app, the `dapr-app-id` header form, and app A -> sidecar A ->
-//! sidecar B -> app B over loopback through a cluster named after the app id.
+//! sidecar B -> app B over loopback through a cluster named after the app id (no route matches
+//! `Host: <app-id>`), and through a route whose virtual host's domains contain the app id (its
+//! retry policy applies).
 
 use crate::common::{Handler, Resp, TempDir, Upstream};
 use crate::{req, Sidecar};
@@ -195,4 +197,156 @@ async fn two_sidecars_on_loopback() {
     assert_eq!(v["query"], "z=9");
     assert_eq!(v["body"], "hi");
     assert_eq!(v["x_test"], "t");
+}
+
+/// Sidecar A's bootstrap has a virtual host `domains: ["appb"]` whose route goes to the cluster
+/// of B's sidecar with `retry_on: 5xx`: app B answers 503 twice then 200, the caller of A gets 200,
+/// app B saw 3 requests and A counted 2 retries on the cluster.
+#[tokio::test]
+async fn two_sidecars_route_retry_policy() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h2 = hits.clone();
+    let h: Handler = Arc::new(move |r: http::Request<hyper::body::Incoming>| {
+        let hits = h2.clone();
+        Box::pin(async move {
+            let path = r.uri().path().to_string();
+            // Sidecar B's own start-up calls (`GET /dapr/subscribe`) are not invocations.
+            if !path.starts_with("/api/") {
+                let mut resp: Resp = http::Response::new(Full::new(Bytes::from("[]")));
+                *resp.status_mut() = http::StatusCode::NOT_FOUND;
+                return resp;
+            }
+            let n = hits.fetch_add(1, Ordering::SeqCst) + 1;
+            let body = r
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let v =
+                serde_json::json!({"n": n, "path": path, "body": String::from_utf8_lossy(&body)});
+            let mut resp: Resp = http::Response::new(Full::new(Bytes::from(v.to_string())));
+            if n <= 2 {
+                *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            }
+            resp
+        })
+    });
+    let app_b = Upstream::start(h).await;
+    let data = TempDir::new();
+    let dd = data.0.display().to_string();
+    let b = Sidecar::start(
+        "appb",
+        &["--app-port", &app_b.addr.port().to_string()],
+        &[("MECHA_DATA_DIR", &dd)],
+    )
+    .await;
+    let a_port = crate::common::free_port();
+    let admin = crate::common::free_port();
+    let cfg = format!(
+        r#"admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+static_resources:
+  listeners:
+  - name: dapr_http
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {a_port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: dapr_http
+          route_config:
+            virtual_hosts:
+            - name: app_b
+              domains: ["appb"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route:
+                  cluster: sidecar_b
+                  timeout: 5s
+                  retry_policy: {{ retry_on: "5xx", num_retries: 3 }}
+            - name: all
+              domains: ["*"]
+              routes: []
+          http_filters:
+          - name: mecha.filters.http.runtime_api
+            typed_config:
+              "@type": type.googleapis.com/mecha.filters.http.runtime_api
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: sidecar_b
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: sidecar_b
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {bp} }} }} }}
+"#,
+        bp = b.http_port
+    );
+    std::fs::write(data.0.join("a.yaml"), cfg).unwrap();
+    let grpc = crate::common::free_port();
+    let args: Vec<String> = [
+        "run",
+        "--app-id",
+        "appa",
+        "--dapr-grpc-port",
+        &grpc.to_string(),
+        "--dapr-listen-address",
+        "127.0.0.1",
+        "-c",
+        &data.0.join("a.yaml").display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let a = Sidecar::spawn(
+        args,
+        vec![("MECHA_DATA_DIR".into(), dd.clone())],
+        a_port,
+        grpc,
+    )
+    .await;
+    let r = req(
+        "POST",
+        &format!("{}/v1.0/invoke/appb/method/api/do", a.url()),
+        "hi",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["n"], 3);
+    assert_eq!(r.json()["path"], "/api/do");
+    assert_eq!(r.json()["body"], "hi");
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
+    let stats = crate::common::get(&format!("http://127.0.0.1:{admin}/stats"))
+        .await
+        .unwrap()
+        .text();
+    let stat = |name: &str| {
+        stats.lines().find_map(|l| {
+            let (k, v) = l.split_once(": ")?;
+            (k == name).then(|| v.trim().parse::<i64>().ok()).flatten()
+        })
+    };
+    assert_eq!(
+        stat("cluster.sidecar_b.upstream_rq_retry"),
+        Some(2),
+        "{stats}"
+    );
+    // An app id that no route names and no cluster reaches is still ERR_DIRECT_INVOKE.
+    let r = req(
+        "GET",
+        &format!("{}/v1.0/invoke/nobody/method/x", a.url()),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert_eq!(r.json()["errorCode"], "ERR_DIRECT_INVOKE");
 }
