@@ -260,7 +260,7 @@ fn clusters(state: &ServerState, json_format: bool) -> Response<Full<Bytes>> {
 
 fn config_dump(state: &ServerState) -> Value {
     let b = state.bootstrap.load();
-    let updated = humantime(*state.last_updated.load_full());
+    let updated = rfc3339(*state.last_updated.load_full());
     let bootstrap = serde_json::to_value(&**b).unwrap_or(Value::Null);
     let listeners: Vec<Value> = b
         .static_resources
@@ -294,7 +294,7 @@ fn xds_config_dump(x: &mecha_config::XdsResources, dump: &mut Value) {
         key: &str,
     ) -> Vec<Value> {
         m.values()
-            .map(|v| json!({"version_info": v.version, key: serde_json::to_value(&*v.value).unwrap_or(Value::Null), "last_updated": humantime(v.last_updated)}))
+            .map(|v| json!({"version_info": v.version, key: serde_json::to_value(&*v.value).unwrap_or(Value::Null), "last_updated": rfc3339(v.last_updated)}))
             .collect()
     }
     let version = |t: &str| x.versions.get(t).cloned().unwrap_or_default();
@@ -316,7 +316,7 @@ fn xds_config_dump(x: &mecha_config::XdsResources, dump: &mut Value) {
                 c["dynamic_listeners"] = json!(x
                     .listeners
                     .iter()
-                    .map(|(n, v)| json!({"name": n, "active_state": {"version_info": v.version, "listener": serde_json::to_value(&*v.value).unwrap_or(Value::Null), "last_updated": humantime(v.last_updated)}}))
+                    .map(|(n, v)| json!({"name": n, "active_state": {"version_info": v.version, "listener": serde_json::to_value(&*v.value).unwrap_or(Value::Null), "last_updated": rfc3339(v.last_updated)}}))
                     .collect::<Vec<_>>());
             }
             _ => {}
@@ -326,29 +326,7 @@ fn xds_config_dump(x: &mecha_config::XdsResources, dump: &mut Value) {
     configs.push(json!({"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump", "dynamic_endpoint_configs": entries(&x.endpoints, "endpoint_config")}));
 }
 
-/// RFC 3339 UTC timestamp without pulling in a date crate.
-fn humantime(t: std::time::SystemTime) -> String {
-    let secs = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let days = secs / 86400;
-    let rem = secs % 86400;
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+/// RFC 3339 UTC timestamp, as Envoy's config dump prints `last_updated`.
+fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
 }
