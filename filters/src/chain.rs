@@ -77,6 +77,11 @@ impl FilterChain {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ClearRouteCache;
 
+/// Set by the router in the extensions of its 404 reply when no route matched, so a filter that
+/// re-routed a request (see [`ClearRouteCache`]) can tell "no route" from an upstream's 404.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoRoute;
+
 /// Facts about the downstream connection and request, set by the connection manager in the
 /// request's extensions before the chain runs.
 #[derive(Debug, Clone)]

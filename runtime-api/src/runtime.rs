@@ -534,7 +534,7 @@ impl Runtime {
     /// `Host: <app-id>` and the path `/v1.0/invoke/<app-id>/method/<method>`, `ClearRouteCache`
     /// makes the router select a route again, so a virtual host whose `domains` contain the app id
     /// applies its route's cluster, retry policy, timeout and stats. When no route matches, the
-    /// router answers its bare no-route 404 (no headers, request body untouched); then the call
+    /// router answers its no-route 404 (marked `NoRoute`, request body untouched); then the call
     /// falls back to the cluster named after the app id, as without `next`.
     pub async fn invoke_with(
         &self,
@@ -620,8 +620,9 @@ impl Runtime {
 }
 
 /// Sends a remote invocation through the rest of the chain with `Host: <app-id>` and a route
-/// re-selection. `Err` gives the request back unchanged when the router found no route (its bare
-/// 404, and the body was never read), so the caller can use the direct cluster path.
+/// re-selection. `Err` gives the request back unchanged when the router found no route (its 404
+/// carries the `NoRoute` marker, and the body was never read), so the caller can use the direct
+/// cluster path.
 async fn route_invoke(
     next: Next<'_>,
     req: Request<Body>,
@@ -639,7 +640,7 @@ async fn route_invoke(
     routed.headers_mut().insert(http::header::HOST, host);
     routed.extensions_mut().insert(ClearRouteCache);
     let resp = next.run(routed).await;
-    if resp.status() == StatusCode::NOT_FOUND && resp.headers().is_empty() {
+    if resp.extensions().get::<mecha_filters::NoRoute>().is_some() {
         if let Ok(body) = rx.try_recv() {
             return Err(Request::from_parts(parts, body));
         }

@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use mecha_filters::{
-    full, local_reply, Body, BoxFuture, ClearRouteCache, HttpService, RequestInfo,
+    full, local_reply, Body, BoxFuture, ClearRouteCache, HttpService, NoRoute, RequestInfo,
 };
 use std::sync::Arc;
 use std::time::Instant;
@@ -62,7 +62,9 @@ impl Router {
             Some(SelectedRoute(Some(r))) => r,
             _ => {
                 self.stats.no_route.inc();
-                return local_reply(StatusCode::NOT_FOUND, "");
+                let mut resp = local_reply(StatusCode::NOT_FOUND, "");
+                resp.extensions_mut().insert(NoRoute);
+                return resp;
             }
         };
         let info = req.extensions().get::<RequestInfo>().cloned();
