@@ -187,3 +187,54 @@ async fn consecutive_5xx_ejects_and_the_host_returns() {
     assert!(bad.hits() >= 4, "the host came back");
     assert_eq!(m.stat("cluster.c.membership_healthy").await, Some(2));
 }
+
+#[tokio::test]
+async fn max_connections_queue_pending_requests_and_overflow_past_max_pending() {
+    let ctl = Ctl::new();
+    let up = scripted("a", &ctl).await;
+    ctl.set_default("a", Act::Gate);
+    let (admin, port) = (free_port(), free_port());
+    let cb = "    circuit_breakers:\n      thresholds:\n      - { priority: DEFAULT, max_connections: 2, max_pending_requests: 3 }\n";
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &routes(
+            "",
+            "              - match: { prefix: \"/\" }\n                route: { cluster: a }\n",
+        ),
+        &static_cluster("a", &[up.addr], "ROUND_ROBIN", cb)
+            .replace("connect_timeout: 1s", "connect_timeout: 5s"),
+    );
+    let m = Mecha::start(&cfg, admin).await;
+    let tasks: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(async move { request(port, "GET", "/", &[], vec![]).await }))
+        .collect();
+    // Two connections carry two requests; three requests wait for a connection; five overflow.
+    assert!(eventually(10, || async { ctl.in_flight.load(Ordering::SeqCst) == 2 }).await);
+    assert!(
+        eventually(10, || async {
+            m.stat("cluster.a.upstream_rq_pending_overflow").await == Some(5)
+        })
+        .await
+    );
+    assert_eq!(
+        m.stat("cluster.a.circuit_breakers.default.cx_open").await,
+        Some(1)
+    );
+    assert!(m.stat("cluster.a.upstream_cx_overflow").await.unwrap() >= 8);
+    ctl.open_gate();
+    let mut statuses = vec![];
+    for t in tasks {
+        let r = t.await.unwrap();
+        if r.status == 503 {
+            assert_eq!(r.header("x-envoy-overloaded"), Some("true"));
+        }
+        statuses.push(r.status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [vec![200; 5], vec![503; 5]].concat());
+    // The pending requests reused the two connections: the limit held.
+    assert_eq!(m.stat("cluster.a.upstream_cx_total").await, Some(2));
+    assert_eq!(up.hits(), 5);
+}

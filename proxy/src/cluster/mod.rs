@@ -104,6 +104,8 @@ pub struct Cluster {
     pub original_dst: Option<original_dst::OriginalDstHosts>,
     /// Circuit breakers, retry stats, outlier detection, health checks (issue 4).
     pub resilience: resilience::Resilience,
+    /// The connection breakers every host's connector enforces.
+    conn_limits: Arc<pool::ConnLimits>,
     /// Background resolution (DNS clusters); aborted when the cluster is dropped.
     refresher: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -136,15 +138,27 @@ impl Cluster {
             connect_timeout: cfg.connect_timeout(),
             idle_timeout: cfg.upstream_idle_timeout(),
         };
-        let cluster = Arc::new_cyclic(|owner| Self {
-            name: cfg.name.clone(),
-            stats,
-            hosts: ArcSwap::from_pointee(HostSet::new(&cfg, vec![])),
-            pool_settings,
-            original_dst: original_dst::OriginalDstHosts::new(&cfg),
-            resilience: resilience::Resilience::new(&cfg, store, owner.clone()),
-            refresher: parking_lot::Mutex::new(None),
-            config: cfg,
+        let cluster = Arc::new_cyclic(|owner| {
+            let resilience = resilience::Resilience::new(&cfg, store, owner.clone());
+            let breakers = &resilience.breakers.default;
+            let conn_limits = Arc::new(pool::ConnLimits {
+                connections: breakers.connections.clone(),
+                pending: breakers.pending.clone(),
+                cx_overflow: resilience.stats.upstream_cx_overflow.clone(),
+                pending_overflow: resilience.stats.upstream_rq_pending_overflow.clone(),
+                freed: tokio::sync::Notify::new(),
+            });
+            Self {
+                name: cfg.name.clone(),
+                stats,
+                hosts: ArcSwap::from_pointee(HostSet::new(&cfg, vec![])),
+                pool_settings,
+                original_dst: original_dst::OriginalDstHosts::new(&cfg),
+                resilience,
+                conn_limits,
+                refresher: parking_lot::Mutex::new(None),
+                config: cfg,
+            }
         });
         if cluster.config.discovery_type == DiscoveryType::STATIC {
             let specs = static_specs(&cluster.config);
@@ -217,7 +231,13 @@ impl Cluster {
             rq_active: AtomicU64::new(0),
             rq_total: AtomicU64::new(0),
             rq_error: AtomicU64::new(0),
-            pool: pool::new_pool(s.addr, &self.pool_settings, self.stats.clone(), cx.clone()),
+            pool: pool::new_pool(
+                s.addr,
+                &self.pool_settings,
+                self.stats.clone(),
+                cx.clone(),
+                self.conn_limits.clone(),
+            ),
             cx,
             health_flags: initial_flags.into(),
             outlier: Default::default(),
@@ -261,6 +281,11 @@ impl Cluster {
                 }
                 Ok(resp.map(|b| guarded_body(b, guard)))
             }
+            Err(e) if is_overflow(&e) => {
+                // The connection breaker refused: not the host's fault, so no outlier report.
+                stats.upstream_rq_completed.inc();
+                Err(UpstreamError::Overflow("max_pending_requests".into()))
+            }
             Err(e) => {
                 host.rq_error
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -289,6 +314,21 @@ impl Cluster {
             }
         }
     }
+}
+
+/// Whether a pool error came from the connection circuit breaker.
+fn is_overflow(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if matches!(
+            err.downcast_ref::<pool::ConnectError>(),
+            Some(pool::ConnectError::Overflow(_))
+        ) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn static_specs(cfg: &ClusterConfig) -> Vec<HostSpec> {

@@ -4,10 +4,12 @@
 //! the connector here pins every connection of a pool to one host address, applies the cluster's
 //! `connect_timeout`, sets TCP_NODELAY and keeps Envoy's `upstream_cx_*` stats.
 
+use super::circuit_breaker::{Resource, Slot};
 use crate::stats::ClusterStats;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mecha_filters::stats::Counter;
 use mecha_filters::Body;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,6 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 /// Per-host connection counters (shown by `/clusters`).
 #[derive(Default, Debug)]
@@ -36,17 +39,30 @@ pub struct PoolSettings {
     pub idle_timeout: Option<Duration>,
 }
 
+/// The cluster-wide connection limits the connector enforces (`max_connections`,
+/// `max_pending_requests`), shared by every host's pool.
+pub struct ConnLimits {
+    pub connections: Arc<Resource>,
+    pub pending: Arc<Resource>,
+    pub cx_overflow: Counter,
+    pub pending_overflow: Counter,
+    /// Woken whenever a connection closes, so a pending connect can try again.
+    pub freed: Notify,
+}
+
 pub fn new_pool(
     addr: SocketAddr,
     settings: &PoolSettings,
     cluster: Arc<ClusterStats>,
     host: Arc<ConnStats>,
+    limits: Arc<ConnLimits>,
 ) -> Pool {
     let connector = HostConnector {
         addr,
         timeout: settings.connect_timeout,
         cluster,
         host,
+        limits,
     };
     let mut b = Client::builder(TokioExecutor::new());
     b.pool_timer(TokioTimer::new())
@@ -68,10 +84,14 @@ pub struct HostConnector {
     timeout: Duration,
     cluster: Arc<ClusterStats>,
     host: Arc<ConnStats>,
+    limits: Arc<ConnLimits>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// `max_connections` reached and `max_pending_requests` full: Envoy's overflow.
+    #[error("circuit breaker overflow: {0}")]
+    Overflow(&'static str),
     #[error("connection timeout")]
     Timeout,
     #[error("{0}")]
@@ -90,6 +110,27 @@ impl tower::Service<http::Uri> for HostConnector {
     fn call(&mut self, _uri: http::Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
+            // Connection circuit breaker. At the limit the connect waits as a pending request
+            // (hyper's pool hands the request an idle connection as soon as one is free, and a
+            // closing connection wakes us to try again); past max_pending_requests it overflows.
+            // hyper keeps a connect that lost the race to an idle connection running in the
+            // background, so a pending wait is bounded by connect_timeout rather than left to
+            // hold its pending unit indefinitely.
+            let deadline = tokio::time::Instant::now() + this.timeout;
+            let slot = loop {
+                let freed = this.limits.freed.notified();
+                if let Some(slot) = this.limits.connections.try_acquire() {
+                    break slot;
+                }
+                this.limits.cx_overflow.inc();
+                let Some(_pending) = this.limits.pending.try_acquire() else {
+                    this.limits.pending_overflow.inc();
+                    return Err(ConnectError::Overflow("max_pending_requests"));
+                };
+                if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                    return Err(ConnectError::Overflow("max_connections"));
+                }
+            };
             this.cluster.upstream_cx_total.inc();
             this.host.cx_total.fetch_add(1, Ordering::Relaxed);
             let res = match tokio::time::timeout(this.timeout, TcpStream::connect(this.addr)).await
@@ -110,11 +151,15 @@ impl tower::Service<http::Uri> for HostConnector {
                         inner: stream,
                         cluster: this.cluster,
                         host: this.host,
+                        limits: this.limits,
+                        slot: Some(slot),
                     }))
                 }
                 Err(e) => {
                     this.cluster.upstream_cx_connect_fail.inc();
                     this.host.cx_connect_fail.fetch_add(1, Ordering::Relaxed);
+                    drop(slot);
+                    this.limits.freed.notify_waiters();
                     Err(e)
                 }
             }
@@ -127,6 +172,9 @@ pub struct UpstreamStream {
     inner: TcpStream,
     cluster: Arc<ClusterStats>,
     host: Arc<ConnStats>,
+    limits: Arc<ConnLimits>,
+    /// The `max_connections` unit this connection holds.
+    slot: Option<Slot>,
 }
 
 impl Drop for UpstreamStream {
@@ -134,6 +182,10 @@ impl Drop for UpstreamStream {
         self.cluster.upstream_cx_active.dec();
         self.cluster.upstream_cx_destroy.inc();
         self.host.cx_active.fetch_sub(1, Ordering::Relaxed);
+        // Release the unit before waking waiters; they arm `notified()` before checking the
+        // counter, so this wake-up cannot be lost.
+        self.slot.take();
+        self.limits.freed.notify_waiters();
     }
 }
 
