@@ -267,8 +267,6 @@ pub struct HttpProtocolOptionsCommon {
     pub max_connection_duration: Option<PbDuration>,
     #[serde(default)]
     pub max_headers_count: Option<u32>,
-    #[serde(default)]
-    pub max_stream_duration: Option<PbDuration>,
 }
 
 /// `envoy.config.core.v3.Http1ProtocolOptions`.

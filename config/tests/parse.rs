@@ -140,3 +140,34 @@ fn durations_parse_like_protobuf_json() {
     assert!(parse_duration("15").is_err());
     assert!(parse_duration("-1s").is_err());
 }
+
+#[test]
+fn unimplemented_timeouts_are_refused_unless_disabled() {
+    let with = |extra: &str| {
+        GOOD.replace(
+            "          stat_prefix: ingress\n",
+            &format!("          stat_prefix: ingress\n{extra}"),
+        )
+    };
+    assert!(parse_bootstrap(&with(
+        "          stream_idle_timeout: 0s\n          request_timeout: 0s\n"
+    ))
+    .is_ok());
+    let text = parse_bootstrap(&with("          stream_idle_timeout: 300s\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("typed_config.stream_idle_timeout: not supported yet"),
+        "{text}"
+    );
+    let text = parse_bootstrap(&GOOD.replace(
+        "timeout: { seconds: 2, nanos: 500000000 }",
+        "idle_timeout: 10s",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        text.contains("routes[0].route.idle_timeout: not supported yet"),
+        "{text}"
+    );
+}
