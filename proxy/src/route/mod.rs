@@ -55,7 +55,9 @@ pub struct RouteEntry {
 enum PathMatch {
     Prefix(String),
     Exact(String),
-    Regex(Regex),
+    /// The regex, and the literal text every match must start with (checked first: a
+    /// `starts_with` is far cheaper than running thousands of regexes per request).
+    Regex(Regex, String),
     SeparatedPrefix(String),
 }
 
@@ -247,6 +249,26 @@ fn full_regex(re: &str) -> Result<Regex, String> {
     Regex::new(&format!("^(?:{re})$")).map_err(|e| format!("invalid regex: {e}"))
 }
 
+/// The literal text at the start of a regex that every match must begin with ("" when unsure):
+/// stops at the first metacharacter, and drops the last character when it is made optional.
+fn literal_prefix(re: &str) -> String {
+    if re.contains('|') {
+        return String::new();
+    }
+    let mut out = String::new();
+    for c in re.chars() {
+        match c {
+            '?' | '*' | '{' => {
+                out.pop();
+                break;
+            }
+            '.' | '^' | '$' | '+' | '(' | ')' | '[' | ']' | '}' | '\\' => break,
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Converts RE2-style `\1` back-references to the regex crate's `${1}`.
 fn substitution(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -417,7 +439,7 @@ impl RouteEntry {
                     path.eq_ignore_ascii_case(p)
                 }
             }
-            PathMatch::Regex(r) => r.is_match(path),
+            PathMatch::Regex(r, literal) => path.starts_with(literal.as_str()) && r.is_match(path),
             PathMatch::SeparatedPrefix(p) => {
                 starts_with(path, p, self.case_sensitive)
                     && (path.len() == p.len() || path.as_bytes()[p.len()] == b'/')
@@ -464,7 +486,7 @@ impl RouteEntry {
             let matched = match &self.path {
                 PathMatch::Prefix(p) | PathMatch::SeparatedPrefix(p) => p.len(),
                 PathMatch::Exact(_) => path.len(),
-                PathMatch::Regex(_) => return None,
+                PathMatch::Regex(..) => return None,
             };
             format!("{pr}{}", &path[matched.min(path.len())..])
         } else if let Some((re, sub)) = &rewrite.regex_rewrite {
@@ -563,7 +585,14 @@ fn compile_route(
             format!("(?i){}", re.regex)
         };
         match full_regex(&src) {
-            Ok(r) => PathMatch::Regex(r),
+            Ok(r) => PathMatch::Regex(
+                r,
+                if case_sensitive {
+                    literal_prefix(&re.regex)
+                } else {
+                    String::new()
+                },
+            ),
             Err(e) => {
                 errors.push(err(format!("{mpath}.safe_regex.regex"), e));
                 PathMatch::Prefix("/".into())
@@ -1061,5 +1090,23 @@ fn split_host_port(host: &str) -> (&str, Option<&str>) {
     match host.rsplit_once(':') {
         Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty() => (h, Some(p)),
         _ => (host, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::literal_prefix;
+
+    #[test]
+    fn literal_prefix_is_conservative() {
+        assert_eq!(literal_prefix("/items/[0-9]+"), "/items/");
+        assert_eq!(literal_prefix("/ab?c"), "/a");
+        assert_eq!(literal_prefix("/ab*"), "/a");
+        assert_eq!(literal_prefix("/ab+"), "/ab");
+        assert_eq!(literal_prefix("/a{2}"), "/");
+        assert_eq!(literal_prefix("/a|/b"), "");
+        assert_eq!(literal_prefix("^/x"), "");
+        assert_eq!(literal_prefix("/x\\d"), "/x");
+        assert_eq!(literal_prefix("(/x)"), "");
     }
 }
