@@ -124,14 +124,7 @@ fn run(args: RunArgs) -> i32 {
         .init();
 
     if args.runtime.app_id.is_some() || args.config.is_none() {
-        let concurrency = args
-            .concurrency
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            })
-            .max(1);
+        let concurrency = worker_count(args.concurrency);
         return crate::runtime_cmd::run(
             args.config.as_deref(),
             &args.runtime,
@@ -149,31 +142,9 @@ fn run(args: RunArgs) -> i32 {
             return 1;
         }
     };
-    let concurrency = args
-        .concurrency
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
-        .max(1);
-    // One worker: a current-thread runtime avoids cross-thread wakeups entirely.
-    let runtime = if concurrency == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(concurrency)
-            .enable_all()
-            .build()
-    };
-    let runtime = match runtime {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return 1;
-        }
+    let concurrency = worker_count(args.concurrency);
+    let Some(runtime) = tokio_runtime(concurrency) else {
+        return 1;
     };
     let options = mecha_proxy::ServerOptions {
         concurrency,
@@ -214,5 +185,37 @@ async fn wait_for_shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
+    }
+}
+
+/// `--concurrency`, defaulting to the number of cores.
+pub(crate) fn worker_count(flag: Option<usize>) -> usize {
+    flag.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
+    .max(1)
+}
+
+/// The data plane's Tokio runtime. One worker gets a current-thread runtime, which avoids
+/// cross-thread wake-ups entirely.
+pub(crate) fn tokio_runtime(workers: usize) -> Option<tokio::runtime::Runtime> {
+    let built = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    };
+    match built {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            None
+        }
     }
 }

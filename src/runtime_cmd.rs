@@ -180,22 +180,8 @@ pub(crate) fn run(
         );
         return 1;
     }
-    let runtime = if concurrency == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(concurrency)
-            .enable_all()
-            .build()
-    };
-    let runtime = match runtime {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return 1;
-        }
+    let Some(runtime) = crate::cli::tokio_runtime(concurrency) else {
+        return 1;
     };
     runtime.block_on(serve(config, a, app_id, concurrency, drain_timeout))
 }
