@@ -63,10 +63,10 @@ pub fn any_to_value(type_url: &str, bytes: &[u8]) -> Result<serde_yaml::Value, S
         .use_proto_field_name(true)
         .stringify_64_bit_integers(false)
         .skip_default_fields(true);
-    let json = msg
-        .serialize_with_options(serde_json::value::Serializer, &opts)
-        .map_err(|e| format!("cannot translate: {e}"))?;
-    serde_yaml::to_value(json).map_err(|e| format!("cannot translate: {e}"))
+    // Straight into a YAML value: going through a `serde_json::Value` first built and dropped a
+    // second copy of the whole tree (a third of the time of a 10,000-route RDS response).
+    msg.serialize_with_options(serde_yaml::value::Serializer, &opts)
+        .map_err(|e| format!("cannot translate: {e}"))
 }
 
 /// The inverse of [`any_to_value`]: encodes a JSON/YAML description of a message (as written in
