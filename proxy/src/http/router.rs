@@ -122,14 +122,12 @@ impl Router {
         };
 
         let cm = self.clusters.load_full();
-        let (cluster_name, weighted_ops) = match action.pick_cluster(req.headers()) {
-            Some((c, ops)) => (c.to_string(), ops.cloned()),
-            None => {
-                self.stats.no_cluster.inc();
-                return local_reply(action.not_found_status, "");
-            }
-        };
-        let Some(cluster) = cm.get(&cluster_name) else {
+        // Resolve the cluster while the picked name still borrows the request: no per-request
+        // copy of the name.
+        let picked = action
+            .pick_cluster(req.headers())
+            .and_then(|(c, ops)| cm.get(c).map(|cluster| (cluster, ops.cloned())));
+        let Some((cluster, weighted_ops)) = picked else {
             self.stats.no_cluster.inc();
             return local_reply(action.not_found_status, "");
         };
