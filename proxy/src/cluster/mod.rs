@@ -261,6 +261,7 @@ impl Cluster {
             return Err(UpstreamError::Overflow("max_requests".into()));
         };
         set_upstream_uri(&mut req, host.addr, self.pool_settings.http2);
+
         let stats = &self.stats;
         stats.upstream_rq_total.inc();
         stats.upstream_rq_active.inc();
@@ -281,7 +282,7 @@ impl Cluster {
                 }
                 Ok(resp.map(|b| guarded_body(b, guard)))
             }
-            Err(e) if is_overflow(&e) => {
+            Err(pool::PoolError::Overflow(_)) => {
                 // The connection breaker refused: not the host's fault, so no outlier report.
                 stats.upstream_rq_completed.inc();
                 Err(UpstreamError::Overflow("max_pending_requests".into()))
@@ -291,44 +292,43 @@ impl Cluster {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 stats.upstream_rq_completed.inc();
                 stats.record_status(503);
+                let connect = matches!(e, pool::PoolError::Connect(_));
                 if let Some(d) = outlier {
-                    let o = if e.is_connect() {
+                    let o = if connect {
                         outlier::Outcome::ConnectFailed
                     } else {
                         outlier::Outcome::Reset
                     };
                     d.report(&host, o);
                 }
-                let reason = if e.is_connect() {
-                    "connection failure".to_string()
+                let reason = if connect {
+                    "connection failure"
                 } else {
                     stats.upstream_rq_rx_reset.inc();
-                    "connection termination".to_string()
+                    "connection termination"
                 };
-                let detail = std::error::Error::source(&e)
-                    .map(|s| format!(", transport failure reason: {s}"))
-                    .unwrap_or_default();
                 Err(UpstreamError::Connect(format!(
-                    "reset reason: {reason}{detail}"
+                    "reset reason: {reason}, transport failure reason: {}",
+                    failure_reason(&e)
                 )))
             }
         }
     }
 }
 
-/// Whether a pool error came from the connection circuit breaker.
-fn is_overflow(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+/// The transport failure with its cause (e.g. h2's "refused stream"), for the local reply.
+fn failure_reason(e: &pool::PoolError) -> String {
+    let mut out = e.to_string();
+    let mut cur = std::error::Error::source(e);
     while let Some(err) = cur {
-        if matches!(
-            err.downcast_ref::<pool::ConnectError>(),
-            Some(pool::ConnectError::Overflow(_))
-        ) {
-            return true;
+        let s = err.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
         }
         cur = err.source();
     }
-    false
+    out
 }
 
 fn static_specs(cfg: &ClusterConfig) -> Vec<HostSpec> {
@@ -367,24 +367,35 @@ pub fn assignment_hosts(cla: &mecha_config::ClusterLoadAssignment) -> Vec<HostSp
     out
 }
 
-/// Absolute-form URI for the pool: the pool pins the connection to the host, the authority keeps
-/// the pool key stable; the original Host header travels as a header (HTTP/1) or :authority (HTTP/2).
+/// The request target for the upstream codec. HTTP/1.1 goes out in origin-form (the original
+/// `Host` header travels as a header), so the common case rewrites nothing; HTTP/2 needs the
+/// scheme and authority for its pseudo-headers, and must not also carry a `Host` header.
 fn set_upstream_uri(req: &mut http::Request<Body>, addr: SocketAddr, http2: bool) {
+    if !http2 {
+        *req.version_mut() = http::Version::HTTP_11;
+        if req.uri().authority().is_some() {
+            let pq = req.uri().path_and_query().cloned();
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query =
+                Some(pq.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+        return;
+    }
     let path = req
         .uri()
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    let authority = if http2 {
-        req.headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-            .unwrap_or_else(|| addr.to_string())
-    } else {
-        addr.to_string()
-    };
+    let authority = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_else(|| addr.to_string());
     if let Ok(uri) = http::Uri::builder()
         .scheme("http")
         .authority(authority.as_str())
@@ -393,13 +404,8 @@ fn set_upstream_uri(req: &mut http::Request<Body>, addr: SocketAddr, http2: bool
     {
         *req.uri_mut() = uri;
     }
-    if http2 {
-        // h2 carries the authority as a pseudo-header; a Host header next to it is a protocol error.
-        req.headers_mut().remove(http::header::HOST);
-        *req.version_mut() = http::Version::HTTP_2;
-    } else {
-        *req.version_mut() = http::Version::HTTP_11;
-    }
+    req.headers_mut().remove(http::header::HOST);
+    *req.version_mut() = http::Version::HTTP_2;
 }
 
 struct RequestGuard {
@@ -415,7 +421,7 @@ impl Drop for RequestGuard {
     }
 }
 
-fn guarded_body(body: hyper::body::Incoming, guard: RequestGuard) -> Body {
+fn guarded_body(body: pool::PooledBody, guard: RequestGuard) -> Body {
     use http_body_util::BodyExt;
     crate::body::WithGuard::new(
         body.map_err(|e| Box::new(e) as mecha_filters::BoxError),

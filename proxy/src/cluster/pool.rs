@@ -1,23 +1,28 @@
 //! Per-host upstream connection pools.
 //!
-//! hyper-util's pooled client does the pooling (HTTP/1.1 keep-alive reuse, HTTP/2 multiplexing);
-//! the connector here pins every connection of a pool to one host address, applies the cluster's
-//! `connect_timeout`, sets TCP_NODELAY and keeps Envoy's `upstream_cx_*` stats.
+//! One [`Pool`] per host, built on hyper's connection-level client (`hyper::client::conn`):
+//! HTTP/1.1 connections are kept in a LIFO idle stack and lent to one request at a time, HTTP/2
+//! uses one shared multiplexed connection. Compared with hyper-util's generic pooled client this
+//! needs no pool key (the pool *is* the host), no absolute-form URI, and no task per request to
+//! watch for the connection becoming idle: the response body hands the connection back when it
+//! ends. Connections enforce the cluster's `max_connections` / `max_pending_requests` breakers,
+//! apply `connect_timeout` and TCP_NODELAY, and keep Envoy's `upstream_cx_*` stats exact.
 
 use super::circuit_breaker::{Resource, Slot};
 use crate::stats::ClusterStats;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::Client;
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mecha_filters::stats::Counter;
 use mecha_filters::Body;
-use std::future::Future;
+use parking_lot::Mutex;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -30,8 +35,6 @@ pub struct ConnStats {
     pub cx_connect_fail: AtomicU64,
 }
 
-pub type Pool = Client<HostConnector, Body>;
-
 #[derive(Clone, Debug)]
 pub struct PoolSettings {
     pub http2: bool,
@@ -39,15 +42,67 @@ pub struct PoolSettings {
     pub idle_timeout: Option<Duration>,
 }
 
-/// The cluster-wide connection limits the connector enforces (`max_connections`,
-/// `max_pending_requests`), shared by every host's pool.
+/// The cluster-wide connection limits every host's pool enforces (`max_connections`,
+/// `max_pending_requests`).
 pub struct ConnLimits {
     pub connections: Arc<Resource>,
     pub pending: Arc<Resource>,
     pub cx_overflow: Counter,
     pub pending_overflow: Counter,
-    /// Woken whenever a connection closes, so a pending connect can try again.
+    /// Woken whenever a connection closes, so a pending request can try again.
     pub freed: Notify,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connection timeout")]
+    Timeout,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Handshake(hyper::Error),
+}
+
+/// Why the pool could not deliver a response.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// `max_connections` reached and `max_pending_requests` full (or the wait timed out).
+    #[error("circuit breaker overflow: {0}")]
+    Overflow(&'static str),
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
+    /// The connection failed or was reset while the request was on it.
+    #[error("{0}")]
+    Http(#[source] hyper::Error),
+}
+
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    addr: SocketAddr,
+    settings: PoolSettings,
+    cluster: Arc<ClusterStats>,
+    host: Arc<ConnStats>,
+    limits: Arc<ConnLimits>,
+    h1: http1::Builder,
+    /// Idle HTTP/1.1 connections, most recently used last (reusing the warmest one first).
+    idle: Mutex<Vec<Idle>>,
+    /// The shared HTTP/2 connection.
+    h2: Mutex<Option<http2::SendRequest<Body>>>,
+    /// Serialises HTTP/2 connects so concurrent requests share one new connection.
+    h2_connecting: tokio::sync::Mutex<()>,
+    /// Requests waiting for a connection (at `max_connections`); only then do returns notify.
+    waiting: AtomicUsize,
+    returned: Notify,
+    reaper: AtomicBool,
+}
+
+struct Idle {
+    tx: http1::SendRequest<Body>,
+    since: Instant,
 }
 
 pub fn new_pool(
@@ -57,113 +112,330 @@ pub fn new_pool(
     host: Arc<ConnStats>,
     limits: Arc<ConnLimits>,
 ) -> Pool {
-    let connector = HostConnector {
-        addr,
-        timeout: settings.connect_timeout,
-        cluster,
-        host,
-        limits,
-    };
-    let mut b = Client::builder(TokioExecutor::new());
-    b.pool_timer(TokioTimer::new())
-        .pool_idle_timeout(settings.idle_timeout)
-        .pool_max_idle_per_host(usize::MAX)
-        .set_host(false)
-        .http2_only(settings.http2);
-    if settings.http2 {
-        b.timer(TokioTimer::new())
-            .http2_keep_alive_while_idle(false);
+    Pool {
+        inner: Arc::new(Inner {
+            addr,
+            settings: settings.clone(),
+            cluster,
+            host,
+            limits,
+            h1: http1::Builder::new(),
+            idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
+            waiting: AtomicUsize::new(0),
+            returned: Notify::new(),
+            reaper: AtomicBool::new(false),
+        }),
     }
-    b.build(connector)
 }
 
-/// Opens connections to exactly one host, whatever the request URI says.
-#[derive(Clone)]
-pub struct HostConnector {
-    addr: SocketAddr,
-    timeout: Duration,
-    cluster: Arc<ClusterStats>,
-    host: Arc<ConnStats>,
-    limits: Arc<ConnLimits>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    /// `max_connections` reached and `max_pending_requests` full: Envoy's overflow.
-    #[error("circuit breaker overflow: {0}")]
-    Overflow(&'static str),
-    #[error("connection timeout")]
-    Timeout,
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-}
-
-impl tower::Service<http::Uri> for HostConnector {
-    type Response = TokioIo<UpstreamStream>;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+impl Pool {
+    /// Sends `req` on a pooled connection. An HTTP/1.1 request goes out as given (origin-form
+    /// URI, its own `Host` header); an HTTP/2 request needs an absolute URI for `:authority`.
+    pub async fn request(
+        &self,
+        req: http::Request<Body>,
+    ) -> Result<http::Response<PooledBody>, PoolError> {
+        if self.inner.settings.http2 {
+            self.request_h2(req).await
+        } else {
+            self.request_h1(req).await
+        }
     }
 
-    fn call(&mut self, _uri: http::Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            // Connection circuit breaker. At the limit the connect waits as a pending request
-            // (hyper's pool hands the request an idle connection as soon as one is free, and a
-            // closing connection wakes us to try again); past max_pending_requests it overflows.
-            // hyper keeps a connect that lost the race to an idle connection running in the
-            // background, so a pending wait is bounded by connect_timeout rather than left to
-            // hold its pending unit indefinitely.
-            let deadline = tokio::time::Instant::now() + this.timeout;
-            let slot = loop {
-                let freed = this.limits.freed.notified();
-                if let Some(slot) = this.limits.connections.try_acquire() {
-                    break slot;
+    async fn request_h1(
+        &self,
+        mut req: http::Request<Body>,
+    ) -> Result<http::Response<PooledBody>, PoolError> {
+        loop {
+            let (mut tx, reused) = self.inner.checkout().await?;
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    // An upgraded connection belongs to the tunnel now, never to the pool.
+                    let back = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS)
+                        .then(|| (tx, self.inner.clone()));
+                    return Ok(resp.map(|body| PooledBody { body, back }));
                 }
-                this.limits.cx_overflow.inc();
-                let Some(_pending) = this.limits.pending.try_acquire() else {
-                    this.limits.pending_overflow.inc();
-                    return Err(ConnectError::Overflow("max_pending_requests"));
-                };
-                if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                    return Err(ConnectError::Overflow("max_connections"));
+                Err(mut e) => match e.take_message() {
+                    // A kept-alive connection the server closed before our request went out:
+                    // nothing was sent, so try again on another connection (as hyper-util does).
+                    Some(r) if reused => req = r,
+                    _ => return Err(PoolError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn request_h2(
+        &self,
+        mut req: http::Request<Body>,
+    ) -> Result<http::Response<PooledBody>, PoolError> {
+        // One retry on a fresh connection when the shared one turned out to be closed before
+        // the request went out.
+        let mut first = true;
+        loop {
+            let mut tx = self.inner.h2_sender().await?;
+            if let Err(e) = tx.ready().await {
+                self.inner.forget_closed_h2();
+                if std::mem::take(&mut first) {
+                    continue;
                 }
-            };
-            this.cluster.upstream_cx_total.inc();
-            this.host.cx_total.fetch_add(1, Ordering::Relaxed);
-            let res = match tokio::time::timeout(this.timeout, TcpStream::connect(this.addr)).await
-            {
-                Ok(Ok(s)) => Ok(s),
-                Ok(Err(e)) => Err(ConnectError::Io(e)),
-                Err(_) => {
-                    this.cluster.upstream_cx_connect_timeout.inc();
-                    Err(ConnectError::Timeout)
+                return Err(PoolError::Http(e));
+            }
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(|body| PooledBody { body, back: None })),
+                Err(mut e) => match e.take_message() {
+                    Some(r) if std::mem::take(&mut first) => {
+                        self.inner.forget_closed_h2();
+                        req = r;
+                    }
+                    _ => return Err(PoolError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// An HTTP/1.1 connection for one request: an idle one, a new one, or — at `max_connections`
+    /// — the first one returned or freed while waiting as a pending request (bounded by
+    /// `connect_timeout`, past `max_pending_requests` an overflow). `true` when reused.
+    async fn checkout(self: &Arc<Self>) -> Result<(http1::SendRequest<Body>, bool), PoolError> {
+        let mut deadline = None;
+        loop {
+            while let Some(mut idle) = self.pop_idle() {
+                if idle.tx.is_closed() {
+                    continue;
                 }
-            };
-            match res {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    this.cluster.upstream_cx_active.inc();
-                    this.host.cx_active.fetch_add(1, Ordering::Relaxed);
-                    Ok(TokioIo::new(UpstreamStream {
-                        inner: stream,
-                        cluster: this.cluster,
-                        host: this.host,
-                        limits: this.limits,
-                        slot: Some(slot),
-                    }))
-                }
-                Err(e) => {
-                    this.cluster.upstream_cx_connect_fail.inc();
-                    this.host.cx_connect_fail.fetch_add(1, Ordering::Relaxed);
-                    drop(slot);
-                    this.limits.freed.notify_waiters();
-                    Err(e)
+                if idle.tx.is_ready() || idle.tx.ready().await.is_ok() {
+                    return Ok((idle.tx, true));
                 }
             }
-        })
+            // Armed before the checks below, so a return or close in between is not missed.
+            let returned = self.returned.notified();
+            let freed = self.limits.freed.notified();
+            if let Some(slot) = self.limits.connections.try_acquire() {
+                let io = self.connect(slot).await?;
+                let (tx, conn) = self
+                    .h1
+                    .handshake(io)
+                    .await
+                    .map_err(ConnectError::Handshake)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        tracing::debug!(error = %e, "upstream connection error");
+                    }
+                });
+                return Ok((tx, false));
+            }
+            self.limits.cx_overflow.inc();
+            let Some(_pending) = self.limits.pending.try_acquire() else {
+                self.limits.pending_overflow.inc();
+                return Err(PoolError::Overflow("max_pending_requests"));
+            };
+            let deadline = *deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + self.settings.connect_timeout);
+            self.waiting.fetch_add(1, Ordering::AcqRel);
+            let woken = tokio::select! {
+                _ = returned => true,
+                _ = freed => true,
+                _ = tokio::time::sleep_until(deadline) => false,
+            };
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            if !woken {
+                return Err(PoolError::Overflow("max_connections"));
+            }
+        }
+    }
+
+    fn pop_idle(&self) -> Option<Idle> {
+        let mut idle = self.idle.lock();
+        let i = idle.pop()?;
+        if self
+            .settings
+            .idle_timeout
+            .is_some_and(|t| i.since.elapsed() >= t)
+        {
+            // Older entries sit below: all of them have expired too.
+            idle.clear();
+            return None;
+        }
+        Some(i)
+    }
+
+    /// Called when a response body ended on an HTTP/1.1 connection that can carry another request.
+    fn put_idle(self: &Arc<Self>, tx: http1::SendRequest<Body>) {
+        if tx.is_closed() {
+            return;
+        }
+        self.idle.lock().push(Idle {
+            tx,
+            since: Instant::now(),
+        });
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.returned.notify_waiters();
+        }
+        if let Some(t) = self.settings.idle_timeout {
+            if !self.reaper.swap(true, Ordering::AcqRel) {
+                tokio::spawn(reap(Arc::downgrade(self), t));
+            }
+        }
+    }
+
+    async fn h2_sender(self: &Arc<Self>) -> Result<http2::SendRequest<Body>, PoolError> {
+        if let Some(tx) = self.live_h2() {
+            return Ok(tx);
+        }
+        let _connecting = self.h2_connecting.lock().await;
+        if let Some(tx) = self.live_h2() {
+            return Ok(tx);
+        }
+        let deadline = tokio::time::Instant::now() + self.settings.connect_timeout;
+        let slot = loop {
+            let freed = self.limits.freed.notified();
+            if let Some(slot) = self.limits.connections.try_acquire() {
+                break slot;
+            }
+            self.limits.cx_overflow.inc();
+            let Some(_pending) = self.limits.pending.try_acquire() else {
+                self.limits.pending_overflow.inc();
+                return Err(PoolError::Overflow("max_pending_requests"));
+            };
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(PoolError::Overflow("max_connections"));
+            }
+        };
+        let io = self.connect(slot).await?;
+        let mut b = http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new()).keep_alive_while_idle(false);
+        let (tx, conn) = b.handshake(io).await.map_err(ConnectError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream h2 connection error");
+            }
+        });
+        *self.h2.lock() = Some(tx.clone());
+        Ok(tx)
+    }
+
+    fn live_h2(&self) -> Option<http2::SendRequest<Body>> {
+        let mut g = self.h2.lock();
+        match &*g {
+            Some(tx) if !tx.is_closed() => Some(tx.clone()),
+            Some(_) => {
+                *g = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn forget_closed_h2(&self) {
+        let mut g = self.h2.lock();
+        if g.as_ref().is_some_and(|t| t.is_closed()) {
+            *g = None;
+        }
+    }
+
+    /// Opens one TCP connection to the host, holding the `max_connections` unit it was given.
+    async fn connect(&self, slot: Slot) -> Result<TokioIo<UpstreamStream>, ConnectError> {
+        self.cluster.upstream_cx_total.inc();
+        self.host.cx_total.fetch_add(1, Ordering::Relaxed);
+        let res = match tokio::time::timeout(
+            self.settings.connect_timeout,
+            TcpStream::connect(self.addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(ConnectError::Io(e)),
+            Err(_) => {
+                self.cluster.upstream_cx_connect_timeout.inc();
+                Err(ConnectError::Timeout)
+            }
+        };
+        match res {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                self.cluster.upstream_cx_active.inc();
+                self.host.cx_active.fetch_add(1, Ordering::Relaxed);
+                Ok(TokioIo::new(UpstreamStream {
+                    inner: stream,
+                    cluster: self.cluster.clone(),
+                    host: self.host.clone(),
+                    limits: self.limits.clone(),
+                    slot: Some(slot),
+                }))
+            }
+            Err(e) => {
+                self.cluster.upstream_cx_connect_fail.inc();
+                self.host.cx_connect_fail.fetch_add(1, Ordering::Relaxed);
+                drop(slot);
+                self.limits.freed.notify_waiters();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Closes idle connections older than the cluster's idle timeout; ends with the pool.
+async fn reap(pool: Weak<Inner>, timeout: Duration) {
+    loop {
+        tokio::time::sleep(timeout / 2).await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.idle.lock().retain(|i| i.since.elapsed() < timeout);
+    }
+}
+
+/// An upstream response body. On an HTTP/1.1 connection it hands the connection back to the
+/// pool when the body has been read to its end; a body dropped half-read takes the connection
+/// with it (hyper closes it, as the rest of the response can't be skipped safely).
+pub struct PooledBody {
+    body: Incoming,
+    back: Option<(http1::SendRequest<Body>, Arc<Inner>)>,
+}
+
+impl PooledBody {
+    fn give_back(&mut self) {
+        if let Some((tx, pool)) = self.back.take() {
+            pool.put_idle(tx);
+        }
+    }
+}
+
+impl http_body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let res = Pin::new(&mut self.body).poll_frame(cx);
+        match &res {
+            Poll::Ready(None) => self.give_back(),
+            Poll::Ready(Some(Err(_))) => self.back = None,
+            _ => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // Bodies known empty (204, HEAD, content-length 0) are often never polled.
+        if http_body::Body::is_end_stream(&self.body) {
+            self.give_back();
+        }
     }
 }
 
@@ -186,12 +458,6 @@ impl Drop for UpstreamStream {
         // counter, so this wake-up cannot be lost.
         self.slot.take();
         self.limits.freed.notify_waiters();
-    }
-}
-
-impl Connection for UpstreamStream {
-    fn connected(&self) -> Connected {
-        Connected::new()
     }
 }
 
