@@ -17,9 +17,11 @@ use hyper_util::server::conn::auto;
 use mecha_config::{CodecType, HttpConnectionManager};
 use mecha_filters::{local_reply, Body, FilterChain, RequestInfo};
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -125,6 +127,9 @@ impl Hcm {
             .http1()
             .timer(TokioTimer::new())
             .keep_alive(true)
+            // Envoy has no request-headers timeout unless `request_headers_timeout` is set; hyper's
+            // default 30 s one would also arm a timer for every request.
+            .header_read_timeout(None)
             .max_buf_size(self.max_headers_bytes.max(8192));
         if let Some(n) = self.max_headers_count {
             builder.http1().max_headers(n);
@@ -164,34 +169,64 @@ impl Hcm {
         let started = Instant::now();
         let mut draining: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
             drain.signaled();
+        let mut deadline = self
+            .next_deadline(&activity, started)
+            .map(|d| Box::pin(tokio::time::sleep_until(d.into())));
+        // The drain signal and the idle/duration deadline are polled only after their own
+        // wake-ups, not on every wake-up of the connection (which happen several times per
+        // request).
+        let side = Arc::new(SideWaker::default());
         let mut shutting_down = false;
         loop {
-            let deadline = self.next_deadline(&activity, started);
-            tokio::select! {
-                res = conn.as_mut() => {
+            let event = std::future::poll_fn(|cx| {
+                if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(ConnEvent::Closed(res));
+                }
+                side.task.register(cx.waker());
+                if side.woken.swap(false, Ordering::AcqRel) {
+                    let waker = Waker::from(side.clone());
+                    let mut scx = Context::from_waker(&waker);
+                    if draining.as_mut().poll(&mut scx).is_ready() {
+                        return Poll::Ready(ConnEvent::Drain);
+                    }
+                    if let (Some(d), false) = (deadline.as_mut(), shutting_down) {
+                        if d.as_mut().poll(&mut scx).is_ready() {
+                            return Poll::Ready(ConnEvent::Deadline);
+                        }
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            match event {
+                ConnEvent::Closed(res) => {
                     if let Err(e) = res {
                         tracing::debug!(error = %e, remote = %info.remote, "downstream connection error");
                     }
                     break;
                 }
-                _ = &mut draining => {
+                ConnEvent::Drain => {
                     if shutting_down {
                         // The drain timeout passed with requests still in flight.
                         break;
                     }
                     shutting_down = true;
                     conn.as_mut().graceful_shutdown();
-                    let timeout = self.drain_timeout;
-                    draining = Box::pin(tokio::time::sleep(timeout));
+                    draining = Box::pin(tokio::time::sleep(self.drain_timeout));
                 }
-                _ = sleep_until(deadline), if deadline.is_some() && !shutting_down => {
+                ConnEvent::Deadline => {
                     if self.expired(&activity, started) {
                         self.stats.downstream_cx_idle_timeout.inc();
                         shutting_down = true;
                         conn.as_mut().graceful_shutdown();
+                    } else if let (Some(d), Some(next)) =
+                        (deadline.as_mut(), self.next_deadline(&activity, started))
+                    {
+                        d.as_mut().reset(next.into());
                     }
                 }
             }
+            side.woken.store(true, Ordering::Release);
         }
         self.stats.downstream_cx_active.dec();
         self.stats.downstream_cx_destroy.inc();
@@ -343,10 +378,35 @@ pub fn authority(req: &Request<Body>) -> &str {
         .unwrap_or("")
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
+enum ConnEvent {
+    Closed(Result<(), Box<dyn std::error::Error + Send + Sync>>),
+    Drain,
+    Deadline,
+}
+
+/// Wakes the connection task on behalf of its side futures (drain, deadline) and records that
+/// they need polling.
+struct SideWaker {
+    woken: AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl Default for SideWaker {
+    fn default() -> Self {
+        Self {
+            woken: AtomicBool::new(true),
+            task: Default::default(),
+        }
+    }
+}
+
+impl std::task::Wake for SideWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
 

@@ -14,30 +14,60 @@ static HOP_BY_HOP: [HeaderName; 6] = [
 /// Removes hop-by-hop headers (and those the Connection header names). `te: trailers` survives,
 /// as gRPC needs it; upgrade headers survive when the request is a permitted upgrade.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    if let Some(conn) = headers
-        .get(header::CONNECTION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-    {
-        for name in conn.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            if keep_upgrade && name.eq_ignore_ascii_case("upgrade") {
-                continue;
-            }
-            if let Ok(n) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
-                if n != header::TE {
-                    headers.remove(&n);
+    // One pass over the names (standard names compare as enum tags) finds which hop-by-hop
+    // headers are present, so only those are removed: most messages carry none, or one
+    // (`connection: keep-alive`, `transfer-encoding: chunked`).
+    let mut present = 0u8;
+    for k in headers.keys() {
+        present |= match k.as_str() {
+            "connection" => 1,
+            "keep-alive" => 1 << 1,
+            "proxy-connection" => 1 << 2,
+            "transfer-encoding" => 1 << 3,
+            "upgrade" => 1 << 4,
+            "te" => 1 << 5,
+            _ => 0,
+        };
+    }
+    if present == 0 && !keep_upgrade {
+        return;
+    }
+    const CONNECTION: u8 = 1;
+    const TE: u8 = 1 << 5;
+    let mut nominated: Vec<HeaderName> = Vec::new();
+    if present & CONNECTION != 0 {
+        for v in headers.get_all(header::CONNECTION) {
+            let Ok(v) = v.to_str() else { continue };
+            for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                if name.eq_ignore_ascii_case("close")
+                    || name.eq_ignore_ascii_case("te")
+                    || HOP_BY_HOP
+                        .iter()
+                        .any(|h| name.eq_ignore_ascii_case(h.as_str()))
+                {
+                    // Not a header, kept on purpose, or removed below anyway.
+                    continue;
+                }
+                if let Ok(n) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+                    nominated.push(n);
                 }
             }
         }
     }
-    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
-    for h in &HOP_BY_HOP {
-        if keep_upgrade && (h == header::CONNECTION || h == header::UPGRADE) {
+    for n in &nominated {
+        headers.remove(n);
+    }
+    let te_trailers = present & TE != 0
+        && headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+    for (i, h) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) == 0
+            || (keep_upgrade && (h == header::CONNECTION || h == header::UPGRADE))
+        {
             continue;
         }
         headers.remove(h);
@@ -80,9 +110,18 @@ pub fn uuid_v4_header() -> HeaderValue {
     HeaderValue::from_bytes(&uuid_v4_bytes()).unwrap_or(HeaderValue::from_static(""))
 }
 
+thread_local! {
+    static FAST_RNG: std::cell::RefCell<rand::rngs::SmallRng> =
+        std::cell::RefCell::new(<rand::rngs::SmallRng as rand::SeedableRng>::from_rng(&mut rand::rng()));
+}
+
 fn uuid_v4_bytes() -> [u8; 36] {
+    use rand::RngCore;
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut b: [u8; 16] = rand::random();
+    let mut b = [0u8; 16];
+    // Request ids need uniqueness, not secrecy: a per-thread xoshiro seeded from the OS is a
+    // fraction of the cost of the reseeding ChaCha `ThreadRng`.
+    FAST_RNG.with(|r| r.borrow_mut().fill_bytes(&mut b));
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let mut out = [b'-'; 36];
@@ -114,5 +153,37 @@ mod tests {
         assert!(matches!(&parts[3][..1], "8" | "9" | "a" | "b"));
         assert_ne!(u, super::uuid_v4());
         assert_eq!(super::uuid_v4_header().len(), 36);
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_nominated_headers() {
+        use http::header::{HeaderMap, HeaderValue};
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Secret, close"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("te", HeaderValue::from_static("gzip, trailers"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        super::strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["te", "x-keep"]);
+        assert_eq!(h["te"], "trailers");
+
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        super::strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+
+        let mut h = HeaderMap::new();
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        super::strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
     }
 }
