@@ -238,3 +238,46 @@ async fn max_connections_queue_pending_requests_and_overflow_past_max_pending() 
     assert_eq!(m.stat("cluster.a.upstream_cx_total").await, Some(2));
     assert_eq!(up.hits(), 5);
 }
+
+#[tokio::test]
+async fn a_request_never_competes_with_its_own_previous_retry_for_max_retries() {
+    // Envoy gives back a retry's slot once that retry's outcome is known, before admitting the
+    // next one (RetryStateImpl::shouldRetry → resetRetry → canCreate). With max_retries: 1 a
+    // single request can therefore still use all of its num_retries, one at a time.
+    let ctl = Ctl::new();
+    let up = scripted("a", &ctl).await;
+    let (admin, port) = (free_port(), free_port());
+    let cb = "    circuit_breakers:\n      thresholds:\n      - { max_retries: 1 }\n";
+    let route = "              - match: { prefix: \"/\" }\n                route:\n                  cluster: a\n                  retry_policy: { retry_on: \"5xx\", num_retries: 3, retry_back_off: { base_interval: 0.001s } }\n";
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &routes("", route),
+        &static_cluster("a", &[up.addr], "ROUND_ROBIN", cb),
+    );
+    let m = Mecha::start(&cfg, admin).await;
+    ctl.script(
+        "a",
+        vec![
+            Act::Status(503),
+            Act::Status(503),
+            Act::Status(503),
+            Act::Ok,
+        ],
+    );
+    let r = request(port, "GET", "/", &[], vec![]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.hits(), 4);
+    assert_eq!(m.stat("cluster.a.upstream_rq_retry").await, Some(3));
+    assert_eq!(
+        m.stat("cluster.a.upstream_rq_retry_overflow").await,
+        Some(0)
+    );
+    assert_eq!(m.stat("cluster.a.upstream_rq_retry_success").await, Some(1));
+    assert_eq!(
+        m.stat("cluster.a.circuit_breakers.default.rq_retry_open")
+            .await,
+        Some(0)
+    );
+}

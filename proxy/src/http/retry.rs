@@ -792,6 +792,12 @@ async fn run(
                 return done(out);
             }
         }
+        // As Envoy's RetryStateImpl::shouldRetry (resetRetry, then canCreate): the previous
+        // retry's slot is given back once that retry's outcome is known, before the next one is
+        // admitted, so one request never competes with itself for `max_retries`. The new slot
+        // is held from this decision through the back-off and the retry attempt, until its
+        // outcome is known, exactly as long as Envoy counts it in `rq_retry_open`.
+        _retry_slot = None;
         let Some(slot) = cluster.resilience.breakers.default.try_retry() else {
             stats.upstream_rq_retry_overflow.inc();
             return done(out);
