@@ -281,3 +281,89 @@ async fn a_request_never_competes_with_its_own_previous_retry_for_max_retries() 
         Some(0)
     );
 }
+
+#[tokio::test]
+async fn tcp_proxy_connections_count_against_max_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An echo upstream that counts the connections it accepted.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let acc = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            acc.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let (admin, port) = (free_port(), free_port());
+    let cb = "    circuit_breakers:\n      thresholds:\n      - { max_connections: 1 }\n";
+    let cfg = format!(
+        r#"{admin_yaml}
+static_resources:
+  listeners:
+  - name: tcp
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: tcp_stats
+          cluster: echo
+  clusters:
+{cluster}
+"#,
+        admin_yaml = admin_yaml(admin),
+        cluster = static_cluster("echo", &[addr], "ROUND_ROBIN", cb),
+    );
+    let m = Mecha::start(&cfg, admin).await;
+    let connect = || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap()
+    };
+    let echo = |mut s: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 4];
+        let r = tokio::time::timeout(Duration::from_secs(5), async {
+            s.write_all(b"ping").await?;
+            s.read_exact(&mut buf).await
+        })
+        .await
+        .expect("neither echoed nor closed");
+        (r.is_ok() && &buf == b"ping", s)
+    };
+    // The first connection holds the cluster's only connection unit.
+    let (ok, first) = echo(connect().await).await;
+    assert!(ok);
+    assert_eq!(
+        m.stat("cluster.echo.circuit_breakers.default.cx_open")
+            .await,
+        Some(1)
+    );
+    // The second overflows: closed without reaching the upstream.
+    let (ok, _second) = echo(connect().await).await;
+    assert!(!ok, "the second connection should have been refused");
+    assert_eq!(m.stat("cluster.echo.upstream_cx_overflow").await, Some(1));
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // Once the first closes, its unit is back.
+    drop(first);
+    assert!(
+        eventually(5, || async {
+            m.stat("cluster.echo.circuit_breakers.default.cx_open")
+                .await
+                == Some(0)
+        })
+        .await
+    );
+    let (ok, _third) = echo(connect().await).await;
+    assert!(ok);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}

@@ -128,7 +128,37 @@ pub struct HostSpec {
     pub locality: Option<mecha_config::Locality>,
 }
 
+/// A `max_connections` unit held by an upstream connection outside the HTTP pools (the TCP
+/// proxy's). Dropping it gives the unit back and wakes HTTP connects waiting for one, as a pooled
+/// connection's close does.
+pub struct ConnectionSlot {
+    slot: Option<circuit_breaker::Slot>,
+    limits: Arc<pool::ConnLimits>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        // Release before waking, so a woken waiter finds the unit free.
+        self.slot.take();
+        self.limits.freed.notify_waiters();
+    }
+}
+
 impl Cluster {
+    /// Takes one `max_connections` unit for a TCP proxy connection. At the limit Envoy's
+    /// tcp_proxy neither queues nor retries: it counts `upstream_cx_overflow` and closes the
+    /// downstream connection, so `None` here means exactly that to the caller.
+    pub fn try_tcp_connection(&self) -> Option<ConnectionSlot> {
+        let Some(slot) = self.conn_limits.connections.try_acquire() else {
+            self.conn_limits.cx_overflow.inc();
+            return None;
+        };
+        Some(ConnectionSlot {
+            slot: Some(slot),
+            limits: self.conn_limits.clone(),
+        })
+    }
+
     /// Builds a cluster. Static hosts are created now; DNS clusters start empty and are filled by
     /// [`Cluster::start_discovery`].
     pub fn new(cfg: ClusterConfig, store: &Store) -> Arc<Self> {
