@@ -367,3 +367,64 @@ static_resources:
     assert!(ok);
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn route_priority_high_uses_the_high_thresholds() {
+    let ctl = Ctl::new();
+    let up = scripted("a", &ctl).await;
+    let (admin, port) = (free_port(), free_port());
+    let cb = "    circuit_breakers:\n      thresholds:\n      - { priority: DEFAULT, max_requests: 1 }\n      - { priority: HIGH, max_requests: 2, max_retries: 0 }\n";
+    let retry = "retry_policy: { retry_on: \"5xx\", num_retries: 1, retry_back_off: { base_interval: 0.001s } }";
+    let route = format!(
+        "              - match: {{ prefix: \"/hi\" }}\n                route: {{ cluster: a, priority: HIGH, {retry} }}\n              - match: {{ prefix: \"/\" }}\n                route: {{ cluster: a, {retry} }}\n"
+    );
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &routes("", &route),
+        &static_cluster("a", &[up.addr], "ROUND_ROBIN", cb),
+    );
+    let m = Mecha::start(&cfg, admin).await;
+    ctl.set_default("a", Act::Gate);
+    let spawn = |path: &'static str| {
+        tokio::spawn(async move { request(port, "GET", path, &[], vec![]).await })
+    };
+    // One DEFAULT and two HIGH requests are in flight at once: each priority has its own limit.
+    let held = vec![spawn("/"), spawn("/hi"), spawn("/hi")];
+    assert!(eventually(10, || async { ctl.in_flight.load(Ordering::SeqCst) == 3 }).await);
+    assert_eq!(
+        m.stat("cluster.a.circuit_breakers.default.rq_open").await,
+        Some(1)
+    );
+    assert_eq!(
+        m.stat("cluster.a.circuit_breakers.high.rq_open").await,
+        Some(1)
+    );
+    for path in ["/", "/hi"] {
+        let r = request(port, "GET", path, &[], vec![]).await;
+        assert_eq!(r.status, 503, "{path}");
+        assert_eq!(r.header("x-envoy-overloaded"), Some("true"), "{path}");
+    }
+    assert_eq!(
+        m.stat("cluster.a.upstream_rq_pending_overflow").await,
+        Some(2)
+    );
+    ctl.open_gate();
+    for t in held {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    // HIGH's max_retries is 0: its 503 is not retried, while DEFAULT (3) retries.
+    ctl.set_default("a", Act::Ok);
+    ctl.script("a", vec![Act::Status(503)]);
+    let r = request(port, "GET", "/hi", &[], vec![]).await;
+    assert_eq!((r.status, r.text()), (503, "a:503".to_string()));
+    assert_eq!(
+        m.stat("cluster.a.upstream_rq_retry_overflow").await,
+        Some(1)
+    );
+    ctl.script("a", vec![Act::Status(503)]);
+    let r = request(port, "GET", "/", &[], vec![]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(m.stat("cluster.a.upstream_rq_retry").await, Some(1));
+}

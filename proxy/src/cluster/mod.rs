@@ -278,15 +278,26 @@ impl Cluster {
         self.hosts.load().pick(hash)
     }
 
-    /// Sends `req` to `host`: fills in scheme/authority, counts the request, and turns pool errors
-    /// into [`UpstreamError`]. The response body keeps the host's active-request count until it ends.
+    /// Sends `req` to `host` at DEFAULT priority (see [`Cluster::send_at`]).
     pub async fn send(
         &self,
         host: Arc<Host>,
+        req: http::Request<Body>,
+    ) -> Result<http::Response<Body>, UpstreamError> {
+        self.send_at(host, req, false).await
+    }
+
+    /// Sends `req` to `host`: fills in scheme/authority, counts the request against the
+    /// `max_requests` of the route's priority (`high`), and turns pool errors into
+    /// [`UpstreamError`]. The response body keeps the host's active-request count until it ends.
+    pub async fn send_at(
+        &self,
+        host: Arc<Host>,
         mut req: http::Request<Body>,
+        high: bool,
     ) -> Result<http::Response<Body>, UpstreamError> {
         // max_requests circuit breaker: a CAS admission, held until the response body ends.
-        let Some(rq_slot) = self.resilience.breakers.default.requests.try_acquire() else {
+        let Some(rq_slot) = self.resilience.breakers.at(high).requests.try_acquire() else {
             self.resilience.stats.upstream_rq_pending_overflow.inc();
             return Err(UpstreamError::Overflow("max_requests".into()));
         };

@@ -336,6 +336,8 @@ pub struct RoutePolicy {
     /// `max_stream_duration.grpc_timeout_header_max`: `Some(0)` = honour `grpc-timeout` uncapped.
     pub grpc_timeout_max: Option<Duration>,
     pub grpc_timeout_offset: Duration,
+    /// Route `priority: HIGH`: requests and retries count against the HIGH thresholds.
+    pub high_priority: bool,
 }
 
 impl Default for RoutePolicy {
@@ -347,6 +349,7 @@ impl Default for RoutePolicy {
             response_attempt_count: false,
             grpc_timeout_max: None,
             grpc_timeout_offset: Duration::ZERO,
+            high_priority: false,
         }
     }
 }
@@ -391,6 +394,7 @@ impl RoutePolicy {
                 .and_then(|m| m.grpc_timeout_header_offset)
                 .map(|d| d.0)
                 .unwrap_or_default(),
+            high_priority: action.is_some_and(|a| a.priority == cfg::RoutingPriority::HIGH),
         }))
     }
 }
@@ -685,12 +689,12 @@ async fn attempt(
     cluster: &Arc<Cluster>,
     host: Arc<Host>,
     req: Request<Body>,
-    per_try: Option<Duration>,
-    per_try_idle: Option<Duration>,
+    plan: &Plan<'_>,
 ) -> Result<Response<Body>, Failure> {
-    let Some(idle) = per_try_idle else {
+    let (per_try, high) = (plan.per_try, plan.policy.high_priority);
+    let Some(idle) = plan.per_try_idle else {
         // No idle timer: the attempt's future and response body are passed through untouched.
-        let sent = cluster.send(host.clone(), req);
+        let sent = cluster.send_at(host.clone(), req, high);
         let r = match per_try {
             Some(t) => match tokio::time::timeout(t, sent).await {
                 Ok(r) => r,
@@ -707,7 +711,8 @@ async fn attempt(
         let p = idle::Progress::new();
         (req.map(|b| idle::watch(b, &p)), Some(p))
     };
-    let sent = idle::await_headers(cluster.send(host.clone(), req), idle, progress.as_deref());
+    let sent = cluster.send_at(host.clone(), req, high);
+    let sent = idle::await_headers(sent, idle, progress.as_deref());
     let r = match per_try {
         Some(t) => match tokio::time::timeout(t, sent).await {
             Ok(r) => r,
@@ -775,9 +780,7 @@ async fn run(
                 req.headers_mut()
                     .insert(ATTEMPT_COUNT.clone(), HeaderValue::from(1));
             }
-            return attempt(cluster, first, req, plan.per_try, plan.per_try_idle)
-                .await
-                .map(|r| (r, 1));
+            return attempt(cluster, first, req, plan).await.map(|r| (r, 1));
         }
     };
     let stats = &cluster.resilience.stats;
@@ -824,7 +827,7 @@ async fn run(
                 .insert(ATTEMPT_COUNT.clone(), HeaderValue::from(retries + 1));
         }
         *current = Some(host.clone());
-        let out = attempt(cluster, host.clone(), req, plan.per_try, plan.per_try_idle).await;
+        let out = attempt(cluster, host.clone(), req, plan).await;
         let retriable = match &out {
             Ok(resp) => retry.retriable_response(resp, &plan.extra_statuses),
             Err(f) => f.retriable(retry.on),
@@ -852,7 +855,8 @@ async fn run(
         // is held from this decision through the back-off and the retry attempt, until its
         // outcome is known, exactly as long as Envoy counts it in `rq_retry_open`.
         _retry_slot = None;
-        let Some(slot) = cluster.resilience.breakers.default.try_retry() else {
+        let breaker = cluster.resilience.breakers.at(plan.policy.high_priority);
+        let Some(slot) = breaker.try_retry() else {
             stats.upstream_rq_retry_overflow.inc();
             return done(out);
         };
