@@ -204,6 +204,9 @@ pub struct RouteAction {
     pub retry_policy: Option<crate::RetryPolicy>,
     #[serde(default)]
     pub max_stream_duration: Option<crate::MaxStreamDuration>,
+    /// Which `circuit_breakers.thresholds` this route's requests count against.
+    #[serde(default)]
+    pub priority: crate::RoutingPriority,
 }
 
 #[allow(non_camel_case_types)]

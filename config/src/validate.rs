@@ -235,19 +235,6 @@ fn validate_hcm(
     clusters: &HashSet<&str>,
     errors: &mut Vec<ConfigError>,
 ) {
-    // Stream-level idle and whole-request timeouts are not implemented: say so rather than
-    // accept a timeout that would never fire. `0s` (disabled) is accepted.
-    for (field, value) in [
-        ("stream_idle_timeout", h.stream_idle_timeout),
-        ("request_timeout", h.request_timeout),
-    ] {
-        if value.is_some_and(|d| !d.is_zero()) {
-            errors.push(ConfigError::new(
-                format!("{path}.{field}"),
-                "not supported yet (only 0s, disabled, is accepted)",
-            ));
-        }
-    }
     match (&h.route_config, &h.rds) {
         (Some(rc), None) => {
             validate_route_config(rc, &format!("{path}.route_config"), clusters, errors)
@@ -347,14 +334,6 @@ fn validate_route(
     check_clusters: bool,
     errors: &mut Vec<ConfigError>,
 ) {
-    if let Some(a) = &r.route {
-        if a.idle_timeout.is_some_and(|d| !d.is_zero()) {
-            errors.push(ConfigError::new(
-                format!("{path}.route.idle_timeout"),
-                "not supported yet (only 0s, disabled, is accepted)",
-            ));
-        }
-    }
     let m = &r.route_match;
     let specifiers = [
         m.prefix.is_some(),

@@ -84,6 +84,8 @@ stat_struct!(HttpStats {
         downstream_rq_4xx,
         downstream_rq_5xx,
         downstream_rq_completed,
+        downstream_rq_idle_timeout,
+        downstream_rq_timeout,
         no_route,
         no_cluster,
         rq_redirect,
@@ -151,6 +153,7 @@ stat_struct!(ResilienceStats {
         upstream_rq_retry_limit_exceeded,
         upstream_rq_retry_backoff_exponential,
         upstream_rq_per_try_timeout,
+        upstream_rq_per_try_idle_timeout,
         upstream_cx_overflow,
         upstream_rq_pending_overflow
     ],

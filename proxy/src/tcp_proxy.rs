@@ -36,6 +36,12 @@ impl TcpProxy {
             cluster.stats.upstream_cx_none_healthy.inc();
             return;
         };
+        // The connection counts against the cluster's max_connections, shared with its HTTP
+        // pools, for as long as it lives.
+        let Some(_cx_slot) = cluster.try_tcp_connection() else {
+            tracing::debug!(cluster = %cluster.name, "tcp_proxy: max_connections overflow");
+            return;
+        };
         let _active = ActiveRequest::new(host.clone());
         let s = &cluster.stats;
         s.upstream_cx_total.inc();

@@ -238,3 +238,193 @@ async fn max_connections_queue_pending_requests_and_overflow_past_max_pending() 
     assert_eq!(m.stat("cluster.a.upstream_cx_total").await, Some(2));
     assert_eq!(up.hits(), 5);
 }
+
+#[tokio::test]
+async fn a_request_never_competes_with_its_own_previous_retry_for_max_retries() {
+    // Envoy gives back a retry's slot once that retry's outcome is known, before admitting the
+    // next one (RetryStateImpl::shouldRetry → resetRetry → canCreate). With max_retries: 1 a
+    // single request can therefore still use all of its num_retries, one at a time.
+    let ctl = Ctl::new();
+    let up = scripted("a", &ctl).await;
+    let (admin, port) = (free_port(), free_port());
+    let cb = "    circuit_breakers:\n      thresholds:\n      - { max_retries: 1 }\n";
+    let route = "              - match: { prefix: \"/\" }\n                route:\n                  cluster: a\n                  retry_policy: { retry_on: \"5xx\", num_retries: 3, retry_back_off: { base_interval: 0.001s } }\n";
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &routes("", route),
+        &static_cluster("a", &[up.addr], "ROUND_ROBIN", cb),
+    );
+    let m = Mecha::start(&cfg, admin).await;
+    ctl.script(
+        "a",
+        vec![
+            Act::Status(503),
+            Act::Status(503),
+            Act::Status(503),
+            Act::Ok,
+        ],
+    );
+    let r = request(port, "GET", "/", &[], vec![]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.hits(), 4);
+    assert_eq!(m.stat("cluster.a.upstream_rq_retry").await, Some(3));
+    assert_eq!(
+        m.stat("cluster.a.upstream_rq_retry_overflow").await,
+        Some(0)
+    );
+    assert_eq!(m.stat("cluster.a.upstream_rq_retry_success").await, Some(1));
+    assert_eq!(
+        m.stat("cluster.a.circuit_breakers.default.rq_retry_open")
+            .await,
+        Some(0)
+    );
+}
+
+#[tokio::test]
+async fn tcp_proxy_connections_count_against_max_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An echo upstream that counts the connections it accepted.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let acc = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            acc.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let (admin, port) = (free_port(), free_port());
+    let cb = "    circuit_breakers:\n      thresholds:\n      - { max_connections: 1 }\n";
+    let cfg = format!(
+        r#"{admin_yaml}
+static_resources:
+  listeners:
+  - name: tcp
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: tcp_stats
+          cluster: echo
+  clusters:
+{cluster}
+"#,
+        admin_yaml = admin_yaml(admin),
+        cluster = static_cluster("echo", &[addr], "ROUND_ROBIN", cb),
+    );
+    let m = Mecha::start(&cfg, admin).await;
+    let connect = || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap()
+    };
+    let echo = |mut s: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 4];
+        let r = tokio::time::timeout(Duration::from_secs(5), async {
+            s.write_all(b"ping").await?;
+            s.read_exact(&mut buf).await
+        })
+        .await
+        .expect("neither echoed nor closed");
+        (r.is_ok() && &buf == b"ping", s)
+    };
+    // The first connection holds the cluster's only connection unit.
+    let (ok, first) = echo(connect().await).await;
+    assert!(ok);
+    assert_eq!(
+        m.stat("cluster.echo.circuit_breakers.default.cx_open")
+            .await,
+        Some(1)
+    );
+    // The second overflows: closed without reaching the upstream.
+    let (ok, _second) = echo(connect().await).await;
+    assert!(!ok, "the second connection should have been refused");
+    assert_eq!(m.stat("cluster.echo.upstream_cx_overflow").await, Some(1));
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // Once the first closes, its unit is back.
+    drop(first);
+    assert!(
+        eventually(5, || async {
+            m.stat("cluster.echo.circuit_breakers.default.cx_open")
+                .await
+                == Some(0)
+        })
+        .await
+    );
+    let (ok, _third) = echo(connect().await).await;
+    assert!(ok);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn route_priority_high_uses_the_high_thresholds() {
+    let ctl = Ctl::new();
+    let up = scripted("a", &ctl).await;
+    let (admin, port) = (free_port(), free_port());
+    let cb = "    circuit_breakers:\n      thresholds:\n      - { priority: DEFAULT, max_requests: 1 }\n      - { priority: HIGH, max_requests: 2, max_retries: 0 }\n";
+    let retry = "retry_policy: { retry_on: \"5xx\", num_retries: 1, retry_back_off: { base_interval: 0.001s } }";
+    let route = format!(
+        "              - match: {{ prefix: \"/hi\" }}\n                route: {{ cluster: a, priority: HIGH, {retry} }}\n              - match: {{ prefix: \"/\" }}\n                route: {{ cluster: a, {retry} }}\n"
+    );
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &routes("", &route),
+        &static_cluster("a", &[up.addr], "ROUND_ROBIN", cb),
+    );
+    let m = Mecha::start(&cfg, admin).await;
+    ctl.set_default("a", Act::Gate);
+    let spawn = |path: &'static str| {
+        tokio::spawn(async move { request(port, "GET", path, &[], vec![]).await })
+    };
+    // One DEFAULT and two HIGH requests are in flight at once: each priority has its own limit.
+    let held = vec![spawn("/"), spawn("/hi"), spawn("/hi")];
+    assert!(eventually(10, || async { ctl.in_flight.load(Ordering::SeqCst) == 3 }).await);
+    assert_eq!(
+        m.stat("cluster.a.circuit_breakers.default.rq_open").await,
+        Some(1)
+    );
+    assert_eq!(
+        m.stat("cluster.a.circuit_breakers.high.rq_open").await,
+        Some(1)
+    );
+    for path in ["/", "/hi"] {
+        let r = request(port, "GET", path, &[], vec![]).await;
+        assert_eq!(r.status, 503, "{path}");
+        assert_eq!(r.header("x-envoy-overloaded"), Some("true"), "{path}");
+    }
+    assert_eq!(
+        m.stat("cluster.a.upstream_rq_pending_overflow").await,
+        Some(2)
+    );
+    ctl.open_gate();
+    for t in held {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    // HIGH's max_retries is 0: its 503 is not retried, while DEFAULT (3) retries.
+    ctl.set_default("a", Act::Ok);
+    ctl.script("a", vec![Act::Status(503)]);
+    let r = request(port, "GET", "/hi", &[], vec![]).await;
+    assert_eq!((r.status, r.text()), (503, "a:503".to_string()));
+    assert_eq!(
+        m.stat("cluster.a.upstream_rq_retry_overflow").await,
+        Some(1)
+    );
+    ctl.script("a", vec![Act::Status(503)]);
+    let r = request(port, "GET", "/", &[], vec![]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(m.stat("cluster.a.upstream_rq_retry").await, Some(1));
+}

@@ -150,14 +150,26 @@ impl Breaker {
     }
 }
 
-/// DEFAULT and HIGH priority breakers of one cluster. Routes have no `priority` field in this
-/// build, so traffic is accounted against DEFAULT; HIGH exists for its stats and future use.
+/// DEFAULT and HIGH priority breakers of one cluster. A route's `priority` picks the breaker
+/// for its requests and retries (`max_requests`, `max_retries`, `retry_budget`); connections and
+/// pending requests are limited by DEFAULT's thresholds, since both priorities share the
+/// cluster's connection pools here (Envoy keeps one pool per priority).
 pub struct CircuitBreakers {
     pub default: Breaker,
     pub high: Breaker,
 }
 
 impl CircuitBreakers {
+    /// The breaker of a route's priority (`high` = `RoutingPriority::HIGH`).
+    #[inline]
+    pub fn at(&self, high: bool) -> &Breaker {
+        if high {
+            &self.high
+        } else {
+            &self.default
+        }
+    }
+
     pub fn new(cfg: Option<&Config>, store: &Store, cluster: &Scope) -> Self {
         let find =
             |p: RoutingPriority| cfg.and_then(|c| c.thresholds.iter().find(|t| t.priority == p));

@@ -128,7 +128,37 @@ pub struct HostSpec {
     pub locality: Option<mecha_config::Locality>,
 }
 
+/// A `max_connections` unit held by an upstream connection outside the HTTP pools (the TCP
+/// proxy's). Dropping it gives the unit back and wakes HTTP connects waiting for one, as a pooled
+/// connection's close does.
+pub struct ConnectionSlot {
+    slot: Option<circuit_breaker::Slot>,
+    limits: Arc<pool::ConnLimits>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        // Release before waking, so a woken waiter finds the unit free.
+        self.slot.take();
+        self.limits.freed.notify_waiters();
+    }
+}
+
 impl Cluster {
+    /// Takes one `max_connections` unit for a TCP proxy connection. At the limit Envoy's
+    /// tcp_proxy neither queues nor retries: it counts `upstream_cx_overflow` and closes the
+    /// downstream connection, so `None` here means exactly that to the caller.
+    pub fn try_tcp_connection(&self) -> Option<ConnectionSlot> {
+        let Some(slot) = self.conn_limits.connections.try_acquire() else {
+            self.conn_limits.cx_overflow.inc();
+            return None;
+        };
+        Some(ConnectionSlot {
+            slot: Some(slot),
+            limits: self.conn_limits.clone(),
+        })
+    }
+
     /// Builds a cluster. Static hosts are created now; DNS clusters start empty and are filled by
     /// [`Cluster::start_discovery`].
     pub fn new(cfg: ClusterConfig, store: &Store) -> Arc<Self> {
@@ -248,15 +278,26 @@ impl Cluster {
         self.hosts.load().pick(hash)
     }
 
-    /// Sends `req` to `host`: fills in scheme/authority, counts the request, and turns pool errors
-    /// into [`UpstreamError`]. The response body keeps the host's active-request count until it ends.
+    /// Sends `req` to `host` at DEFAULT priority (see [`Cluster::send_at`]).
     pub async fn send(
         &self,
         host: Arc<Host>,
+        req: http::Request<Body>,
+    ) -> Result<http::Response<Body>, UpstreamError> {
+        self.send_at(host, req, false).await
+    }
+
+    /// Sends `req` to `host`: fills in scheme/authority, counts the request against the
+    /// `max_requests` of the route's priority (`high`), and turns pool errors into
+    /// [`UpstreamError`]. The response body keeps the host's active-request count until it ends.
+    pub async fn send_at(
+        &self,
+        host: Arc<Host>,
         mut req: http::Request<Body>,
+        high: bool,
     ) -> Result<http::Response<Body>, UpstreamError> {
         // max_requests circuit breaker: a CAS admission, held until the response body ends.
-        let Some(rq_slot) = self.resilience.breakers.default.requests.try_acquire() else {
+        let Some(rq_slot) = self.resilience.breakers.at(high).requests.try_acquire() else {
             self.resilience.stats.upstream_rq_pending_overflow.inc();
             return Err(UpstreamError::Overflow("max_requests".into()));
         };

@@ -3,6 +3,7 @@
 //! selects the route, and runs the HTTP filter chain that ends in the router.
 
 use super::headers::{strip_hop_by_hop, upgrade_type, uuid_v4_header};
+use super::idle::StreamTimeouts;
 use super::router::SelectedRoute;
 use crate::drain::Drain;
 use crate::route::RouteTable;
@@ -10,7 +11,6 @@ use crate::stats::HttpStats;
 use arc_swap::ArcSwap;
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -59,6 +59,8 @@ pub struct Hcm {
     h2_conn_window: Option<u32>,
     h2_max_streams: Option<u32>,
     drain_timeout: Duration,
+    /// `stream_idle_timeout` and `request_timeout` (see `idle.rs`).
+    timeouts: StreamTimeouts,
 }
 
 impl Hcm {
@@ -110,6 +112,7 @@ impl Hcm {
                 .drain_timeout
                 .map(|d| d.0)
                 .unwrap_or(Duration::from_secs(5)),
+            timeouts: StreamTimeouts::new(cfg),
         }
     }
 
@@ -263,13 +266,14 @@ impl Hcm {
             _ => stats.downstream_rq_http1_total.inc(),
         }
         let version = req.version();
-        let mut req = req.map(|b| {
-            b.map_err(|e| Box::new(e) as mecha_filters::BoxError)
-                .boxed_unsync()
-        });
+        // Boxes the body; with stream timers configured, also follows the request's progress.
+        let (mut req, progress) = self.timeouts.watch_request(req);
         let mut resp = match self.prepare(&mut req, info) {
             Err(local) => local,
-            Ok(()) => self.chain.run(req).await,
+            Ok(()) => {
+                let chain = |req| self.chain.run(req);
+                self.timeouts.run(req, progress, stats, chain).await
+            }
         };
         // The downstream codec decides the response version, whatever the upstream spoke.
         *resp.version_mut() = version;

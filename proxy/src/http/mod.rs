@@ -3,6 +3,7 @@
 
 pub mod hcm;
 pub mod headers;
+pub mod idle;
 pub mod retry;
 pub mod router;
 pub mod upgrade;

@@ -15,6 +15,7 @@
 //! the buffer. A body larger than the limit, or not yet complete when the attempt failed, makes
 //! the request non-retriable rather than sending a corrupted copy.
 
+use super::idle;
 use crate::cluster::host::Host;
 use crate::cluster::outlier::Outcome;
 use crate::cluster::Cluster;
@@ -175,6 +176,8 @@ pub struct RetryConfig {
     pub on: u32,
     pub num_retries: u32,
     pub per_try_timeout: Option<Duration>,
+    /// `per_try_idle_timeout`: no response progress on one attempt for this long cancels it.
+    pub per_try_idle_timeout: Option<Duration>,
     pub base_interval: Duration,
     pub max_interval: Duration,
     pub statuses: Vec<u16>,
@@ -189,6 +192,7 @@ impl Default for RetryConfig {
             on: 0,
             num_retries: 1,
             per_try_timeout: None,
+            per_try_idle_timeout: None,
             base_interval: Duration::from_millis(25),
             max_interval: Duration::from_millis(250),
             statuses: vec![],
@@ -267,12 +271,6 @@ impl RetryConfig {
                 ));
             }
         }
-        if p.per_try_idle_timeout.is_some_and(|d| !d.is_zero()) {
-            errors.push(ConfigError::new(
-                format!("{path}.per_try_idle_timeout"),
-                "per_try_idle_timeout is not supported yet",
-            ));
-        }
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -280,6 +278,7 @@ impl RetryConfig {
             on,
             num_retries: p.num_retries(),
             per_try_timeout: p.per_try_timeout.filter(|d| !d.is_zero()).map(|d| d.0),
+            per_try_idle_timeout: p.per_try_idle_timeout.filter(|d| !d.is_zero()).map(|d| d.0),
             base_interval: base,
             max_interval: max,
             statuses,
@@ -337,6 +336,8 @@ pub struct RoutePolicy {
     /// `max_stream_duration.grpc_timeout_header_max`: `Some(0)` = honour `grpc-timeout` uncapped.
     pub grpc_timeout_max: Option<Duration>,
     pub grpc_timeout_offset: Duration,
+    /// Route `priority: HIGH`: requests and retries count against the HIGH thresholds.
+    pub high_priority: bool,
 }
 
 impl Default for RoutePolicy {
@@ -348,6 +349,7 @@ impl Default for RoutePolicy {
             response_attempt_count: false,
             grpc_timeout_max: None,
             grpc_timeout_offset: Duration::ZERO,
+            high_priority: false,
         }
     }
 }
@@ -392,6 +394,7 @@ impl RoutePolicy {
                 .and_then(|m| m.grpc_timeout_header_offset)
                 .map(|d| d.0)
                 .unwrap_or_default(),
+            high_priority: action.is_some_and(|a| a.priority == cfg::RoutingPriority::HIGH),
         }))
     }
 }
@@ -415,6 +418,7 @@ pub struct Plan<'a> {
     /// Whole-request timeout (all attempts and back-offs).
     pub timeout: Option<Duration>,
     pub per_try: Option<Duration>,
+    pub per_try_idle: Option<Duration>,
 }
 
 fn header_u64(headers: &mut HeaderMap, name: &HeaderName) -> Option<u64> {
@@ -501,12 +505,14 @@ impl<'a> Plan<'a> {
             }
         }
         let per_try = retry.as_ref().and_then(|r| r.per_try_timeout);
+        let per_try_idle = retry.as_ref().and_then(|r| r.per_try_idle_timeout);
         Self {
             policy,
             retry,
             extra_statuses,
             timeout,
             per_try,
+            per_try_idle,
         }
     }
 
@@ -594,7 +600,7 @@ impl Failure {
 }
 
 /// A trailers-only gRPC error, as Envoy sends local replies to gRPC requests.
-fn grpc_reply(code: u32, message: &str) -> Response<Body> {
+pub(crate) fn grpc_reply(code: u32, message: &str) -> Response<Body> {
     let mut resp = Response::new(empty());
     let h = resp.headers_mut();
     h.insert(
@@ -683,23 +689,76 @@ async fn attempt(
     cluster: &Arc<Cluster>,
     host: Arc<Host>,
     req: Request<Body>,
-    per_try: Option<Duration>,
+    plan: &Plan<'_>,
 ) -> Result<Response<Body>, Failure> {
-    let sent = cluster.send(host.clone(), req);
+    let (per_try, high) = (plan.per_try, plan.policy.high_priority);
+    let Some(idle) = plan.per_try_idle else {
+        // No idle timer: the attempt's future and response body are passed through untouched.
+        let sent = cluster.send_at(host.clone(), req, high);
+        let r = match per_try {
+            Some(t) => match tokio::time::timeout(t, sent).await {
+                Ok(r) => r,
+                Err(_) => return Err(per_try_timed_out(cluster, &host)),
+            },
+            None => sent.await,
+        };
+        return r.map_err(Failure::from_upstream);
+    };
+    // The request body's progress keeps the idle timer from firing while it is still uploading.
+    let (req, progress) = if req.body().is_end_stream() {
+        (req, None)
+    } else {
+        let p = idle::Progress::new();
+        (req.map(|b| idle::watch(b, &p)), Some(p))
+    };
+    let sent = cluster.send_at(host.clone(), req, high);
+    let sent = idle::await_headers(sent, idle, progress.as_deref());
     let r = match per_try {
         Some(t) => match tokio::time::timeout(t, sent).await {
             Ok(r) => r,
-            Err(_) => {
-                cluster.resilience.stats.upstream_rq_per_try_timeout.inc();
-                if let Some(d) = cluster.resilience.outlier() {
-                    d.report(&host, Outcome::Timeout);
-                }
-                return Err(Failure::PerTryTimeout);
-            }
+            Err(_) => return Err(per_try_timed_out(cluster, &host)),
         },
         None => sent.await,
     };
-    r.map_err(Failure::from_upstream)
+    let Some(r) = r else {
+        // Dropping the attempt's future reset its upstream stream. Envoy handles this exactly
+        // like a per-try timeout (retried under the same conditions, 504 when not).
+        per_try_idle_timed_out(cluster, &host);
+        return Err(Failure::PerTryTimeout);
+    };
+    let resp = r.map_err(Failure::from_upstream)?;
+    if resp.body().is_end_stream() {
+        return Ok(resp);
+    }
+    // Once headers are out, an idle response body can no longer be retried: the body fails,
+    // which resets the downstream stream, and the upstream body is dropped (reset) with it.
+    let cluster = cluster.clone();
+    Ok(resp.map(|b| {
+        idle::IdleBody::wrap(b, idle, progress, "per-try idle timeout", move || {
+            per_try_idle_timed_out(&cluster, &host)
+        })
+    }))
+}
+
+/// Accounts one attempt that hit `per_try_timeout` (stat, outlier detection).
+fn per_try_timed_out(cluster: &Cluster, host: &Arc<Host>) -> Failure {
+    cluster.resilience.stats.upstream_rq_per_try_timeout.inc();
+    if let Some(d) = cluster.resilience.outlier() {
+        d.report(host, Outcome::Timeout);
+    }
+    Failure::PerTryTimeout
+}
+
+/// Accounts one attempt that hit `per_try_idle_timeout` (stat, outlier detection).
+fn per_try_idle_timed_out(cluster: &Cluster, host: &Arc<Host>) {
+    cluster
+        .resilience
+        .stats
+        .upstream_rq_per_try_idle_timeout
+        .inc();
+    if let Some(d) = cluster.resilience.outlier() {
+        d.report(host, Outcome::Timeout);
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -721,9 +780,7 @@ async fn run(
                 req.headers_mut()
                     .insert(ATTEMPT_COUNT.clone(), HeaderValue::from(1));
             }
-            return attempt(cluster, first, req, plan.per_try)
-                .await
-                .map(|r| (r, 1));
+            return attempt(cluster, first, req, plan).await.map(|r| (r, 1));
         }
     };
     let stats = &cluster.resilience.stats;
@@ -770,7 +827,7 @@ async fn run(
                 .insert(ATTEMPT_COUNT.clone(), HeaderValue::from(retries + 1));
         }
         *current = Some(host.clone());
-        let out = attempt(cluster, host.clone(), req, plan.per_try).await;
+        let out = attempt(cluster, host.clone(), req, plan).await;
         let retriable = match &out {
             Ok(resp) => retry.retriable_response(resp, &plan.extra_statuses),
             Err(f) => f.retriable(retry.on),
@@ -792,7 +849,14 @@ async fn run(
                 return done(out);
             }
         }
-        let Some(slot) = cluster.resilience.breakers.default.try_retry() else {
+        // As Envoy's RetryStateImpl::shouldRetry (resetRetry, then canCreate): the previous
+        // retry's slot is given back once that retry's outcome is known, before the next one is
+        // admitted, so one request never competes with itself for `max_retries`. The new slot
+        // is held from this decision through the back-off and the retry attempt, until its
+        // outcome is known, exactly as long as Envoy counts it in `rq_retry_open`.
+        _retry_slot = None;
+        let breaker = cluster.resilience.breakers.at(plan.policy.high_priority);
+        let Some(slot) = breaker.try_retry() else {
             stats.upstream_rq_retry_overflow.inc();
             return done(out);
         };

@@ -78,7 +78,9 @@ pub struct RouteAction {
     pub host_rewrite: HostRewrite,
     /// `None` = no timeout (configured as 0).
     pub timeout: Option<Duration>,
-    pub idle_timeout: Option<Duration>,
+    /// Route `idle_timeout`, replacing the connection manager's `stream_idle_timeout`:
+    /// `None` = not set, `Some(None)` = `0s` (no stream idle timer on this route).
+    pub idle_timeout: Option<Option<Duration>>,
     pub hash_policy: Vec<HashPolicy>,
     /// Retries, attempt-count headers, body buffer limit, gRPC timeout (issue 4, `http/retry.rs`).
     pub resilience: Arc<crate::http::retry::RoutePolicy>,
@@ -923,7 +925,7 @@ fn compile_route_action(a: &cfg::RouteAction, path: &str) -> Result<RouteAction,
             Some(d) => Some(d.0),
             None => Some(Duration::from_secs(15)),
         },
-        idle_timeout: a.idle_timeout.filter(|d| !d.is_zero()).map(|d| d.0),
+        idle_timeout: a.idle_timeout.map(|d| (!d.is_zero()).then_some(d.0)),
         hash_policy,
         resilience: Default::default(),
     })
