@@ -704,6 +704,20 @@ async fn attempt(
         };
         return r.map_err(Failure::from_upstream);
     };
+    // Boxed: this state machine is several times the size of the plain path's, and every
+    // request's router future would otherwise carry (and move) it.
+    Box::pin(attempt_with_idle(cluster, host, req, per_try, high, idle)).await
+}
+
+/// [`attempt`] under `per_try_idle_timeout`.
+async fn attempt_with_idle(
+    cluster: &Arc<Cluster>,
+    host: Arc<Host>,
+    req: Request<Body>,
+    per_try: Option<Duration>,
+    high: bool,
+    idle: Duration,
+) -> Result<Response<Body>, Failure> {
     // The request body's progress keeps the idle timer from firing while it is still uploading.
     let (req, progress) = if req.body().is_end_stream() {
         (req, None)
