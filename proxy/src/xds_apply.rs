@@ -103,7 +103,7 @@ impl XdsApplier {
         let previous = ctx.clusters.load_full();
 
         // Clusters: static ones, ready dynamic ones, and the previous version of warming ones.
-        let mut configs = self.static_clusters.clone();
+        let mut configs: Vec<&ClusterConfig> = self.static_clusters.iter().collect();
         for (name, c) in &r.clusters {
             if self.static_clusters.iter().any(|s| &s.name == name) {
                 errors.push(format!(
@@ -118,13 +118,19 @@ impl XdsApplier {
                     .contains_key(mecha_config::eds_service_name(cfg))
             {
                 match previous.get(name) {
-                    Some(old) => configs.push(old.config.clone()),
+                    Some(old) => configs.push(&old.config),
                     None => tracing::info!(cluster = %name, "cluster warming: waiting for EDS"),
                 }
                 continue;
             }
-            configs.push(cfg.clone());
+            configs.push(cfg);
         }
+        // Most updates (RDS, EDS, a CDS response that re-sends the same clusters) change no
+        // cluster: keep the current manager instead of rebuilding the map and its stats.
+        let clusters_unchanged = configs.len() == previous.clusters.len()
+            && configs
+                .iter()
+                .all(|c| previous.get(&c.name).is_some_and(|p| p.config == **c));
 
         // Listeners.
         let mut plans: Vec<(String, Arc<Listener>, ListenerPlan)> = vec![];
@@ -208,7 +214,12 @@ impl XdsApplier {
         }
 
         // Everything is built: swap clusters first so new routes find their clusters.
-        let cm = Arc::new(ClusterManager::new(&configs, &ctx.stats, Some(&previous)));
+        let cm = if clusters_unchanged {
+            previous.clone()
+        } else {
+            let configs: Vec<ClusterConfig> = configs.into_iter().cloned().collect();
+            Arc::new(ClusterManager::new(&configs, &ctx.stats, Some(&previous)))
+        };
         let mut eds = HashMap::new();
         for c in cm.clusters.values() {
             if c.config.discovery_type != DiscoveryType::EDS {
@@ -233,7 +244,9 @@ impl XdsApplier {
                 c.start_discovery();
             }
         }
-        ctx.clusters.store(cm);
+        if !clusters_unchanged {
+            ctx.clusters.store(cm);
+        }
 
         let drain_time = self.state.options.drain_timeout;
         let mut next: HashMap<String, ActiveListener> = HashMap::new();
