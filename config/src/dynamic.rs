@@ -186,6 +186,17 @@ pub struct XdsResources {
     pub endpoints: BTreeMap<String, Versioned<ClusterLoadAssignment>>,
     /// The last accepted `version_info` per type (SotW) or system version (delta).
     pub versions: BTreeMap<String, String>,
+    /// The type URLs of which a response (or a watched file) was accepted at least once: the
+    /// server is initialized (`/ready` 200) once LDS and CDS have been, as Envoy's init manager.
+    pub received: BTreeSet<String>,
+}
+
+/// The xDS resource type URLs.
+pub mod type_url {
+    pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+    pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 }
 
 impl XdsResources {

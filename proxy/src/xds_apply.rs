@@ -103,6 +103,8 @@ impl XdsApplier {
         let previous = ctx.clusters.load_full();
 
         // Clusters: static ones, ready dynamic ones, and the previous version of warming ones.
+        // Whether a new cluster or listener waits for its EDS/RDS (initialization is not over).
+        let mut warming = false;
         let mut configs: Vec<&ClusterConfig> = self.static_clusters.iter().collect();
         for (name, c) in &r.clusters {
             if self.static_clusters.iter().any(|s| &s.name == name) {
@@ -119,7 +121,10 @@ impl XdsApplier {
             {
                 match previous.get(name) {
                     Some(old) => configs.push(&old.config),
-                    None => tracing::info!(cluster = %name, "cluster warming: waiting for EDS"),
+                    None => {
+                        warming = true;
+                        tracing::info!(cluster = %name, "cluster warming: waiting for EDS")
+                    }
                 }
                 continue;
             }
@@ -158,6 +163,7 @@ impl XdsApplier {
             let active = applied.listeners.get(name);
             let Some(routes) = routes else {
                 if active.is_none() {
+                    warming = true;
                     tracing::info!(listener = %name, "listener warming: waiting for RDS");
                 }
                 continue;
@@ -331,7 +337,22 @@ impl XdsApplier {
         self.state
             .last_updated
             .store(Arc::new(std::time::SystemTime::now()));
+        if !warming && self.initial_responses_received(r) {
+            self.state.mark_initialized();
+        }
         Ok(())
+    }
+
+    /// Whether the first response of each dynamic type the bootstrap configures (LDS, CDS) was
+    /// accepted.
+    fn initial_responses_received(&self, r: &XdsResources) -> bool {
+        let b = self.state.bootstrap.load();
+        let Some(d) = &b.dynamic_resources else {
+            return true;
+        };
+        let got = |configured: bool, t: &str| !configured || r.received.contains(t);
+        got(d.lds_config.is_some(), mecha_config::type_url::LISTENER)
+            && got(d.cds_config.is_some(), mecha_config::type_url::CLUSTER)
     }
 
     /// Builds one listener with its RDS route configurations inlined, through the same code as

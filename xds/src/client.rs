@@ -646,6 +646,7 @@ impl AdsClient {
         let wanted_eds = next.wanted_endpoints();
         next.route_configs.retain(|k, _| wanted_rds.contains(k));
         next.endpoints.retain(|k, _| wanted_eds.contains(k));
+        next.received.insert(t.to_string());
         if !version_info.is_empty() {
             next.versions
                 .insert(t.to_string(), version_info.to_string());

@@ -11,11 +11,10 @@ use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use std::collections::HashSet;
 use std::sync::OnceLock;
 
-pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
-pub const ENDPOINT_TYPE: &str =
-    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub use mecha_config::type_url::{
+    CLUSTER as CLUSTER_TYPE, ENDPOINT as ENDPOINT_TYPE, LISTENER as LISTENER_TYPE,
+    ROUTE as ROUTE_TYPE,
+};
 
 /// The Envoy file descriptors mecha translates (see `examples/prune_descriptors.rs`).
 static DESCRIPTORS: &[u8] = include_bytes!("envoy_descriptors.bin");
