@@ -89,5 +89,26 @@ pub fn start(server: &mecha_proxy::Server) -> Result<(), mecha_xds::XdsError> {
         tracing::info!("starting the ADS client");
         client.spawn();
     }
+    // As Envoy: when the first LDS/CDS response does not come within the config source's
+    // `initial_fetch_timeout` (default 15 s, 0 = wait forever), initialization goes on without it.
+    if let Some(d) = &bootstrap.dynamic_resources {
+        let timeouts: Option<Vec<std::time::Duration>> = [&d.lds_config, &d.cds_config]
+            .into_iter()
+            .flatten()
+            .map(|c| c.initial_fetch_timeout())
+            .collect();
+        if let Some(wait) = timeouts.and_then(|t| t.into_iter().max()) {
+            let state = server.state.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                if state.initializing.load(std::sync::atomic::Ordering::SeqCst) {
+                    tracing::warn!(
+                        "initial_fetch_timeout: no complete LDS/CDS config yet, going LIVE"
+                    );
+                    state.mark_initialized();
+                }
+            });
+        }
+    }
     Ok(())
 }

@@ -4,7 +4,7 @@ use crate::{decode, Address, Cluster, ConfigError, ConfigErrors, Listener};
 use serde::Deserialize;
 
 /// The validated bootstrap mecha runs from.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
 pub struct Bootstrap {
     pub node: Option<Node>,
     pub admin: Option<Admin>,
@@ -12,14 +12,14 @@ pub struct Bootstrap {
     pub dynamic_resources: Option<crate::DynamicResources>,
 }
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
 pub struct StaticResources {
     pub listeners: Vec<Listener>,
     pub clusters: Vec<Cluster>,
 }
 
 /// `envoy.config.core.v3.Node`.
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Node {
     #[serde(default)]
@@ -44,7 +44,7 @@ pub struct Locality {
 }
 
 /// `envoy.config.bootstrap.v3.Admin`.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     pub address: Address,

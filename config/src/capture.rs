@@ -25,7 +25,7 @@ pub enum ListenerFilterKind {
 }
 
 /// One entry of `listener_filters[]`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ListenerFilter {
     pub name: String,
     pub kind: ListenerFilterKind,
@@ -145,7 +145,7 @@ pub enum TrafficDirection {
 }
 
 /// The capture-related fields of a `Listener`.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
 pub struct ListenerCapture {
     /// Hand connections redirected here to the listener bound to their original destination.
     pub use_original_dst: bool,

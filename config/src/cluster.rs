@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 pub const UPSTREAM_HTTP_OPTIONS_KEY: &str =
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cluster {
     pub name: String,
@@ -139,7 +139,7 @@ pub enum DnsLookupFamily {
 }
 
 /// The value of `typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]`.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamHttpProtocolOptions {
     #[serde(rename = "@type")]
@@ -150,7 +150,7 @@ pub struct UpstreamHttpProtocolOptions {
     pub common_http_protocol_options: Option<HttpProtocolOptionsCommon>,
 }
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExplicitHttpConfig {
     #[serde(default)]
@@ -159,7 +159,7 @@ pub struct ExplicitHttpConfig {
     pub http2_protocol_options: Option<Http2ProtocolOptions>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RingHashLbConfig {
     #[serde(default)]
@@ -170,21 +170,21 @@ pub struct RingHashLbConfig {
     pub hash_function: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MaglevLbConfig {
     #[serde(default)]
     pub table_size: Option<u64>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LeastRequestLbConfig {
     #[serde(default)]
     pub choice_count: Option<u32>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterLoadAssignment {
     #[serde(default)]
@@ -193,7 +193,7 @@ pub struct ClusterLoadAssignment {
     pub endpoints: Vec<LocalityLbEndpoints>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalityLbEndpoints {
     #[serde(default)]
@@ -206,7 +206,7 @@ pub struct LocalityLbEndpoints {
     pub priority: u32,
 }
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LbEndpoint {
     pub endpoint: Endpoint,
@@ -216,7 +216,7 @@ pub struct LbEndpoint {
     pub health_status: Option<HealthStatus>,
 }
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
     pub address: Address,

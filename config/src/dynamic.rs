@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 /// `envoy.config.bootstrap.v3.Bootstrap.DynamicResources`.
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DynamicResources {
     #[serde(default)]
@@ -26,7 +26,7 @@ pub struct DynamicResources {
 }
 
 /// `envoy.config.core.v3.ApiConfigSource` (gRPC only).
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfigSource {
     pub api_type: ApiType,
@@ -52,7 +52,7 @@ pub enum ApiVersion {
 }
 
 /// `envoy.config.core.v3.GrpcService` (only `envoy_grpc`: the control plane is a static cluster).
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrpcService {
     pub envoy_grpc: EnvoyGrpc,
@@ -60,7 +60,7 @@ pub struct GrpcService {
     pub timeout: Option<PbDuration>,
 }
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnvoyGrpc {
     pub cluster_name: String,
@@ -71,7 +71,7 @@ pub struct EnvoyGrpc {
 /// `envoy.config.core.v3.ConfigSource`: `ads: {}` (over the ADS stream) or `path_config_source`
 /// (a watched file). mecha has a single ADS stream, so a `resource_api_version` other than V3 is
 /// an error.
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigSource {
     #[serde(default)]
@@ -96,12 +96,12 @@ impl ConfigSource {
 }
 
 /// `envoy.config.core.v3.AggregatedConfigSource` (no fields).
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdsSource {}
 
 /// `envoy.config.core.v3.PathConfigSource`.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PathConfigSource {
     pub path: String,
@@ -168,7 +168,7 @@ pub fn rds_names(l: &Listener) -> Vec<String> {
 }
 
 /// One accepted resource with the version the control plane gave it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Versioned<T> {
     pub version: String,
     pub value: Arc<T>,
@@ -178,7 +178,7 @@ pub struct Versioned<T> {
 
 /// Everything an xDS client has accepted, keyed by resource name. The proxy applies it as a whole;
 /// what did not change keeps its runtime objects (clusters, pools, route tables).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct XdsResources {
     pub listeners: BTreeMap<String, Versioned<Listener>>,
     pub clusters: BTreeMap<String, Versioned<Cluster>>,
@@ -186,6 +186,17 @@ pub struct XdsResources {
     pub endpoints: BTreeMap<String, Versioned<ClusterLoadAssignment>>,
     /// The last accepted `version_info` per type (SotW) or system version (delta).
     pub versions: BTreeMap<String, String>,
+    /// The type URLs of which a response (or a watched file) was accepted at least once: the
+    /// server is initialized (`/ready` 200) once LDS and CDS have been, as Envoy's init manager.
+    pub received: BTreeSet<String>,
+}
+
+/// The xDS resource type URLs.
+pub mod type_url {
+    pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+    pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 }
 
 impl XdsResources {
@@ -227,6 +238,12 @@ pub fn decode_listener(
 /// Decodes and validates one cluster resource (e.g. from CDS).
 pub fn decode_cluster(value: serde_yaml::Value, path: &str) -> Result<Cluster, Vec<ConfigError>> {
     let c: Cluster = decode(value, path).map_err(|e| vec![e])?;
+    check_cluster(c, path)
+}
+
+/// Validates a cluster that was decoded by other means (the typed protobuf fast path of the xDS
+/// client): the same checks as [`decode_cluster`].
+pub fn check_cluster(c: Cluster, path: &str) -> Result<Cluster, Vec<ConfigError>> {
     let mut errors = vec![];
     crate::validate::validate_cluster(&c, path, &mut errors);
     if errors.is_empty() {
@@ -243,7 +260,17 @@ pub fn decode_route_configuration(
     path: &str,
     known_clusters: &HashSet<&str>,
 ) -> Result<RouteConfiguration, Vec<ConfigError>> {
-    let mut rc: RouteConfiguration = decode(value, path).map_err(|e| vec![e])?;
+    let rc: RouteConfiguration = decode(value, path).map_err(|e| vec![e])?;
+    check_route_configuration(rc, path, known_clusters)
+}
+
+/// Validates a route configuration that was decoded by other means (the typed protobuf fast path
+/// of the xDS client): the same checks as [`decode_route_configuration`].
+pub fn check_route_configuration(
+    mut rc: RouteConfiguration,
+    path: &str,
+    known_clusters: &HashSet<&str>,
+) -> Result<RouteConfiguration, Vec<ConfigError>> {
     let explicit = rc.validate_clusters;
     rc.validate_clusters = Some(explicit.unwrap_or(false));
     let mut errors = vec![];
@@ -262,6 +289,15 @@ pub fn decode_cluster_load_assignment(
     path: &str,
 ) -> Result<ClusterLoadAssignment, Vec<ConfigError>> {
     let cla: ClusterLoadAssignment = decode(value, path).map_err(|e| vec![e])?;
+    check_cluster_load_assignment(cla, path)
+}
+
+/// Validates a load assignment that was decoded by other means (the typed protobuf fast path of
+/// the xDS client): the same checks as [`decode_cluster_load_assignment`].
+pub fn check_cluster_load_assignment(
+    cla: ClusterLoadAssignment,
+    path: &str,
+) -> Result<ClusterLoadAssignment, Vec<ConfigError>> {
     let mut errors = vec![];
     for (li, loc) in cla.endpoints.iter().enumerate() {
         for (ei, ep) in loc.lb_endpoints.iter().enumerate() {

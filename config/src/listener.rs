@@ -10,7 +10,7 @@ pub const TCP_PROXY_TYPE: &str = "envoy.extensions.filters.network.tcp_proxy.v3.
 pub const TCP_PROXY_NAME: &str = "envoy.filters.network.tcp_proxy";
 
 /// `envoy.config.listener.v3.Listener`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Listener {
     pub name: String,
     pub address: Address,
@@ -22,14 +22,14 @@ pub struct Listener {
     pub default_filter_chain: Option<FilterChain>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct FilterChain {
     pub name: String,
     pub filters: Vec<NetworkFilter>,
     pub filter_chain_match: Option<crate::FilterChainMatch>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct NetworkFilter {
     pub name: String,
     pub config: NetworkFilterConfig,
@@ -37,7 +37,7 @@ pub struct NetworkFilter {
 
 /// The core network filters are typed here; other network filters stay opaque until the
 /// filter registry (in `mecha-filters`) builds them.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(untagged)]
 pub enum NetworkFilterConfig {
     HttpConnectionManager(Box<HttpConnectionManager>),
@@ -188,7 +188,7 @@ fn network_filter(f: RawNetworkFilter, path: &str) -> Result<NetworkFilter, Conf
 }
 
 /// `envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager`.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConnectionManager {
     pub stat_prefix: String,
@@ -258,7 +258,7 @@ pub enum CodecType {
 }
 
 /// `envoy.config.core.v3.HttpProtocolOptions`.
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpProtocolOptionsCommon {
     #[serde(default)]
@@ -270,7 +270,7 @@ pub struct HttpProtocolOptionsCommon {
 }
 
 /// `envoy.config.core.v3.Http1ProtocolOptions`.
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Http1ProtocolOptions {
     #[serde(default)]
@@ -278,7 +278,7 @@ pub struct Http1ProtocolOptions {
 }
 
 /// `envoy.config.core.v3.Http2ProtocolOptions`.
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Http2ProtocolOptions {
     #[serde(default)]
@@ -289,7 +289,7 @@ pub struct Http2ProtocolOptions {
     pub initial_connection_window_size: Option<u32>,
 }
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpgradeConfig {
     pub upgrade_type: String,
@@ -298,7 +298,7 @@ pub struct UpgradeConfig {
 }
 
 /// One entry of `http_filters[]`; its `typed_config` is decoded by the filter registry.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpFilter {
     pub name: String,
@@ -311,7 +311,7 @@ pub struct HttpFilter {
 }
 
 /// `envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy`.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TcpProxy {
     pub stat_prefix: String,

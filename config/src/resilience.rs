@@ -10,7 +10,7 @@ use serde::Deserialize;
 use std::time::Duration;
 
 /// `envoy.config.route.v3.RetryPolicy` (route or virtual-host level).
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Comma-separated conditions (`5xx,reset,connect-failure`, gRPC names included).
@@ -43,7 +43,7 @@ impl RetryPolicy {
 }
 
 /// `envoy.config.route.v3.RetryPolicy.RetryBackOff`: base 25 ms, max 10 × base by default.
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryBackOff {
     pub base_interval: PbDuration,
@@ -52,7 +52,7 @@ pub struct RetryBackOff {
 }
 
 /// One `retry_host_predicate` entry; only `envoy.retry_host_predicates.previous_hosts` exists here.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryHostPredicate {
     pub name: String,
@@ -65,7 +65,7 @@ pub const PREVIOUS_HOSTS_TYPE: &str =
     "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate";
 
 /// `envoy.config.route.v3.RouteAction.MaxStreamDuration`.
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MaxStreamDuration {
     #[serde(default)]

@@ -4,7 +4,7 @@ use crate::{HeaderValueOption, PbDuration, RegexMatcher, StringMatcher, TypedCon
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfiguration {
     #[serde(default)]
@@ -24,7 +24,7 @@ pub struct RouteConfiguration {
 }
 
 /// The four header lists that appear at route-config, virtual-host, route and weighted-cluster level.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct HeaderMutations {
     pub request_headers_to_add: Vec<HeaderValueOption>,
     pub request_headers_to_remove: Vec<String>,
@@ -49,7 +49,7 @@ macro_rules! header_mutations {
 }
 header_mutations!(RouteConfiguration, VirtualHost, Route, ClusterWeight);
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VirtualHost {
     pub name: String,
@@ -77,7 +77,7 @@ pub struct VirtualHost {
     pub per_request_buffer_limit_bytes: Option<u32>,
 }
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     #[serde(default)]
@@ -105,7 +105,7 @@ pub struct Route {
     pub per_request_buffer_limit_bytes: Option<u32>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteMatch {
     #[serde(default)]
@@ -128,7 +128,7 @@ pub struct RouteMatch {
 }
 
 /// `envoy.config.route.v3.HeaderMatcher`, including the deprecated direct forms.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderMatcher {
     pub name: String,
@@ -154,14 +154,14 @@ pub struct HeaderMatcher {
     pub treat_missing_header_as_empty: bool,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Copy, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Int64Range {
     pub start: i64,
     pub end: i64,
 }
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueryParameterMatcher {
     pub name: String,
@@ -171,7 +171,7 @@ pub struct QueryParameterMatcher {
     pub present_match: Option<bool>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteAction {
     #[serde(default)]
@@ -217,7 +217,7 @@ pub enum ClusterNotFoundResponseCode {
     INTERNAL_SERVER_ERROR,
 }
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WeightedClusters {
     pub clusters: Vec<ClusterWeight>,
@@ -227,7 +227,7 @@ pub struct WeightedClusters {
     pub runtime_key_prefix: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterWeight {
     pub name: String,
@@ -245,7 +245,7 @@ pub struct ClusterWeight {
     pub typed_per_filter_config: BTreeMap<String, TypedConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegexRewrite {
     pub pattern: RegexMatcher,
@@ -253,7 +253,7 @@ pub struct RegexRewrite {
 }
 
 /// `envoy.config.route.v3.RouteAction.HashPolicy`.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HashPolicy {
     #[serde(default)]
@@ -268,13 +268,13 @@ pub struct HashPolicy {
     pub terminal: bool,
 }
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HashHeader {
     pub header_name: String,
 }
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HashCookie {
     pub name: String,
@@ -284,20 +284,20 @@ pub struct HashCookie {
     pub path: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HashConnectionProperties {
     #[serde(default)]
     pub source_ip: bool,
 }
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HashQueryParameter {
     pub name: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedirectAction {
     #[serde(default)]
@@ -343,7 +343,7 @@ impl RedirectResponseCode {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DirectResponseAction {
     pub status: u16,
@@ -352,7 +352,7 @@ pub struct DirectResponseAction {
 }
 
 /// `envoy.config.core.v3.DataSource`.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSource {
     #[serde(default)]

@@ -64,6 +64,8 @@ pub fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Full<Byte
                 text(StatusCode::OK, "LIVE\n".into(), "text/plain")
             } else if state.drain.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n".into(), "text/plain")
+            } else if state.initializing.load(Ordering::SeqCst) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "INITIALIZING\n".into(), "text/plain")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING\n".into(), "text/plain")
             }
@@ -143,6 +145,8 @@ fn server_info(state: &ServerState) -> Value {
         "DRAINING"
     } else if state.ready.load(Ordering::SeqCst) {
         "LIVE"
+    } else if state.initializing.load(Ordering::SeqCst) {
+        "INITIALIZING"
     } else {
         "PRE_INITIALIZING"
     };

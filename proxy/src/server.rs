@@ -37,6 +37,9 @@ pub struct ServerState {
     pub bootstrap: ArcSwap<Bootstrap>,
     pub listeners: ArcSwap<Vec<(Arc<ArcSwap<ListenerRuntime>>, SocketAddr)>>,
     pub ready: AtomicBool,
+    /// With `lds_config`/`cds_config`: not yet LIVE because the first LDS/CDS responses (and
+    /// the warming of what they brought) are awaited (Envoy's INITIALIZING).
+    pub initializing: AtomicBool,
     pub started: Instant,
     pub options: ServerOptions,
     pub drain: Drain,
@@ -48,6 +51,17 @@ pub struct ServerState {
 pub struct Server {
     pub state: Arc<ServerState>,
     pub admin_addr: Option<SocketAddr>,
+}
+
+impl ServerState {
+    /// Initialization is over (first dynamic config applied, or given up waiting for it): the
+    /// server is LIVE unless it is already draining.
+    pub fn mark_initialized(&self) {
+        if self.initializing.swap(false, Ordering::SeqCst) && !self.drain.is_draining() {
+            tracing::info!("initialized: server is LIVE");
+            self.ready.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 impl Server {
@@ -112,11 +126,18 @@ impl Server {
             listeners.push((swap.clone(), addr));
             tokio::spawn(listener::run(tcp, swap, drain.clone()));
         }
+        // Envoy serves `/ready` 503 until its init manager is done: with dynamic listeners or
+        // clusters, that is after the first LDS/CDS responses were applied (see `xds_apply`).
+        let waits_for_xds = bootstrap
+            .dynamic_resources
+            .as_ref()
+            .is_some_and(|d| d.lds_config.is_some() || d.cds_config.is_some());
         let state = Arc::new(ServerState {
             ctx,
             bootstrap: ArcSwap::from_pointee(bootstrap),
             listeners: ArcSwap::from_pointee(listeners),
             ready: AtomicBool::new(false),
+            initializing: AtomicBool::new(waits_for_xds),
             started: Instant::now(),
             options,
             drain,
@@ -132,7 +153,9 @@ impl Server {
             }
             None => None,
         };
-        state.ready.store(true, Ordering::SeqCst);
+        if !waits_for_xds {
+            state.ready.store(true, Ordering::SeqCst);
+        }
         Ok(Server { state, admin_addr })
     }
 

@@ -103,7 +103,9 @@ impl XdsApplier {
         let previous = ctx.clusters.load_full();
 
         // Clusters: static ones, ready dynamic ones, and the previous version of warming ones.
-        let mut configs = self.static_clusters.clone();
+        // Whether a new cluster or listener waits for its EDS/RDS (initialization is not over).
+        let mut warming = false;
+        let mut configs: Vec<&ClusterConfig> = self.static_clusters.iter().collect();
         for (name, c) in &r.clusters {
             if self.static_clusters.iter().any(|s| &s.name == name) {
                 errors.push(format!(
@@ -118,13 +120,22 @@ impl XdsApplier {
                     .contains_key(mecha_config::eds_service_name(cfg))
             {
                 match previous.get(name) {
-                    Some(old) => configs.push(old.config.clone()),
-                    None => tracing::info!(cluster = %name, "cluster warming: waiting for EDS"),
+                    Some(old) => configs.push(&old.config),
+                    None => {
+                        warming = true;
+                        tracing::info!(cluster = %name, "cluster warming: waiting for EDS")
+                    }
                 }
                 continue;
             }
-            configs.push(cfg.clone());
+            configs.push(cfg);
         }
+        // Most updates (RDS, EDS, a CDS response that re-sends the same clusters) change no
+        // cluster: keep the current manager instead of rebuilding the map and its stats.
+        let clusters_unchanged = configs.len() == previous.clusters.len()
+            && configs
+                .iter()
+                .all(|c| previous.get(&c.name).is_some_and(|p| p.config == **c));
 
         // Listeners.
         let mut plans: Vec<(String, Arc<Listener>, ListenerPlan)> = vec![];
@@ -152,6 +163,7 @@ impl XdsApplier {
             let active = applied.listeners.get(name);
             let Some(routes) = routes else {
                 if active.is_none() {
+                    warming = true;
                     tracing::info!(listener = %name, "listener warming: waiting for RDS");
                 }
                 continue;
@@ -208,7 +220,12 @@ impl XdsApplier {
         }
 
         // Everything is built: swap clusters first so new routes find their clusters.
-        let cm = Arc::new(ClusterManager::new(&configs, &ctx.stats, Some(&previous)));
+        let cm = if clusters_unchanged {
+            previous.clone()
+        } else {
+            let configs: Vec<ClusterConfig> = configs.into_iter().cloned().collect();
+            Arc::new(ClusterManager::new(&configs, &ctx.stats, Some(&previous)))
+        };
         let mut eds = HashMap::new();
         for c in cm.clusters.values() {
             if c.config.discovery_type != DiscoveryType::EDS {
@@ -233,7 +250,9 @@ impl XdsApplier {
                 c.start_discovery();
             }
         }
-        ctx.clusters.store(cm);
+        if !clusters_unchanged {
+            ctx.clusters.store(cm);
+        }
 
         let drain_time = self.state.options.drain_timeout;
         let mut next: HashMap<String, ActiveListener> = HashMap::new();
@@ -318,7 +337,22 @@ impl XdsApplier {
         self.state
             .last_updated
             .store(Arc::new(std::time::SystemTime::now()));
+        if !warming && self.initial_responses_received(r) {
+            self.state.mark_initialized();
+        }
         Ok(())
+    }
+
+    /// Whether the first response of each dynamic type the bootstrap configures (LDS, CDS) was
+    /// accepted.
+    fn initial_responses_received(&self, r: &XdsResources) -> bool {
+        let b = self.state.bootstrap.load();
+        let Some(d) = &b.dynamic_resources else {
+            return true;
+        };
+        let got = |configured: bool, t: &str| !configured || r.received.contains(t);
+        got(d.lds_config.is_some(), mecha_config::type_url::LISTENER)
+            && got(d.cds_config.is_some(), mecha_config::type_url::CLUSTER)
     }
 
     /// Builds one listener with its RDS route configurations inlined, through the same code as

@@ -176,6 +176,16 @@ impl Mecha {
     }
 
     pub async fn start_args(config: &str, admin_port: u16, extra: &[&str]) -> Self {
+        Self::spawn(config, admin_port, extra, 200).await
+    }
+
+    /// Starts `mecha run` and waits until `/ready` answers at all (e.g. 503 while initializing).
+    pub async fn start_unready(config: &str, admin_port: u16) -> Self {
+        Self::spawn(config, admin_port, &["--concurrency", "2"], 0).await
+    }
+
+    /// Spawns mecha and waits for `/ready` to answer `ready_status` (0: any status).
+    async fn spawn(config: &str, admin_port: u16, extra: &[&str], ready_status: u16) -> Self {
         let dir = TempDir::new();
         let path = dir.0.join("mecha.yaml");
         std::fs::write(&path, config).unwrap();
@@ -201,7 +211,7 @@ impl Mecha {
                 panic!("mecha exited early: {status}");
             }
             if let Ok(r) = get(&format!("http://{}/ready", m.admin)).await {
-                if r.status == 200 {
+                if r.status == ready_status || ready_status == 0 {
                     break;
                 }
             }

@@ -22,7 +22,36 @@ pub use mecha_xds::translate::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE
 #[derive(Default, Clone)]
 struct TypeSnap {
     version: u64,
-    resources: BTreeMap<String, serde_json::Value>,
+    resources: BTreeMap<String, Arc<Encoded>>,
+}
+
+/// A resource encoded once when it is set (pushes only copy bytes, so a control plane pushing
+/// often costs little CPU next to the proxy under test).
+pub struct Encoded {
+    name: String,
+    any: Any,
+    /// The delta version: a hash of the content.
+    version: String,
+}
+
+/// Encodes resources (Envoy JSON) of `type_url` for [`ControlPlane::set_encoded`].
+pub fn encode(type_url: &str, resources: Vec<serde_json::Value>) -> Vec<Arc<Encoded>> {
+    resources
+        .into_iter()
+        .map(|r| {
+            let name = r
+                .get("name")
+                .or_else(|| r.get("cluster_name"))
+                .and_then(|n| n.as_str())
+                .unwrap()
+                .to_string();
+            Arc::new(Encoded {
+                name,
+                any: to_any(type_url, &r),
+                version: format!("{:x}", fxhash(&r.to_string())),
+            })
+        })
+        .collect()
 }
 
 #[derive(Default)]
@@ -89,21 +118,15 @@ impl ControlPlane {
 
     /// Replaces every resource of `type_url` (bumps its version).
     pub fn set(&self, type_url: &'static str, resources: Vec<serde_json::Value>) {
+        self.set_encoded(type_url, encode(type_url, resources));
+    }
+
+    /// Like [`ControlPlane::set`] with resources encoded beforehand ([`encode`]).
+    pub fn set_encoded(&self, type_url: &'static str, resources: Vec<Arc<Encoded>>) {
         let mut snap = self.shared.snap.lock().unwrap();
         let e = snap.entry(type_url).or_default();
         e.version += 1;
-        e.resources = resources
-            .into_iter()
-            .map(|r| {
-                let name = r
-                    .get("name")
-                    .or_else(|| r.get("cluster_name"))
-                    .and_then(|n| n.as_str())
-                    .unwrap()
-                    .to_string();
-                (name, r)
-            })
-            .collect();
+        e.resources = resources.into_iter().map(|r| (r.name.clone(), r)).collect();
         drop(snap);
         self.shared.changed.send_modify(|v| *v += 1);
     }
@@ -171,7 +194,7 @@ impl AggregatedDiscoveryService for Svc {
                         .resources
                         .iter()
                         .filter(|(n, _)| wildcard || names.contains(n))
-                        .map(|(_, v)| to_any(t, v))
+                        .map(|(_, v)| v.any.clone())
                         .collect();
                     nonce += 1;
                     let resp = DiscoveryResponse {
@@ -244,13 +267,13 @@ impl AggregatedDiscoveryService for Svc {
                             continue;
                         }
                         // A resource's version is its content, so unchanged ones are not resent.
-                        let version = format!("{:x}", fxhash(&v.to_string()));
+                        let version = v.version.clone();
                         if have.get(n) != Some(&version) {
                             have.insert(n.clone(), version.clone());
                             resources.push(Resource {
                                 name: n.clone(),
                                 version,
-                                resource: Some(to_any(t, v)),
+                                resource: Some(v.any.clone()),
                                 ..Default::default()
                             });
                         }

@@ -399,3 +399,55 @@ async fn soak_100_updates_zero_failed_requests() {
         0
     );
 }
+
+/// `/ready` is 503 INITIALIZING until the first CDS and LDS responses are applied and what they
+/// brought has warmed (the EDS cluster's endpoints, the listener's route configuration), then 200
+/// LIVE — Envoy's init manager.
+#[tokio::test]
+async fn ready_only_after_initial_lds_cds_and_warming() {
+    let a = Upstream::echo("a").await;
+    let cp = ControlPlane::start().await;
+    let (admin, port) = (free_port(), free_port());
+    cp.set(CLUSTER_TYPE, vec![eds_cluster("a")]);
+    let m = Mecha::start_unready(&bootstrap(admin, cp.addr, "GRPC"), admin).await;
+    let ready = || async {
+        let r = m.admin_get("/ready").await;
+        (r.status, r.text().trim().to_string())
+    };
+    let not_ready = (503, "INITIALIZING".to_string());
+
+    // CDS applied, but the EDS cluster is warming and no LDS response came.
+    eventually("CDS applied", || async {
+        m.stat("cluster_manager.cds.update_success").await >= Some(1)
+    })
+    .await;
+    assert_eq!(ready().await, not_ready);
+    let info = m.admin_get("/server_info").await.json();
+    assert_eq!(info["state"], "INITIALIZING", "{info}");
+
+    // The cluster warmed; still no listeners.
+    cp.set(ENDPOINT_TYPE, vec![cla("a", &[a.addr])]);
+    eventually("EDS applied", || async {
+        m.stat("cluster.a.update_success").await >= Some(1)
+    })
+    .await;
+    assert_eq!(ready().await, not_ready);
+
+    // LDS applied, but its listener waits for RDS.
+    cp.set(
+        LISTENER_TYPE,
+        vec![listener("ingress", port, "r1", "ingress_http")],
+    );
+    eventually("LDS applied", || async {
+        m.stat("listener_manager.lds.update_success").await >= Some(1)
+    })
+    .await;
+    assert_eq!(ready().await, not_ready);
+
+    // RDS completes initialization: LIVE, and traffic flows.
+    cp.set(ROUTE_TYPE, vec![route("r1", "a")]);
+    eventually("LIVE", || async { ready().await == (200, "LIVE".into()) }).await;
+    assert!(serves(port, "a").await);
+    let info = m.admin_get("/server_info").await.json();
+    assert_eq!(info["state"], "LIVE", "{info}");
+}

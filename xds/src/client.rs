@@ -91,6 +91,7 @@ struct Sub {
     nonce: String,
 }
 
+#[derive(Default)]
 struct State {
     resources: XdsResources,
     subs: HashMap<&'static str, Sub>,
@@ -183,6 +184,7 @@ impl AdsClient {
 
     /// Connects, serves the stream, and reconnects with jittered exponential backoff.
     pub async fn run(self) {
+        let this = Arc::new(self);
         let mut state = State {
             resources: XdsResources::default(),
             subs: TYPES.iter().map(|t| (*t, Sub::default())).collect(),
@@ -190,35 +192,35 @@ impl AdsClient {
         };
         let mut attempt: u32 = 0;
         loop {
-            let progressed = match self.session(&mut state).await {
+            let progressed = match this.session(&mut state).await {
                 Ok(p) => {
-                    tracing::warn!(endpoint = %self.endpoint, "xDS stream closed by the control plane");
+                    tracing::warn!(endpoint = %this.endpoint, "xDS stream closed by the control plane");
                     p
                 }
                 Err((p, e)) => {
-                    tracing::warn!(endpoint = %self.endpoint, error = %e, "xDS stream failed");
+                    tracing::warn!(endpoint = %this.endpoint, error = %e, "xDS stream failed");
                     p
                 }
             };
-            self.sink.event(&XdsEvent::Connected(false));
+            this.sink.event(&XdsEvent::Connected(false));
             if progressed {
                 attempt = 0;
             }
-            let ceiling = self
+            let ceiling = this
                 .backoff_base
                 .saturating_mul(1u32 << attempt.min(16))
-                .min(self.backoff_max);
+                .min(this.backoff_max);
             attempt = attempt.saturating_add(1);
             let ms = rand::random_range(
-                self.backoff_base.as_millis()
-                    ..=ceiling.as_millis().max(self.backoff_base.as_millis()),
+                this.backoff_base.as_millis()
+                    ..=ceiling.as_millis().max(this.backoff_base.as_millis()),
             );
             tokio::time::sleep(Duration::from_millis(ms as u64)).await;
         }
     }
 
     /// One stream. Returns whether any response was received (resets the backoff).
-    async fn session(&self, state: &mut State) -> Result<bool, (bool, String)> {
+    async fn session(self: &Arc<Self>, state: &mut State) -> Result<bool, (bool, String)> {
         let channel = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
             .map_err(|e| (false, e.to_string()))?
             .connect_timeout(self.connect_timeout)
@@ -348,12 +350,38 @@ impl AdsClient {
         }
     }
 
-    async fn on_sotw(&self, state: &mut State, r: DiscoveryResponse, out: &mut Sender) {
+    async fn on_sotw(self: &Arc<Self>, state: &mut State, r: DiscoveryResponse, out: &mut Sender) {
         let t = static_type(&r.type_url);
         if t.is_empty() {
             tracing::warn!(type_url = %r.type_url, "ignoring a response of an unsupported type");
             return;
         }
+        let nonce = r.nonce.clone();
+        let error_detail = self
+            .offload(state, move |this, state| this.process_sotw(state, t, r))
+            .await
+            .unwrap_or_else(Some);
+        let sub = &state.subs[t];
+        out.sotw(DiscoveryRequest {
+            version_info: sub.version.clone(),
+            resource_names: sub.names.iter().cloned().collect(),
+            type_url: t.into(),
+            response_nonce: nonce,
+            error_detail,
+            ..Default::default()
+        })
+        .await;
+        self.update_subscriptions(state, out).await;
+    }
+
+    /// Decodes, validates and applies one SotW response (CPU work, run off the runtime's
+    /// threads); returns the NACK's error, if any.
+    fn process_sotw(
+        &self,
+        state: &mut State,
+        t: &'static str,
+        r: DiscoveryResponse,
+    ) -> Option<Status> {
         let result = {
             let known = self.known_clusters(&state.resources);
             decode_all(
@@ -410,12 +438,28 @@ impl AdsClient {
                 })
             }
         };
-        let sub = &state.subs[t];
-        out.sotw(DiscoveryRequest {
-            version_info: sub.version.clone(),
-            resource_names: sub.names.iter().cloned().collect(),
+        error_detail
+    }
+
+    async fn on_delta(
+        self: &Arc<Self>,
+        state: &mut State,
+        r: DeltaDiscoveryResponse,
+        out: &mut Sender,
+    ) {
+        let t = static_type(&r.type_url);
+        if t.is_empty() {
+            tracing::warn!(type_url = %r.type_url, "ignoring a response of an unsupported type");
+            return;
+        }
+        let nonce = r.nonce.clone();
+        let error_detail = self
+            .offload(state, move |this, state| this.process_delta(state, t, r))
+            .await
+            .unwrap_or_else(Some);
+        out.delta(DeltaDiscoveryRequest {
             type_url: t.into(),
-            response_nonce: r.nonce,
+            response_nonce: nonce,
             error_detail,
             ..Default::default()
         })
@@ -423,12 +467,14 @@ impl AdsClient {
         self.update_subscriptions(state, out).await;
     }
 
-    async fn on_delta(&self, state: &mut State, r: DeltaDiscoveryResponse, out: &mut Sender) {
-        let t = static_type(&r.type_url);
-        if t.is_empty() {
-            tracing::warn!(type_url = %r.type_url, "ignoring a response of an unsupported type");
-            return;
-        }
+    /// Decodes, validates and applies one delta response (CPU work, run off the runtime's
+    /// threads); returns the NACK's error, if any.
+    fn process_delta(
+        &self,
+        state: &mut State,
+        t: &'static str,
+        r: DeltaDiscoveryResponse,
+    ) -> Option<Status> {
         let result = {
             let known = self.known_clusters(&state.resources);
             let mut versions = vec![];
@@ -489,14 +535,41 @@ impl AdsClient {
                 })
             }
         };
-        out.delta(DeltaDiscoveryRequest {
-            type_url: t.into(),
-            response_nonce: r.nonce,
-            error_detail,
-            ..Default::default()
+        error_detail
+    }
+
+    /// Runs `f` on Tokio's blocking pool: decoding and applying a large response takes tens of
+    /// milliseconds of CPU, which on a worker thread (with one worker, the only one) would stall
+    /// every connection of the data plane. The state moves to the blocking thread and back. A
+    /// panic in `f` (a bug) becomes a NACK instead of ending the client.
+    async fn offload<R: Send + 'static>(
+        self: &Arc<Self>,
+        state: &mut State,
+        f: impl FnOnce(&AdsClient, &mut State) -> R + Send + 'static,
+    ) -> Result<R, Status> {
+        let this = self.clone();
+        let mut st = std::mem::take(state);
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&this, &mut st)));
+            (st, r)
         })
         .await;
-        self.update_subscriptions(state, out).await;
+        match joined {
+            Ok((st, r)) => {
+                *state = st;
+                r.map_err(|_| Status {
+                    code: tonic::Code::Internal as i32,
+                    message: "internal error while applying the response".into(),
+                    details: vec![],
+                })
+            }
+            // Only when the runtime shuts down; the state is gone with it.
+            Err(e) => Err(Status {
+                code: tonic::Code::Internal as i32,
+                message: format!("apply task failed: {e}"),
+                details: vec![],
+            }),
+        }
     }
 
     fn known_clusters<'a>(&'a self, r: &'a XdsResources) -> HashSet<&'a str> {
@@ -526,16 +599,17 @@ impl AdsClient {
                     let old = std::mem::take(&mut next.$map);
                     for (v, d) in upserts {
                         if let Decoded::$variant(x) = d {
-                            let last_updated = old
-                                .get(&*x.name_key())
+                            let prev = old.get(&*x.name_key());
+                            let last_updated = prev
                                 .filter(|o| o.version == v)
                                 .map(|o| o.last_updated)
                                 .unwrap_or(now);
+                            let value = same_or_new(prev, x);
                             next.$map.insert(
-                                x.name_key().to_string(),
+                                value.name_key().to_string(),
                                 Versioned {
                                     version: v,
-                                    value: Arc::new(x),
+                                    value,
                                     last_updated,
                                 },
                             );
@@ -544,11 +618,12 @@ impl AdsClient {
                 } else {
                     for (v, d) in upserts {
                         if let Decoded::$variant(x) = d {
+                            let value = same_or_new(next.$map.get(x.name_key()), x);
                             next.$map.insert(
-                                x.name_key().to_string(),
+                                value.name_key().to_string(),
                                 Versioned {
                                     version: v,
-                                    value: Arc::new(x),
+                                    value,
                                     last_updated: now,
                                 },
                             );
@@ -571,6 +646,7 @@ impl AdsClient {
         let wanted_eds = next.wanted_endpoints();
         next.route_configs.retain(|k, _| wanted_rds.contains(k));
         next.endpoints.retain(|k, _| wanted_eds.contains(k));
+        next.received.insert(t.to_string());
         if !version_info.is_empty() {
             next.versions
                 .insert(t.to_string(), version_info.to_string());
@@ -662,7 +738,18 @@ impl AdsClient {
 
     /// `initial_fetch_timeout` passed for some RDS/EDS names: serve them as empty (no routes, no
     /// endpoints), as Envoy does, so the listeners and clusters that wait for them stop warming.
-    async fn expire_warming(&self, state: &mut State, out: &mut Sender) {
+    async fn expire_warming(self: &Arc<Self>, state: &mut State, out: &mut Sender) {
+        // Applying is CPU work: off the runtime's threads, as for responses.
+        let applied = self
+            .offload(state, |this, state| this.expire_warming_now(state))
+            .await;
+        if let Err(e) = applied {
+            tracing::warn!(error = %e.message, "cannot apply the expired resources");
+        }
+        self.update_subscriptions(state, out).await;
+    }
+
+    fn expire_warming_now(&self, state: &mut State) {
         let now = Instant::now();
         let expired: Vec<(&'static str, String)> = state
             .warming
@@ -688,7 +775,16 @@ impl AdsClient {
                 tracing::warn!(type_url = t, %name, error = %e, "cannot apply the empty resource");
             }
         }
-        self.update_subscriptions(state, out).await;
+    }
+}
+
+/// The accepted value when the new one is equal to it, so the proxy sees an unchanged resource as
+/// the same `Arc` and keeps what it built from it (a listener and its connections, a route table,
+/// a cluster and its pools) — a SotW response re-sends every resource, changed or not.
+fn same_or_new<T: PartialEq>(prev: Option<&Versioned<T>>, x: T) -> Arc<T> {
+    match prev {
+        Some(p) if *p.value == x => p.value.clone(),
+        _ => Arc::new(x),
     }
 }
 

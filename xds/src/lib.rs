@@ -10,6 +10,7 @@
 //! the registry does not know), the response is NACKed and the previous config keeps serving.
 
 pub mod client;
+mod fast;
 pub mod translate;
 
 pub use client::{AdsClient, XdsError, XdsEvent, XdsSink};

@@ -11,11 +11,10 @@ use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use std::collections::HashSet;
 use std::sync::OnceLock;
 
-pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
-pub const ENDPOINT_TYPE: &str =
-    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub use mecha_config::type_url::{
+    CLUSTER as CLUSTER_TYPE, ENDPOINT as ENDPOINT_TYPE, LISTENER as LISTENER_TYPE,
+    ROUTE as ROUTE_TYPE,
+};
 
 /// The Envoy file descriptors mecha translates (see `examples/prune_descriptors.rs`).
 static DESCRIPTORS: &[u8] = include_bytes!("envoy_descriptors.bin");
@@ -103,6 +102,74 @@ impl Decoded {
 /// Decodes one resource of `type_url`. `known_clusters` are the clusters an inline route table may
 /// reference. Errors name the resource and the field.
 pub fn decode_resource(
+    type_url: &str,
+    bytes: &[u8],
+    known_clusters: &HashSet<&str>,
+) -> Result<Decoded, ResourceError> {
+    if let Some(d) = decode_fast(type_url, bytes, known_clusters) {
+        return d;
+    }
+    decode_general(type_url, bytes, known_clusters)
+}
+
+/// The typed fast path ([`crate::fast`]) for the bulk resource types: `None` when the resource is
+/// outside its subset, and the general path must decide. Validation is the same as on the general
+/// path (`mecha_config::check_*`), so only the decoding differs.
+fn decode_fast(
+    type_url: &str,
+    bytes: &[u8],
+    known_clusters: &HashSet<&str>,
+) -> Option<Result<Decoded, ResourceError>> {
+    use prost::Message;
+    let kind = kind_of(type_url);
+    let err = |name: &str, errors: Vec<ConfigError>| ResourceError {
+        kind,
+        name: name.to_string(),
+        errors,
+    };
+    match type_url {
+        ROUTE_TYPE => {
+            let pb = envoy_types::pb::envoy::config::route::v3::RouteConfiguration::decode(bytes)
+                .ok()?;
+            let rc = crate::fast::route_configuration(pb)?;
+            if rc.name.is_empty() {
+                return Some(Err(err(
+                    "",
+                    vec![ConfigError::new("name", "must not be empty")],
+                )));
+            }
+            let name = rc.name.clone();
+            Some(
+                mecha_config::check_route_configuration(rc, "", known_clusters)
+                    .map(Decoded::Route)
+                    .map_err(|e| err(&name, e)),
+            )
+        }
+        ENDPOINT_TYPE => {
+            let pb =
+                envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(bytes)
+                    .ok()?;
+            let cla = crate::fast::cluster_load_assignment(pb)?;
+            if cla.cluster_name.is_empty() {
+                return Some(Err(err(
+                    "",
+                    vec![ConfigError::new("cluster_name", "must not be empty")],
+                )));
+            }
+            let name = cla.cluster_name.clone();
+            Some(
+                mecha_config::check_cluster_load_assignment(cla, "")
+                    .map(Decoded::Endpoints)
+                    .map_err(|e| err(&name, e)),
+            )
+        }
+        _ => None,
+    }
+}
+
+/// The general path: protobuf → dynamic message → JSON-shaped value → mecha-config's serde
+/// decoders, which name any field mecha does not support.
+pub fn decode_general(
     type_url: &str,
     bytes: &[u8],
     known_clusters: &HashSet<&str>,

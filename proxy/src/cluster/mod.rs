@@ -489,7 +489,7 @@ impl ClusterManager {
             .map(|c| {
                 let reuse = previous
                     .and_then(|p| p.clusters.get(&c.name))
-                    .filter(|old| same_config(&old.config, c));
+                    .filter(|old| old.config == *c);
                 (
                     c.name.clone(),
                     reuse
@@ -513,10 +513,6 @@ impl ClusterManager {
     pub fn get(&self, name: &str) -> Option<&Arc<Cluster>> {
         self.clusters.get(name)
     }
-}
-
-fn same_config(a: &ClusterConfig, b: &ClusterConfig) -> bool {
-    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
 }
 
 /// The [`Upstream`] handed to filters: always the cluster manager of the current snapshot.
