@@ -259,6 +259,7 @@ async fn serve(
         data_dir: Some(dir),
         max_body_bytes: 4 << 20,
         app_protocol,
+        peer_http_port: a.dapr_http_port,
     };
     let rt = match Runtime::new(opts).await {
         Ok(rt) => rt,

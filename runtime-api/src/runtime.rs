@@ -40,6 +40,9 @@ pub struct RuntimeOptions {
     pub max_body_bytes: usize,
     /// How the app is called (`--app-protocol`): HTTP requests or the gRPC `AppCallback`.
     pub app_protocol: AppProtocol,
+    /// The port of other sidecars' HTTP API for app ids found by DNS (Dapr's convention: every
+    /// sidecar on the same port; mecha uses its own `--dapr-http-port`).
+    pub peer_http_port: u16,
 }
 
 pub struct StoreEntry {
@@ -141,7 +144,12 @@ pub struct Runtime {
     /// Fired by `POST /v1.0/shutdown`.
     pub shutdown: tokio::sync::Notify,
     component_list: Vec<(String, String, String, Vec<String>)>,
+    /// The client for app ids reached by DNS (no cluster), created on first use.
+    dns_client: OnceLock<DnsClient>,
 }
+
+type DnsClient =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
 
 impl Runtime {
     /// Initialises every component. A component that fails is an error naming its file, unless
@@ -216,6 +224,7 @@ impl Runtime {
             stop_tx,
             shutdown: tokio::sync::Notify::new(),
             component_list,
+            dns_client: OnceLock::new(),
         }))
     }
 
@@ -675,6 +684,54 @@ impl Runtime {
         }
     }
 
+    /// The last resort for a remote app id with neither a route nor a cluster: DNS name
+    /// resolution of the app id (as Dapr's DNS-based name resolution), to the other sidecar's
+    /// HTTP API on `peer_http_port`. No cluster exists for such a target, so this is a plain
+    /// pooled HTTP/1.1 client: no cluster policies or stats apply (configure a cluster named
+    /// after the app id for those).
+    async fn invoke_by_dns(
+        &self,
+        app_id: &str,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, ApiError> {
+        let fail = |e: String| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ERR_DIRECT_INVOKE",
+                format!("failed to invoke, id: {app_id}, err: no route for host \"{app_id}\", no cluster named \"{app_id}\", and DNS: {e}"),
+            )
+        };
+        let port = self.opts.peer_http_port;
+        // Resolve first so an unknown name is a clear error rather than a connect failure.
+        let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((app_id, port))
+            .await
+            .map_err(|e| fail(format!("cannot resolve \"{app_id}\": {e}")))?
+            .collect();
+        if addrs.is_empty() {
+            return Err(fail(format!("\"{app_id}\" has no address")));
+        }
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        *req.uri_mut() = format!("http://{app_id}:{port}{path}")
+            .parse()
+            .map_err(|e| fail(format!("\"{app_id}\" is not a host name: {e}")))?;
+        if let Ok(v) = http::HeaderValue::from_str(&format!("{app_id}:{port}")) {
+            req.headers_mut().insert(http::header::HOST, v);
+        }
+        let client = self.dns_client.get_or_init(|| {
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http()
+        });
+        let resp = client.request(req).await.map_err(|e| fail(e.to_string()))?;
+        Ok(resp.map(|b| {
+            b.map_err(|e| Box::new(e) as mecha_filters::BoxError)
+                .boxed_unsync()
+        }))
+    }
+
     /// A buffered request to the local app through the proxy's app cluster.
     pub async fn app_request(
         &self,
@@ -797,11 +854,7 @@ impl Runtime {
                 }
             }
             if !up.has_cluster(app_id) {
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "ERR_DIRECT_INVOKE",
-                    format!("failed to invoke, id: {app_id}, err: no route for host \"{app_id}\" and no cluster named \"{app_id}\" reaches that app id"),
-                ));
+                return self.invoke_by_dns(app_id, req).await;
             }
         }
         match up.call(&cluster, req).await {
