@@ -1,65 +1,132 @@
 #!/usr/bin/env bash
-# Runtime API load benchmark (wrk): state get over HTTP for state.in-memory, state.sqlite and
-# state.redis, against a plain proxied GET through the same mecha (ratio in the same run), and
-# redis-benchmark -t get at the same concurrency. Needs: a release build, wrk, redis-server,
-# redis-benchmark. Usage: benches/runtime-load.sh [duration_s] [connections]
+# Runtime API load benchmark. Everything runs in one harness so the numbers are ratios within
+# one run:
+#   - state get and save over HTTP (wrk) for state.in-memory, state.sqlite, state.redis;
+#   - state get and save over gRPC (h2load sending pre-encoded dapr.proto.runtime.v1 frames;
+#     p50/p99 from h2load's per-request log) for state.in-memory and state.redis;
+#   - publish over HTTP for pubsub.in-memory and pubsub.redis (no subscriber: the API path);
+#   - invocation app -> mecha A -> mecha B -> app (nginx as the app) against one mecha proxy route
+#     to the same nginx and against nginx directly, at 1 connection (latency) and C connections;
+#   - plain proxy hop and redis-benchmark -t get at the same concurrency, as before.
+# Needs: a release build, wrk, h2load (nghttp2-client), nginx, redis-server, redis-benchmark,
+# python3. Usage: benches/runtime-load.sh [duration_s] [connections]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${1:-10}; C=${2:-32}
 BIN=target/release/mecha
 [ -x "$BIN" ] || cargo build --release --bin mecha
-W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$W"' EXIT
+W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null; [ -f "$W/nginx.pid" ] && kill "$(cat "$W/nginx.pid")" 2>/dev/null; rm -rf "$W"' EXIT
 RP=$((20000 + RANDOM % 10000)); HP=$((RP + 1)); GP=$((RP + 2)); PP=$((RP + 3))
-mkdir -p "$W/res"
+NP=$((RP + 4)); AP=$((RP + 5)); BH=$((RP + 6)); BG=$((RP + 7))
+mkdir -p "$W/res" "$W/b"
 redis-server --port "$RP" --save "" --appendonly no --dir "$W" >/dev/null &
-for s in mem:state.in-memory sql:state.sqlite red:state.redis; do
+for s in mem:state.in-memory sql:state.sqlite red:state.redis memps:pubsub.in-memory redps:pubsub.redis; do
   n=${s%%:*}; t=${s#*:}
   { echo "apiVersion: dapr.io/v1alpha1"; echo "kind: Component"; echo "metadata: {name: $n}";
     echo "spec:"; echo "  type: $t"; echo "  metadata:";
     echo "  - {name: connectionString, value: $W/s.db}"; echo "  - {name: redisHost, value: 127.0.0.1:$RP}"; } > "$W/res/$n.yaml"
 done
-# One bootstrap: the runtime API listener (HP) and a plain proxy listener (PP) routing to HP's
-# healthz, so "plain proxy" = one mecha hop to a trivial local answer.
-cat > "$W/b.yaml" <<YAML
-static_resources:
-  listeners:
-  - name: api
-    address: { socket_address: { address: 127.0.0.1, port_value: $HP } }
+# The app for invocation: nginx answering 200 "ok".
+cat > "$W/nginx.conf" <<NGINX
+worker_processes 1; daemon on; pid $W/nginx.pid; error_log $W/nginx.err;
+events { worker_connections 4096; }
+http { access_log off; client_body_temp_path $W; proxy_temp_path $W; fastcgi_temp_path $W;
+  uwsgi_temp_path $W; scgi_temp_path $W;
+  server { listen 127.0.0.1:$NP; location / { return 200 "ok"; } location = /dapr/subscribe { return 404; } } }
+NGINX
+nginx -c "$W/nginx.conf" -p "$W"
+# Sidecar A: the runtime API listener (HP), a plain proxy listener (PP) routing to HP's healthz
+# (the earlier "plain proxy" case), a route listener (AP) to nginx (the one-hop baseline), the
+# cluster "b" (sidecar B's HTTP API: invocation of app id b) and the cluster "app" (nginx).
+ep() { echo "load_assignment: { cluster_name: $1, endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $2 } } } } ] } ] }"; }
+hcm() { # name, routes, filters-before-router
+  cat <<YAML
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: api
-          route_config: { virtual_hosts: [ { name: a, domains: ["*"], routes: [] } ] }
+          stat_prefix: $1
+          route_config: { virtual_hosts: [ { name: $1, domains: ["*"], routes: [ $2 ] } ] }
           http_filters:
-          - { name: mecha.filters.http.runtime_api, typed_config: { "@type": type.googleapis.com/mecha.filters.http.runtime_api } }
-          - { name: envoy.filters.http.router, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router } }
-  - name: plain
-    address: { socket_address: { address: 127.0.0.1, port_value: $PP } }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: plain
-          route_config: { virtual_hosts: [ { name: p, domains: ["*"], routes: [ { match: { prefix: "/" }, route: { cluster: api } } ] } ] }
-          http_filters:
-          - { name: envoy.filters.http.router, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router } }
-  clusters:
-  - name: api
-    type: STATIC
-    load_assignment: { cluster_name: api, endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $HP } } } } ] } ] }
+$3          - { name: envoy.filters.http.router, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router } }
 YAML
+}
+RTF='          - { name: mecha.filters.http.runtime_api, typed_config: { "@type": type.googleapis.com/mecha.filters.http.runtime_api } }
+'
+{
+  echo "static_resources:"; echo "  listeners:"
+  echo "  - name: api"; echo "    address: { socket_address: { address: 127.0.0.1, port_value: $HP } }"; hcm api "" "$RTF"
+  echo "  - name: plain"; echo "    address: { socket_address: { address: 127.0.0.1, port_value: $PP } }"; hcm plain '{ match: { prefix: "/" }, route: { cluster: api } }' ""
+  echo "  - name: toapp"; echo "    address: { socket_address: { address: 127.0.0.1, port_value: $AP } }"; hcm toapp '{ match: { prefix: "/" }, route: { cluster: app } }' ""
+  echo "  clusters:"
+  echo "  - name: api"; echo "    type: STATIC"; echo "    $(ep api "$HP")"
+  echo "  - name: app"; echo "    type: STATIC"; echo "    $(ep app "$NP")"
+  echo "  - name: b"; echo "    type: STATIC"; echo "    $(ep b "$BH")"
+} > "$W/a.yaml"
 sleep 0.3
-"$BIN" run -c "$W/b.yaml" --app-id bench --dapr-grpc-port "$GP" --resources-path "$W/res" --concurrency 1 -l warn &
-sleep 1
+"$BIN" run -c "$W/a.yaml" --app-id bench --dapr-grpc-port "$GP" --resources-path "$W/res" --concurrency 1 -l warn &
+# Sidecar B: zero-config, app id b, its app is nginx.
+MECHA_DATA_DIR="$W/b" "$BIN" run --app-id b --app-port "$NP" --dapr-http-port "$BH" --dapr-grpc-port "$BG" \
+  --dapr-listen-address 127.0.0.1 --concurrency 1 -l warn &
+sleep 1.5
+VAL='"some value of moderate size"'
 for n in mem sql red; do
-  curl -s -XPOST -H 'content-type: application/json' -d '[{"key":"k","value":"some value of moderate size"}]' "http://127.0.0.1:$HP/v1.0/state/$n" >/dev/null
+  curl -sf -XPOST -H 'content-type: application/json' -d "[{\"key\":\"k\",\"value\":$VAL}]" "http://127.0.0.1:$HP/v1.0/state/$n" >/dev/null
 done
-run() { echo "== $1"; wrk -t1 -c"$C" -d"${D}s" --latency "$2" | grep -E "Requests/sec|50%|99%"; }
-run "plain proxy (GET /v1.0/healthz through one mecha hop)" "http://127.0.0.1:$PP/v1.0/healthz"
-run "runtime healthz (filter answers)" "http://127.0.0.1:$HP/v1.0/healthz"
-for n in mem sql red; do run "state get $n" "http://127.0.0.1:$HP/v1.0/state/$n/k"; done
+curl -sf "http://127.0.0.1:$HP/v1.0/invoke/b/method/x" | grep -q ok || { echo "two-sidecar invocation does not work" >&2; exit 1; }
+
+run() { # label url [wrk args...]
+  local label=$1 url=$2; shift 2
+  echo "== $label"
+  wrk -t1 -d"${D}s" --latency "$@" "$url" | grep -E "Requests/sec|^ +50%|^ +99%|Non-2xx"
+}
+# wrk's Lua wants a Lua string literal; build it with python to get the quoting right.
+lua() { python3 -c 'import json,sys; print("wrk.method=\"POST\"\nwrk.body=" + json.dumps(sys.argv[1]) + "\nwrk.headers[\"Content-Type\"]=\"application/json\"")' "$1" > "$2"; }
+lua "[{\"key\":\"k\",\"value\":$VAL}]" "$W/save.lua"
+lua '{"order":1,"item":"widget"}' "$W/pub.lua"
+
+echo "# HTTP (wrk -t1 -c$C, ${D}s)"
+run "plain proxy (GET /v1.0/healthz through one mecha hop)" "http://127.0.0.1:$PP/v1.0/healthz" -c"$C"
+run "runtime healthz (filter answers)" "http://127.0.0.1:$HP/v1.0/healthz" -c"$C"
+for n in mem sql red; do run "state get $n" "http://127.0.0.1:$HP/v1.0/state/$n/k" -c"$C"; done
+for n in mem sql red; do run "state save $n" "http://127.0.0.1:$HP/v1.0/state/$n" -c"$C" -s "$W/save.lua"; done
+for n in memps redps; do run "publish $n" "http://127.0.0.1:$HP/v1.0/publish/$n/bench" -c"$C" -s "$W/pub.lua"; done
 echo "== redis-benchmark -t get -c $C"
 redis-benchmark -p "$RP" -t get -c "$C" -n 200000 -q | tr "\r" "\n" | grep -a "requests per second" | tail -1
+
+# gRPC: one length-prefixed protobuf message per request, encoded here (field tags by hand:
+# GetStateRequest{1: store_name, 2: key}; SaveStateRequest{1: store_name, 2: StateItem{1: key, 2: value}}).
+python3 - "$W" "$VAL" <<'PY'
+import sys
+w, val = sys.argv[1], sys.argv[2].encode()
+def f(tag, b): return bytes([tag << 3 | 2, len(b)]) + b
+for store in ("mem", "red"):
+    msgs = {"get": f(1, store.encode()) + f(2, b"k"),
+            "save": f(1, store.encode()) + f(2, f(1, b"k") + f(2, val))}
+    for op, m in msgs.items():
+        open(f"{w}/{op}-{store}.bin", "wb").write(b"\0" + len(m).to_bytes(4, "big") + m)
+PY
+grpc() { # label method body
+  local log="$W/h2.log"; rm -f "$log"
+  # Check once that the call succeeds (grpc-status 0 in the trailers), then load it.
+  curl -s --http2-prior-knowledge -XPOST --data-binary @"$3" -H 'content-type: application/grpc' -H 'te: trailers' \
+    -D "$W/hdr" -o /dev/null "http://127.0.0.1:$GP/dapr.proto.runtime.v1.Dapr/$2"
+  grep -qi '^grpc-status: 0' "$W/hdr" || { echo "$1: gRPC call failed:"; cat "$W/hdr"; return; }
+  echo "== $1"
+  h2load -c"$C" -m1 -t1 -D"$D" -d "$3" -H 'content-type: application/grpc' -H 'te: trailers' \
+    --log-file="$log" "http://127.0.0.1:$GP/dapr.proto.runtime.v1.Dapr/$2" | grep -E "^finished in|^requests:"
+  sort -n -k3 "$log" | awk '{a[NR]=$3} END {printf "    p50 %.2fms  p99 %.2fms  (%d requests)\n", a[int(NR*0.5)]/1000, a[int(NR*0.99)]/1000, NR}'
+}
+echo "# gRPC (h2load -c$C -m1, ${D}s)"
+for n in mem red; do
+  grpc "grpc GetState $n" GetState "$W/get-$n.bin"
+  grpc "grpc SaveState $n" SaveState "$W/save-$n.bin"
+done
+
+echo "# Invocation (nginx as the app)"
+for c in 1 "$C"; do
+  run "direct: wrk -> nginx (c=$c)" "http://127.0.0.1:$NP/x" -c"$c"
+  run "one proxy route: wrk -> mecha -> nginx (c=$c)" "http://127.0.0.1:$AP/x" -c"$c"
+  run "two sidecars: wrk -> mecha A /v1.0/invoke/b -> mecha B -> nginx (c=$c)" "http://127.0.0.1:$HP/v1.0/invoke/b/method/x" -c"$c"
+done

@@ -3,6 +3,7 @@
 //! front of the router on the Dapr HTTP port (or uses the `-c` bootstrap as given, adding the
 //! local app's cluster), serves the gRPC API on the Dapr gRPC port, and starts subscriptions.
 
+use mecha_runtime_api::app_channel::AppProtocol;
 use mecha_runtime_api::component::{ComponentSpecParsed, Metadata, Resources};
 use mecha_runtime_api::{Runtime, RuntimeApiFactory, RuntimeOptions};
 use std::path::{Path, PathBuf};
@@ -20,8 +21,9 @@ pub(crate) struct RuntimeArgs {
     /// The port the app listens on (for pub/sub delivery and invocation of this app).
     #[arg(long = "app-port", env = "APP_PORT")]
     pub app_port: Option<u16>,
-    /// How mecha talks to the app: http (grpc app callbacks are not supported yet).
-    #[arg(long = "app-protocol", default_value = "http")]
+    /// How mecha talks to the app: http (requests to the app's routes) or grpc (Dapr's
+    /// `dapr.proto.runtime.v1.AppCallback` service over HTTP/2).
+    #[arg(long = "app-protocol", env = "APP_PROTOCOL", default_value = "http")]
     pub app_protocol: String,
     /// The Dapr HTTP API port.
     #[arg(
@@ -96,13 +98,19 @@ fn embedded(dir: &Path) -> Resources {
 /// The generated bootstrap of zero-config mode: one listener on the Dapr HTTP port whose chain is
 /// [runtime_api, router], and the local app's cluster.
 fn generated_bootstrap(a: &RuntimeArgs) -> String {
+    // A gRPC app is reached over HTTP/2 (prior knowledge, as Dapr's gRPC app channel).
+    let h2 = if a.app_protocol == "grpc" {
+        "\n    http2_protocol_options: {}"
+    } else {
+        ""
+    };
     let app_cluster = match a.app_port {
         Some(p) => format!(
             r#"
   clusters:
   - name: {APP_CLUSTER}
     type: STATIC
-    connect_timeout: 5s
+    connect_timeout: 5s{h2}
     load_assignment:
       cluster_name: {APP_CLUSTER}
       endpoints:
@@ -173,23 +181,31 @@ pub(crate) fn run(
         eprintln!("mecha run: -c <bootstrap> or --app-id <id> is required");
         return 1;
     };
-    if a.app_protocol != "http" {
-        eprintln!(
-            "mecha run: --app-protocol {}: only http is supported (gRPC app callbacks are not implemented yet)",
-            a.app_protocol
-        );
-        return 1;
-    }
+    let app_protocol = match AppProtocol::parse(&a.app_protocol) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("mecha run: {e}");
+            return 1;
+        }
+    };
     let Some(runtime) = crate::cli::tokio_runtime(concurrency) else {
         return 1;
     };
-    runtime.block_on(serve(config, a, app_id, concurrency, drain_timeout))
+    runtime.block_on(serve(
+        config,
+        a,
+        app_id,
+        app_protocol,
+        concurrency,
+        drain_timeout,
+    ))
 }
 
 async fn serve(
     config: Option<&Path>,
     a: &RuntimeArgs,
     app_id: String,
+    app_protocol: AppProtocol,
     concurrency: usize,
     drain_timeout: Duration,
 ) -> i32 {
@@ -242,6 +258,8 @@ async fn serve(
         resources,
         data_dir: Some(dir),
         max_body_bytes: 4 << 20,
+        app_protocol,
+        peer_http_port: a.dapr_http_port,
     };
     let rt = match Runtime::new(opts).await {
         Ok(rt) => rt,

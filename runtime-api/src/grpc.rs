@@ -79,6 +79,33 @@ where
     grpc.unary(svc, req).await
 }
 
+/// As [`unary`], also handing `f` the caller's metadata (for calls forwarded to the app).
+async fn unary_md<M1, M2, F, Fut, B>(
+    rt: Arc<Runtime>,
+    req: http::Request<B>,
+    f: F,
+) -> http::Response<tonic::body::Body>
+where
+    M1: prost::Message + Default + Send + 'static,
+    M2: prost::Message + Default + Send + 'static,
+    F: FnOnce(Arc<Runtime>, tonic::metadata::MetadataMap, M1) -> Fut + Send + Clone + 'static,
+    Fut: Future<Output = Result<M2, Status>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError> + Send,
+{
+    let svc = tower::service_fn(move |r: Request<M1>| {
+        let rt = rt.clone();
+        let f = f.clone();
+        async move {
+            check_token(&rt, r.metadata())?;
+            let (md, _, msg) = r.into_parts();
+            f(rt, md, msg).await.map(Response::new)
+        }
+    });
+    let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<M2, M1>::default());
+    grpc.unary(svc, req).await
+}
+
 /// Serves one gRPC request to the Dapr service.
 pub async fn serve_grpc<B>(
     rt: Arc<Runtime>,
@@ -197,8 +224,8 @@ where
             })
             .await
         }
-        "InvokeService" => unary(rt, req, |rt, r: rt::InvokeServiceRequest| async move {
-            invoke(rt, r).await
+        "InvokeService" => unary_md(rt, req, |rt, md, r: rt::InvokeServiceRequest| async move {
+            invoke(rt, md, r).await
         })
         .await,
         "GetMetadata" => unary(rt, req, |rt, _r: rt::GetMetadataRequest| async move {
@@ -235,11 +262,18 @@ fn verb(v: i32) -> http::Method {
 
 async fn invoke(
     rt: Arc<Runtime>,
+    md: tonic::metadata::MetadataMap,
     r: rt::InvokeServiceRequest,
 ) -> Result<common::InvokeResponse, Status> {
     let msg = r
         .message
         .ok_or_else(|| Status::invalid_argument("ERR_MALFORMED_REQUEST: message is required"))?;
+    if (r.id == rt.app_id() || r.id.is_empty())
+        && rt.opts.app_protocol == crate::app_channel::AppProtocol::Grpc
+    {
+        // A gRPC app gets the InvokeRequest as sent, as Dapr forwards it to OnInvoke.
+        return rt.app_on_invoke(msg, &md).await;
+    }
     let ext = msg.http_extension.unwrap_or_default();
     let mut mq = msg.method.trim_start_matches('/').to_string();
     if !ext.querystring.is_empty() {

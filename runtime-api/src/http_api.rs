@@ -73,7 +73,7 @@ fn query_param(q: Option<&str>, name: &str) -> Option<String> {
 }
 
 /// Reads the whole body, refusing more than `limit` bytes (Dapr's `--max-body-size`).
-async fn read_body(req: Request<Body>, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(req: Request<Body>, limit: usize) -> Result<Bytes, ApiError> {
     let mut body = req.into_body();
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {

@@ -14,8 +14,10 @@
 //! the `Upstream` interface for calls to the app and to other sidecars, so the proxy's pools, load
 //! balancing and stats apply to them.
 
+pub mod app_channel;
 pub mod cloudevents;
 pub mod component;
+pub mod delivery;
 pub mod error;
 pub mod grpc;
 pub mod http_api;

@@ -2,16 +2,18 @@
 //! components, subscriptions and delivery, and service invocation. Built once at start-up (not per
 //! config snapshot), so config swaps never reopen stores or restart consumers.
 
+use crate::app_channel::{self, AppProtocol, UpstreamChannel};
 use crate::cloudevents;
 use crate::component::{ComponentSpecParsed, Resources, Subscription};
+use crate::delivery::{BulkDelivery, CompiledSub, Delivery};
 use crate::error::ApiError;
 use crate::matcher::Expr;
-use crate::pubsub::{self, Message, MessageHandler, PubSub};
+use crate::pubsub::{self, MessageHandler, PubSub};
 use crate::state::{self, KeyPrefix, StateStore};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use mecha_filters::{full, Body, BoxFuture, ClearRouteCache, Next, Upstream};
+use mecha_filters::{full, Body, ClearRouteCache, Next, Upstream};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -36,6 +38,11 @@ pub struct RuntimeOptions {
     pub data_dir: Option<PathBuf>,
     /// Largest request body the API accepts (Dapr's `--max-body-size`, default 4 MiB).
     pub max_body_bytes: usize,
+    /// How the app is called (`--app-protocol`): HTTP requests or the gRPC `AppCallback`.
+    pub app_protocol: AppProtocol,
+    /// The port of other sidecars' HTTP API for app ids found by DNS (Dapr's convention: every
+    /// sidecar on the same port; mecha uses its own `--dapr-http-port`).
+    pub peer_http_port: u16,
 }
 
 pub struct StoreEntry {
@@ -100,7 +107,12 @@ impl RetryPolicy {
         Ok(p)
     }
 
-    fn delay(&self, attempt: u32) -> Duration {
+    /// Whether `attempt` retries (0-based) used up the policy.
+    pub(crate) fn exhausted(&self, attempt: u32) -> bool {
+        self.max_retries >= 0 && attempt as i64 >= self.max_retries
+    }
+
+    pub(crate) fn delay(&self, attempt: u32) -> Duration {
         if self.exponential {
             self.duration
                 .saturating_mul(2u32.saturating_pow(attempt.min(20)))
@@ -121,11 +133,6 @@ pub struct InitError {
     pub message: String,
 }
 
-struct CompiledSub {
-    sub: Subscription,
-    rules: Vec<(Expr, String)>,
-}
-
 pub struct Runtime {
     pub opts: RuntimeOptions,
     pub stores: HashMap<String, StoreEntry>,
@@ -137,7 +144,12 @@ pub struct Runtime {
     /// Fired by `POST /v1.0/shutdown`.
     pub shutdown: tokio::sync::Notify,
     component_list: Vec<(String, String, String, Vec<String>)>,
+    /// The client for app ids reached by DNS (no cluster), created on first use.
+    dns_client: OnceLock<DnsClient>,
 }
+
+type DnsClient =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
 
 impl Runtime {
     /// Initialises every component. A component that fails is an error naming its file, unless
@@ -212,6 +224,7 @@ impl Runtime {
             stop_tx,
             shutdown: tokio::sync::Notify::new(),
             component_list,
+            dns_client: OnceLock::new(),
         }))
     }
 
@@ -393,6 +406,9 @@ impl Runtime {
     }
 
     async fn load_programmatic(self: Arc<Self>) {
+        if self.opts.app_protocol == AppProtocol::Grpc {
+            return self.load_programmatic_grpc().await;
+        }
         let mut stop = self.stop_tx.subscribe();
         let mut warned = false;
         loop {
@@ -433,6 +449,55 @@ impl Runtime {
         }
     }
 
+    /// A gRPC app's subscriptions: `AppCallback.ListTopicSubscriptions`, retried until the app
+    /// answers; `UNIMPLEMENTED` means the app has none.
+    async fn load_programmatic_grpc(self: Arc<Self>) {
+        let mut stop = self.stop_tx.subscribe();
+        let mut warned = false;
+        loop {
+            let client = self.app_callback();
+            let result = match client {
+                Ok(mut c) => c.list_topic_subscriptions(self.grpc_request(())).await,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot ask the app for its subscriptions");
+                    return;
+                }
+            };
+            match result {
+                Ok(resp) => {
+                    for s in resp.into_inner().subscriptions {
+                        let sub = app_channel::subscription_from_grpc(s);
+                        if let Err(e) = self.subscribe(sub).await {
+                            tracing::error!(error = %e, "subscription failed");
+                        }
+                    }
+                    return;
+                }
+                Err(s) if s.code() == tonic::Code::Unimplemented => {
+                    tracing::debug!("app does not implement ListTopicSubscriptions");
+                    return;
+                }
+                Err(s)
+                    if app_channel::is_transport_error(&s)
+                        || s.code() == tonic::Code::Unavailable =>
+                {
+                    if !warned {
+                        tracing::info!(error = %s, "waiting for the app to answer ListTopicSubscriptions");
+                        warned = true;
+                    }
+                }
+                Err(s) => {
+                    tracing::error!(error = %s, "the app's ListTopicSubscriptions failed");
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {},
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
     async fn subscribe(self: &Arc<Self>, sub: Subscription) -> Result<(), ApiError> {
         let entry = self.pubsub(&sub.pubsub)?;
         let mut rules = vec![];
@@ -445,14 +510,25 @@ impl Runtime {
             })?;
             rules.push((e, r.path.clone()));
         }
-        let handler = Arc::new(Delivery {
-            rt: Arc::downgrade(self),
-            sub: Arc::new(CompiledSub {
-                sub: sub.clone(),
-                rules,
-            }),
-            retry: entry.retry.clone(),
+        let compiled = Arc::new(CompiledSub {
+            sub: sub.clone(),
+            rules,
         });
+        let handler: Arc<dyn MessageHandler> =
+            if sub.bulk_subscribe.as_ref().is_some_and(|b| b.enabled) {
+                Arc::new(BulkDelivery::start(
+                    Arc::downgrade(self),
+                    compiled,
+                    entry.retry.clone(),
+                    self.stop_tx.subscribe(),
+                ))
+            } else {
+                Arc::new(Delivery {
+                    rt: Arc::downgrade(self),
+                    sub: compiled,
+                    retry: entry.retry.clone(),
+                })
+            };
         entry
             .pubsub
             .subscribe(&sub.topic, handler, self.stop_tx.subscribe())
@@ -480,6 +556,180 @@ impl Runtime {
                 req.headers_mut().insert("dapr-api-token", v);
             }
         }
+    }
+
+    /// The gRPC channel to the local app: the proxy's app cluster (HTTP/2).
+    pub(crate) fn app_channel(&self) -> Result<UpstreamChannel, String> {
+        let cluster = self
+            .opts
+            .app_cluster
+            .as_deref()
+            .ok_or("no app port configured")?;
+        let up = self.upstream().ok_or("the proxy is not started")?;
+        Ok(UpstreamChannel::new(up.clone(), cluster))
+    }
+
+    pub(crate) fn app_callback(&self) -> Result<app_channel::AppCallbackClient, String> {
+        self.app_channel().map(app_channel::callback_client)
+    }
+
+    /// A request to the app's gRPC callback service, with `dapr-api-token` when
+    /// `APP_API_TOKEN` is set.
+    pub(crate) fn grpc_request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(t) = &self.opts.app_api_token {
+            if let Ok(v) = tonic::metadata::MetadataValue::try_from(t.as_str()) {
+                r.metadata_mut().insert("dapr-api-token", v);
+            }
+        }
+        r
+    }
+
+    /// Invokes a method of a gRPC app (`AppCallback.OnInvoke`), for the gRPC API's
+    /// `InvokeService` addressed to this app id. The app's own error status is passed through.
+    pub async fn app_on_invoke(
+        &self,
+        msg: dapr::dapr::proto::common::v1::InvokeRequest,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<dapr::dapr::proto::common::v1::InvokeResponse, tonic::Status> {
+        let mut client = self.app_callback().map_err(|e| {
+            tonic::Status::internal(format!(
+                "ERR_DIRECT_INVOKE: fail to invoke, id: {}, err: {e}",
+                self.opts.app_id
+            ))
+        })?;
+        let mut req = self.grpc_request(msg);
+        for kv in metadata.iter() {
+            if let tonic::metadata::KeyAndValueRef::Ascii(k, v) = kv {
+                let name = k.as_str();
+                if name.starts_with("grpc-")
+                    || name == "dapr-api-token"
+                    || name == "te"
+                    || name == "content-type"
+                    || name == "user-agent"
+                {
+                    continue;
+                }
+                req.metadata_mut().append(k.clone(), v.clone());
+            }
+        }
+        match client.on_invoke(req).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) if app_channel::is_transport_error(&s) => Err(tonic::Status::internal(format!(
+                "ERR_DIRECT_INVOKE: fail to invoke, id: {}, err: {}",
+                self.opts.app_id,
+                s.message()
+            ))),
+            Err(s) => Err(s),
+        }
+    }
+
+    /// An HTTP invocation of this app when the app speaks gRPC: the request becomes an
+    /// `InvokeRequest` (verb and query string in `http_extension`, headers as metadata), the
+    /// `InvokeResponse` a 200 with its content type; an error status from the app becomes the
+    /// HTTP status Dapr maps it to, with the status as JSON.
+    async fn invoke_grpc_app(
+        &self,
+        method_and_query: &str,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, ApiError> {
+        let (method, query) = method_and_query
+            .split_once('?')
+            .unwrap_or((method_and_query, ""));
+        let (parts, body) = req.into_parts();
+        let body = crate::http_api::read_body(Request::new(body), self.opts.max_body_bytes).await?;
+        let ct = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let ir = app_channel::invoke_request(method, query, &parts.method, ct, body);
+        let direct = |e: String| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ERR_DIRECT_INVOKE",
+                format!("fail to invoke, id: {}, err: {e}", self.opts.app_id),
+            )
+        };
+        let mut client = self.app_callback().map_err(direct)?;
+        let mut greq = self.grpc_request(ir);
+        app_channel::headers_to_metadata(&parts.headers, greq.metadata_mut());
+        match client.on_invoke(greq).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                let mut resp = Response::new(full(r.data.map(|a| a.value).unwrap_or_default()));
+                if let Ok(v) = http::HeaderValue::from_str(&r.content_type) {
+                    if !r.content_type.is_empty() {
+                        resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
+                    }
+                }
+                Ok(resp)
+            }
+            Err(s) if app_channel::is_transport_error(&s) => Err(direct(s.message().to_string())),
+            Err(s) => {
+                let status = app_channel::http_status_from_code(s.code());
+                let body = serde_json::json!({
+                    "code": status.as_u16(),
+                    "message": s.message(),
+                    "details": [],
+                });
+                let mut resp = Response::new(full(Bytes::from(body.to_string())));
+                *resp.status_mut() = status;
+                resp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                Ok(resp)
+            }
+        }
+    }
+
+    /// The last resort for a remote app id with neither a route nor a cluster: DNS name
+    /// resolution of the app id (as Dapr's DNS-based name resolution), to the other sidecar's
+    /// HTTP API on `peer_http_port`. No cluster exists for such a target, so this is a plain
+    /// pooled HTTP/1.1 client: no cluster policies or stats apply (configure a cluster named
+    /// after the app id for those).
+    async fn invoke_by_dns(
+        &self,
+        app_id: &str,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, ApiError> {
+        let fail = |e: String| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ERR_DIRECT_INVOKE",
+                format!("failed to invoke, id: {app_id}, err: no route for host \"{app_id}\", no cluster named \"{app_id}\", and DNS: {e}"),
+            )
+        };
+        let port = self.opts.peer_http_port;
+        // Resolve first so an unknown name is a clear error rather than a connect failure.
+        let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((app_id, port))
+            .await
+            .map_err(|e| fail(format!("cannot resolve \"{app_id}\": {e}")))?
+            .collect();
+        if addrs.is_empty() {
+            return Err(fail(format!("\"{app_id}\" has no address")));
+        }
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        *req.uri_mut() = format!("http://{app_id}:{port}{path}")
+            .parse()
+            .map_err(|e| fail(format!("\"{app_id}\" is not a host name: {e}")))?;
+        if let Ok(v) = http::HeaderValue::from_str(&format!("{app_id}:{port}")) {
+            req.headers_mut().insert(http::header::HOST, v);
+        }
+        let client = self.dns_client.get_or_init(|| {
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http()
+        });
+        let resp = client.request(req).await.map_err(|e| fail(e.to_string()))?;
+        Ok(resp.map(|b| {
+            b.map_err(|e| Box::new(e) as mecha_filters::BoxError)
+                .boxed_unsync()
+        }))
     }
 
     /// A buffered request to the local app through the proxy's app cluster.
@@ -555,6 +805,9 @@ impl Runtime {
             .clone();
         strip_hop_by_hop(req.headers_mut());
         let local = app_id == self.opts.app_id || app_id.is_empty();
+        if local && self.opts.app_protocol == AppProtocol::Grpc {
+            return self.invoke_grpc_app(method_and_query, req).await;
+        }
         let (cluster, path) = if local {
             let cluster = self.opts.app_cluster.clone().ok_or_else(|| {
                 ApiError::new(
@@ -601,11 +854,7 @@ impl Runtime {
                 }
             }
             if !up.has_cluster(app_id) {
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "ERR_DIRECT_INVOKE",
-                    format!("failed to invoke, id: {app_id}, err: no route for host \"{app_id}\" and no cluster named \"{app_id}\" reaches that app id"),
-                ));
+                return self.invoke_by_dns(app_id, req).await;
             }
         }
         match up.call(&cluster, req).await {
@@ -752,122 +1001,4 @@ pub fn parse_programmatic(body: &[u8]) -> Result<Vec<Subscription>, String> {
             }
         })
         .collect())
-}
-
-/// Delivery of one subscription's messages to the app.
-struct Delivery {
-    rt: std::sync::Weak<Runtime>,
-    sub: Arc<CompiledSub>,
-    retry: RetryPolicy,
-}
-
-enum Outcome {
-    Success,
-    Drop,
-    Retry(String),
-}
-
-impl MessageHandler for Delivery {
-    fn handle(&self, msg: Message) -> BoxFuture<'static, Result<(), ()>> {
-        let rt = self.rt.clone();
-        let sub = self.sub.clone();
-        let retry = self.retry.clone();
-        Box::pin(async move {
-            let Some(rt) = rt.upgrade() else {
-                return Err(());
-            };
-            let event =
-                cloudevents::for_delivery(&msg.data, &msg.topic, &sub.sub.pubsub, rt.app_id());
-            let ev_value = serde_json::Value::Object(event);
-            let path = sub
-                .rules
-                .iter()
-                .find(|(e, _)| e.eval(&ev_value))
-                .map(|(_, p)| p.clone())
-                .or_else(|| sub.sub.routes.default.clone());
-            let Some(path) = path else {
-                tracing::debug!(topic = %msg.topic, "no route matches the event; dropped as Dapr does");
-                return Ok(());
-            };
-            let path = if path.starts_with('/') {
-                path
-            } else {
-                format!("/{path}")
-            };
-            let body = Bytes::from(ev_value.to_string());
-            let mut attempt: u32 = 0;
-            loop {
-                let outcome = match rt
-                    .app_request(
-                        http::Method::POST,
-                        &path,
-                        body.clone(),
-                        Some(cloudevents::CE_CONTENT_TYPE),
-                    )
-                    .await
-                {
-                    Ok((s, b)) if s.is_success() => app_status(&b),
-                    Ok((s, _)) if s == StatusCode::NOT_FOUND => {
-                        tracing::warn!(topic = %msg.topic, %path, "app answered 404; message dropped");
-                        Outcome::Drop
-                    }
-                    Ok((s, _)) => Outcome::Retry(format!("app answered {s}")),
-                    Err(e) => Outcome::Retry(e),
-                };
-                match outcome {
-                    Outcome::Success => return Ok(()),
-                    Outcome::Drop => return Ok(()),
-                    Outcome::Retry(why) => {
-                        if retry.max_retries >= 0 && attempt as i64 >= retry.max_retries {
-                            tracing::warn!(topic = %msg.topic, id = %msg.id, reason = %why, "delivery failed after retries");
-                            break;
-                        }
-                        tracing::debug!(topic = %msg.topic, reason = %why, attempt, "retrying delivery");
-                        tokio::time::sleep(retry.delay(attempt)).await;
-                        attempt += 1;
-                    }
-                }
-            }
-            match &sub.sub.dead_letter_topic {
-                Some(dlt) if !dlt.is_empty() => {
-                    let ps = rt.pubsub(&sub.sub.pubsub).map_err(|_| ())?;
-                    match ps
-                        .pubsub
-                        .publish(dlt, msg.data.clone(), &BTreeMap::new())
-                        .await
-                    {
-                        Ok(()) => {
-                            tracing::info!(topic = %msg.topic, dead_letter = %dlt, "message sent to the dead-letter topic");
-                            Ok(())
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "dead-letter publish failed");
-                            Err(())
-                        }
-                    }
-                }
-                _ => Err(()),
-            }
-        })
-    }
-}
-
-/// Reads the app's answer body: `{"status": "SUCCESS"|"RETRY"|"DROP"}`, or empty / other JSON =
-/// success (Dapr treats an unrecognised body on 2xx as success).
-fn app_status(body: &[u8]) -> Outcome {
-    #[derive(serde::Deserialize)]
-    struct S {
-        status: Option<String>,
-    }
-    match serde_json::from_slice::<S>(body)
-        .ok()
-        .and_then(|s| s.status)
-    {
-        Some(s) if s.eq_ignore_ascii_case("RETRY") => Outcome::Retry("app answered RETRY".into()),
-        Some(s) if s.eq_ignore_ascii_case("DROP") => {
-            tracing::warn!("app answered DROP; message dropped");
-            Outcome::Drop
-        }
-        _ => Outcome::Success,
-    }
 }

@@ -350,3 +350,84 @@ static_resources:
     assert_eq!(r.status, 500, "{}", r.text());
     assert_eq!(r.json()["errorCode"], "ERR_DIRECT_INVOKE");
 }
+
+/// An app id with neither a route nor a cluster is found by DNS, on the peer sidecars' HTTP port
+/// (this sidecar's own `--dapr-http-port`, Dapr's convention). App id `localhost` resolves to
+/// 127.0.0.1, where sidecar B listens; sidecar A listens on 127.0.0.2 with the same port.
+#[tokio::test]
+async fn dns_fallback_for_app_ids_without_a_cluster() {
+    let app_b = echo_app("b").await;
+    let data = TempDir::new();
+    let dd = data.0.display().to_string();
+    let port = crate::common::free_port();
+    let start = |id: &'static str, addr: &'static str, app_port: Option<u16>| {
+        let mut cmd = std::process::Command::new(crate::common::mecha_bin());
+        cmd.args([
+            "run",
+            "--app-id",
+            id,
+            "--dapr-http-port",
+            &port.to_string(),
+            "--dapr-grpc-port",
+            &crate::common::free_port().to_string(),
+            "--dapr-listen-address",
+            addr,
+            "--concurrency",
+            "1",
+        ])
+        .env("MECHA_DATA_DIR", &dd)
+        .env_remove("DAPR_API_TOKEN");
+        if let Some(p) = app_port {
+            cmd.args(["--app-port", &p.to_string()]);
+        }
+        KillOnDrop(cmd.spawn().unwrap())
+    };
+    let _b = start("localhost", "127.0.0.1", Some(app_b.addr.port()));
+    let _a = start("appa", "127.0.0.2", None);
+    for addr in ["127.0.0.1", "127.0.0.2"] {
+        let mut ok = false;
+        for _ in 0..300 {
+            if let Ok(r) = crate::common::get(&format!("http://{addr}:{port}/v1.0/healthz")).await {
+                if r.status == 204 {
+                    ok = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        }
+        assert!(ok, "sidecar on {addr} did not start");
+    }
+    let r = req(
+        "POST",
+        &format!("http://127.0.0.2:{port}/v1.0/invoke/localhost/method/dns?v=1"),
+        "by-dns",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["app"], "b");
+    assert_eq!(v["path"], "/dns");
+    assert_eq!(v["query"], "v=1");
+    assert_eq!(v["body"], "by-dns");
+    // A name DNS does not know: ERR_DIRECT_INVOKE naming the DNS failure.
+    let r = req(
+        "GET",
+        &format!("http://127.0.0.2:{port}/v1.0/invoke/no-such-app.invalid/method/x"),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 500);
+    assert_eq!(r.json()["errorCode"], "ERR_DIRECT_INVOKE");
+    assert!(r.text().contains("DNS"), "{}", r.text());
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -5,6 +5,7 @@
 mod common;
 
 mod grpc;
+mod grpc_app;
 mod invoke;
 mod pubsub;
 mod state;

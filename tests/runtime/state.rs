@@ -347,3 +347,122 @@ async fn api_token_and_bad_component() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("typo.yaml") && err.contains("spec"), "{err}");
 }
+
+/// `enableTLS: true` against a real `redis-server --tls-port` with a self-signed certificate
+/// (Dapr's Redis client does not verify the server certificate with enableTLS, nor does mecha):
+/// state.redis and pubsub.redis both connect over TLS; the plaintext port is closed.
+#[tokio::test]
+async fn redis_enable_tls() {
+    let dir = TempDir::new();
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert = dir.0.join("redis.crt");
+    let key = dir.0.join("redis.key");
+    std::fs::write(&cert, pem("CERTIFICATE", ck.cert.der())).unwrap();
+    std::fs::write(&key, pem("PRIVATE KEY", &ck.key_pair.serialize_der())).unwrap();
+    let port = crate::common::free_port();
+    let mut redis = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--tls-auth-clients",
+            "no",
+        ])
+        .arg("--tls-cert-file")
+        .arg(&cert)
+        .arg("--tls-key-file")
+        .arg(&key)
+        .arg("--tls-ca-cert-file")
+        .arg(&cert)
+        .arg("--dir")
+        .arg(&dir.0)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-server (TLS) did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let host = format!("127.0.0.1:{port}");
+    let res = resources(&[
+        (
+            "s.yaml",
+            component(
+                "tls",
+                "state.redis",
+                &[("redisHost", &host), ("enableTLS", "true")],
+            ),
+        ),
+        (
+            "p.yaml",
+            component(
+                "tlsps",
+                "pubsub.redis",
+                &[("redisHost", &host), ("enableTLS", "true")],
+            ),
+        ),
+    ]);
+    let data = TempDir::new();
+    let m = Sidecar::start(
+        "tlsapp",
+        &["--resources-path", &res.0.display().to_string()],
+        &[("MECHA_DATA_DIR", &data.0.display().to_string())],
+    )
+    .await;
+    let r = post_json(
+        &format!("{}/v1.0/state/tls", m.url()),
+        r#"[{"key": "k", "value": "over tls"}]"#,
+    )
+    .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = crate::common::get(&format!("{}/v1.0/state/tls/k", m.url()))
+        .await
+        .unwrap();
+    assert_eq!(r.text(), "\"over tls\"");
+    let r = post_json(&format!("{}/v1.0/publish/tlsps/t", m.url()), r#"{"a":1}"#).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let _ = redis.kill();
+    let _ = redis.wait();
+}
+
+/// PEM text for DER bytes (rcgen is built without its `pem` feature here).
+fn pem(label: &str, der: &[u8]) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::new();
+    for chunk in der.chunks(3) {
+        let n = (chunk[0] as u32) << 16
+            | (*chunk.get(1).unwrap_or(&0) as u32) << 8
+            | *chunk.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                b64.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}

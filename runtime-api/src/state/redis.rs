@@ -59,10 +59,15 @@ pub(crate) fn client_from_metadata(
     let host = meta
         .get("redisHost")
         .ok_or_else(|| ComponentError::Invalid("metadata redisHost is required".into()))?;
-    if meta.get_bool("enableTLS").unwrap_or(false) {
-        return Err(ComponentError::Invalid(
-            "enableTLS: TLS to Redis is not supported by this build".into(),
-        ));
+    let tls = meta.get_bool("enableTLS").unwrap_or(false);
+    // Client certificates (Dapr's clientCert / clientKey) are not implemented: refuse them rather
+    // than connect without the identity the server expects.
+    for k in ["clientCert", "clientKey"] {
+        if meta.get(k).is_some_and(|v| !v.is_empty()) {
+            return Err(ComponentError::Invalid(format!(
+                "{k}: TLS client certificates to Redis are not supported"
+            )));
+        }
     }
     let (h, p) = match host.rsplit_once(':') {
         Some((h, p)) => (
@@ -99,7 +104,14 @@ pub(crate) fn client_from_metadata(
         (Some(u), None) => format!("{}@", enc(u)),
         (None, None) => String::new(),
     };
-    redis::Client::open(format!("redis://{auth}{h}:{p}/{db}")).map_err(redis_err)
+    // enableTLS as Dapr does it: TLS without verifying the server certificate (Dapr's Redis
+    // client sets InsecureSkipVerify = enableTLS), i.e. rustls with `#insecure`.
+    let url = if tls {
+        format!("rediss://{auth}{h}:{p}/{db}#insecure")
+    } else {
+        format!("redis://{auth}{h}:{p}/{db}")
+    };
+    redis::Client::open(url).map_err(redis_err)
 }
 
 /// A connection manager that reconnects by itself, created without waiting for Redis to be up
