@@ -110,6 +110,48 @@ pub fn uuid_v4_header() -> HeaderValue {
     HeaderValue::from_bytes(&uuid_v4_bytes()).unwrap_or(HeaderValue::from_static(""))
 }
 
+/// A decimal header value. Small values (service times in ms, attempt counts) come from a
+/// table of static values built once, and each thread remembers its last larger value (the
+/// route timeout, usually the same for every request), so the hot path seldom formats or
+/// allocates.
+pub fn number_header(n: u64) -> HeaderValue {
+    const CACHED: usize = 1024;
+    static TABLE: std::sync::OnceLock<Box<[HeaderValue]>> = std::sync::OnceLock::new();
+    thread_local! {
+        static LAST: std::cell::RefCell<(u64, HeaderValue)> =
+            std::cell::RefCell::new((0, HeaderValue::from_static("0")));
+    }
+    if n as usize >= CACHED {
+        return LAST.with(|last| {
+            let mut last = last.borrow_mut();
+            if last.0 != n {
+                *last = (n, HeaderValue::from(n));
+            }
+            last.1.clone()
+        });
+    }
+    let table = TABLE.get_or_init(|| {
+        let mut text = String::with_capacity(CACHED * 5);
+        let mut ends = Vec::with_capacity(CACHED);
+        for i in 0..CACHED {
+            use std::fmt::Write;
+            let _ = write!(text, "{i}");
+            ends.push(text.len());
+        }
+        // Leaked once so each value can be a zero-copy static slice.
+        let text: &'static str = Box::leak(text.into_boxed_str());
+        let mut start = 0;
+        ends.into_iter()
+            .map(|end| {
+                let v = HeaderValue::from_static(&text[start..end]);
+                start = end;
+                v
+            })
+            .collect()
+    });
+    table[n as usize].clone()
+}
+
 thread_local! {
     static FAST_RNG: std::cell::RefCell<rand::rngs::SmallRng> =
         std::cell::RefCell::new(<rand::rngs::SmallRng as rand::SeedableRng>::from_rng(&mut rand::rng()));
@@ -153,6 +195,13 @@ mod tests {
         assert!(matches!(&parts[3][..1], "8" | "9" | "a" | "b"));
         assert_ne!(u, super::uuid_v4());
         assert_eq!(super::uuid_v4_header().len(), 36);
+    }
+
+    #[test]
+    fn number_headers() {
+        for n in [0, 7, 1023, 1024, 15000, 15000, 99_999, u64::MAX, 3] {
+            assert_eq!(super::number_header(n), n.to_string().as_str());
+        }
     }
 
     #[test]

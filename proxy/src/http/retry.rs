@@ -676,8 +676,10 @@ pub async fn forward(
     match result {
         Ok((mut resp, n)) => {
             if plan.policy.response_attempt_count {
-                resp.headers_mut()
-                    .insert(ATTEMPT_COUNT.clone(), HeaderValue::from(n));
+                resp.headers_mut().insert(
+                    ATTEMPT_COUNT.clone(),
+                    super::headers::number_header(n as u64),
+                );
             }
             Ok(resp)
         }
@@ -792,7 +794,7 @@ async fn run(
             let mut req = req;
             if plan.policy.request_attempt_count {
                 req.headers_mut()
-                    .insert(ATTEMPT_COUNT.clone(), HeaderValue::from(1));
+                    .insert(ATTEMPT_COUNT.clone(), super::headers::number_header(1));
             }
             return attempt(cluster, first, req, plan).await.map(|r| (r, 1));
         }
@@ -837,8 +839,10 @@ async fn run(
         *req.version_mut() = parts.version;
         *req.headers_mut() = parts.headers.clone();
         if plan.policy.request_attempt_count {
-            req.headers_mut()
-                .insert(ATTEMPT_COUNT.clone(), HeaderValue::from(retries + 1));
+            req.headers_mut().insert(
+                ATTEMPT_COUNT.clone(),
+                super::headers::number_header(retries as u64 + 1),
+            );
         }
         *current = Some(host.clone());
         let out = attempt(cluster, host.clone(), req, plan).await;

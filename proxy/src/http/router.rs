@@ -3,7 +3,7 @@
 //! balancing and the route timeout — and maps upstream failures to Envoy's local replies.
 
 use super::hcm::authority;
-use super::headers::strip_hop_by_hop;
+use super::headers::{number_header, strip_hop_by_hop};
 use super::retry;
 use super::upgrade::spawn_tunnel;
 use crate::cluster::ClusterManager;
@@ -189,7 +189,7 @@ impl Router {
         if let (Some(t), false) = (plan.expected_timeout(), self.suppress_envoy_headers) {
             headers.insert(
                 EXPECTED_TIMEOUT.clone(),
-                HeaderValue::from(t.as_millis() as u64),
+                number_header(t.as_millis() as u64),
             );
         }
 
@@ -217,7 +217,7 @@ impl Router {
         if !self.suppress_envoy_headers {
             resp.headers_mut().insert(
                 UPSTREAM_SERVICE_TIME.clone(),
-                HeaderValue::from(start.elapsed().as_millis() as u64),
+                number_header(start.elapsed().as_millis() as u64),
             );
         }
         apply_response_ops(&route, weighted_ops.as_deref(), &mut resp, &vars);
