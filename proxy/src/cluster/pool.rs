@@ -216,17 +216,9 @@ impl Inner {
             let returned = self.returned.notified();
             let freed = self.limits.freed.notified();
             if let Some(slot) = self.limits.connections.try_acquire() {
-                let io = self.connect(slot).await?;
-                let (tx, conn) = self
-                    .h1
-                    .handshake(io)
-                    .await
-                    .map_err(ConnectError::Handshake)?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.with_upgrades().await {
-                        tracing::debug!(error = %e, "upstream connection error");
-                    }
-                });
+                // Boxed, like the pending wait below: the connect and handshake states would
+                // otherwise sit in (and be copied with) every request's future.
+                let tx = Box::pin(self.open_h1(slot)).await?;
                 return Ok((tx, false));
             }
             self.limits.cx_overflow.inc();
@@ -237,16 +229,34 @@ impl Inner {
             let deadline = *deadline
                 .get_or_insert_with(|| tokio::time::Instant::now() + self.settings.connect_timeout);
             self.waiting.fetch_add(1, Ordering::AcqRel);
-            let woken = tokio::select! {
-                _ = returned => true,
-                _ = freed => true,
-                _ = tokio::time::sleep_until(deadline) => false,
-            };
+            let woken = Box::pin(async {
+                tokio::select! {
+                    _ = returned => true,
+                    _ = freed => true,
+                    _ = tokio::time::sleep_until(deadline) => false,
+                }
+            })
+            .await;
             self.waiting.fetch_sub(1, Ordering::AcqRel);
             if !woken {
                 return Err(PoolError::Overflow("max_connections"));
             }
         }
+    }
+
+    async fn open_h1(&self, slot: Slot) -> Result<http1::SendRequest<Body>, ConnectError> {
+        let io = self.connect(slot).await?;
+        let (tx, conn) = self
+            .h1
+            .handshake(io)
+            .await
+            .map_err(ConnectError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection error");
+            }
+        });
+        Ok(tx)
     }
 
     fn pop_idle(&self) -> Option<Idle> {
@@ -287,6 +297,11 @@ impl Inner {
         if let Some(tx) = self.live_h2() {
             return Ok(tx);
         }
+        Box::pin(self.open_h2()).await
+    }
+
+    /// Opens the shared HTTP/2 connection (one connect at a time; the others wait and share it).
+    async fn open_h2(self: &Arc<Self>) -> Result<http2::SendRequest<Body>, PoolError> {
         let _connecting = self.h2_connecting.lock().await;
         if let Some(tx) = self.live_h2() {
             return Ok(tx);
