@@ -435,7 +435,7 @@ impl HttpFilter for RuntimeApiFilter {
                 .get(http::header::CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
             if is_grpc && path.starts_with(crate::grpc::SERVICE_PREFIX) {
-                return crate::grpc::serve(self.rt.clone(), req).await;
+                return crate::grpc::serve(self.rt.clone(), req, next).await;
             }
             // The header form of invocation: any path, `dapr-app-id` names the target.
             let header_app = req
