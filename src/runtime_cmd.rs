@@ -48,6 +48,42 @@ pub(crate) struct RuntimeArgs {
     /// Address the Dapr APIs listen on.
     #[arg(long = "dapr-listen-address", default_value = "0.0.0.0")]
     pub listen_address: String,
+    /// Probe the app's health; while it is unhealthy, subscriptions pause and invocations of
+    /// this app are refused (Dapr's app health checks).
+    #[arg(long = "enable-app-health-check")]
+    pub enable_app_health_check: bool,
+    /// Path probed on an HTTP app (gRPC apps get `AppCallbackHealthCheck/HealthCheck`).
+    #[arg(long = "app-health-check-path", default_value = "/healthz")]
+    pub app_health_check_path: String,
+    /// Seconds between probes.
+    #[arg(long = "app-health-probe-interval", default_value_t = 5)]
+    pub app_health_probe_interval: u64,
+    /// Milliseconds a probe may take.
+    #[arg(long = "app-health-probe-timeout", default_value_t = 500)]
+    pub app_health_probe_timeout: u64,
+    /// Consecutive failed probes before the app is unhealthy.
+    #[arg(long = "app-health-threshold", default_value_t = 3)]
+    pub app_health_threshold: u32,
+}
+
+impl RuntimeArgs {
+    /// The app health check settings, validated as daprd does; `None` when disabled.
+    fn app_health(&self) -> Result<Option<mecha_runtime_api::app_health::AppHealthConfig>, String> {
+        if !self.enable_app_health_check {
+            return Ok(None);
+        }
+        let cfg = mecha_runtime_api::app_health::AppHealthConfig {
+            path: self.app_health_check_path.clone(),
+            interval: Duration::from_secs(self.app_health_probe_interval),
+            timeout: Duration::from_millis(self.app_health_probe_timeout),
+            threshold: self.app_health_threshold,
+        };
+        cfg.validate()?;
+        if self.app_port.is_none() {
+            tracing::warn!("--enable-app-health-check without --app-port: nothing to probe");
+        }
+        Ok(Some(cfg))
+    }
 }
 
 fn data_dir() -> PathBuf {
@@ -275,6 +311,10 @@ pub(crate) fn run(
             return 1;
         }
     };
+    if let Err(e) = a.app_health() {
+        eprintln!("mecha run: {e}");
+        return 1;
+    }
     let Some(runtime) = crate::cli::tokio_runtime(concurrency) else {
         return 1;
     };
@@ -349,6 +389,8 @@ async fn serve(
         max_body_bytes: 4 << 20,
         app_protocol,
         peer_http_port: a.dapr_http_port,
+        // Validated in `run`.
+        app_health: a.app_health().unwrap_or_default(),
     };
     let rt = match Runtime::new(opts).await {
         Ok(rt) => rt,

@@ -181,8 +181,17 @@ impl RuntimeApiFilter {
         let method = req.method().clone();
         let limit = self.rt.opts.max_body_bytes.max(1);
         match (version, segs.as_slice(), &method) {
-            ("v1.0", ["healthz"], &Method::GET)
-            | ("v1.0", ["healthz", "outbound"], &Method::GET) => Ok(no_content()),
+            // The sidecar's health, not the app's (as Dapr). `?appid=` names the app id the
+            // caller expects here (used by name resolvers to detect a replaced app).
+            ("v1.0", ["healthz"], &Method::GET) => match query_param(q, "appid") {
+                Some(id) if id != self.rt.app_id() => Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "ERR_HEALTH_APPID_NOT_MATCH",
+                    "dapr app-id does not match",
+                )),
+                _ => Ok(no_content()),
+            },
+            ("v1.0", ["healthz", "outbound"], &Method::GET) => Ok(no_content()),
             ("v1.0", ["state", store], &Method::POST)
             | ("v1.0", ["state", store], &Method::PUT) => {
                 let store = percent_decode(store);

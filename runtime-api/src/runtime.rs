@@ -43,6 +43,8 @@ pub struct RuntimeOptions {
     /// The port of other sidecars' HTTP API for app ids found by DNS (Dapr's convention: every
     /// sidecar on the same port; mecha uses its own `--dapr-http-port`).
     pub peer_http_port: u16,
+    /// App health checks (`--enable-app-health-check` and its settings); `None` = disabled.
+    pub app_health: Option<crate::app_health::AppHealthConfig>,
 }
 
 pub struct StoreEntry {
@@ -146,6 +148,9 @@ pub struct Runtime {
     component_list: Vec<(String, String, String, Vec<String>)>,
     /// The client for app ids reached by DNS (no cluster), created on first use.
     dns_client: OnceLock<DnsClient>,
+    /// Whether the app is healthy (always true without app health checks). Subscriptions watch
+    /// it to pause and resume pulling.
+    app_healthy: tokio::sync::watch::Sender<bool>,
 }
 
 type DnsClient =
@@ -214,6 +219,9 @@ impl Runtime {
             }
         }
         let (stop_tx, _) = tokio::sync::watch::channel(false);
+        // With health checks the app is unhealthy until the first probe succeeds (as Dapr).
+        let checked = opts.app_health.is_some() && opts.app_cluster.is_some();
+        let (app_healthy, _) = tokio::sync::watch::channel(!checked);
         Ok(Arc::new(Runtime {
             opts,
             stores,
@@ -225,6 +233,7 @@ impl Runtime {
             shutdown: tokio::sync::Notify::new(),
             component_list,
             dns_client: OnceLock::new(),
+            app_healthy,
         }))
     }
 
@@ -283,6 +292,28 @@ impl Runtime {
 
     pub fn app_id(&self) -> &str {
         &self.opts.app_id
+    }
+
+    /// Whether the app is healthy (true without app health checks).
+    pub fn app_healthy(&self) -> bool {
+        *self.app_healthy.borrow()
+    }
+
+    /// Set by the app health checker on a change; subscriptions pause or resume.
+    pub fn set_app_healthy(&self, healthy: bool) {
+        self.app_healthy.send_replace(healthy);
+    }
+
+    /// Dapr's refusal of work for an unhealthy app.
+    fn unhealthy_error(&self) -> ApiError {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ERR_DIRECT_INVOKE",
+            format!(
+                "fail to invoke, id: {}, err: app is not in a healthy state",
+                self.opts.app_id
+            ),
+        )
     }
 
     pub fn store(&self, name: &str) -> Result<&StoreEntry, ApiError> {
@@ -397,6 +428,13 @@ impl Runtime {
             .collect();
         for s in declarative {
             self.subscribe(s).await?;
+        }
+        if let (Some(cfg), Some(_)) = (&self.opts.app_health, &self.opts.app_cluster) {
+            tokio::spawn(crate::app_health::run(
+                Arc::downgrade(self),
+                cfg.clone(),
+                self.stop_tx.subscribe(),
+            ));
         }
         if self.opts.app_cluster.is_some() {
             let rt = self.clone();
@@ -531,7 +569,14 @@ impl Runtime {
             };
         entry
             .pubsub
-            .subscribe(&sub.topic, handler, self.stop_tx.subscribe())
+            .subscribe(
+                &sub.topic,
+                handler,
+                pubsub::SubscribeControl {
+                    stop: self.stop_tx.subscribe(),
+                    active: self.app_healthy.subscribe(),
+                },
+            )
             .await
             .map_err(|e| {
                 ApiError::new(
@@ -592,6 +637,11 @@ impl Runtime {
         msg: dapr::dapr::proto::common::v1::InvokeRequest,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<dapr::dapr::proto::common::v1::InvokeResponse, tonic::Status> {
+        if !self.app_healthy() {
+            return Err(tonic::Status::internal(
+                "ERR_DIRECT_INVOKE: app is not in a healthy state",
+            ));
+        }
         let mut client = self.app_callback().map_err(|e| {
             tonic::Status::internal(format!(
                 "ERR_DIRECT_INVOKE: fail to invoke, id: {}, err: {e}",
@@ -805,6 +855,9 @@ impl Runtime {
             .clone();
         strip_hop_by_hop(req.headers_mut());
         let local = app_id == self.opts.app_id || app_id.is_empty();
+        if local && !self.app_healthy() {
+            return Err(self.unhealthy_error());
+        }
         if local && self.opts.app_protocol == AppProtocol::Grpc {
             return self.invoke_grpc_app(method_and_query, req).await;
         }

@@ -25,10 +25,10 @@ struct Seen {
 }
 
 #[derive(Clone, Default)]
-struct App(Arc<Mutex<Seen>>);
+pub(crate) struct App(Arc<Mutex<Seen>>);
 
 impl App {
-    fn events(&self, topic: &str) -> Vec<rt::TopicEventRequest> {
+    pub(crate) fn events(&self, topic: &str) -> Vec<rt::TopicEventRequest> {
         let s = self.0.lock().unwrap();
         s.events
             .iter()
@@ -37,7 +37,7 @@ impl App {
             .collect()
     }
 
-    async fn wait_events(&self, topic: &str, n: usize) -> Vec<rt::TopicEventRequest> {
+    pub(crate) async fn wait_events(&self, topic: &str, n: usize) -> Vec<rt::TopicEventRequest> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let v = self.events(topic);
@@ -207,6 +207,39 @@ impl AppCallback for App {
     }
 }
 
+/// `AppCallbackHealthCheck` answering OK or UNAVAILABLE from a switch the test flips.
+#[derive(Clone)]
+pub(crate) struct Health(pub Arc<std::sync::atomic::AtomicBool>);
+
+#[tonic::async_trait]
+impl rt::app_callback_health_check_server::AppCallbackHealthCheck for Health {
+    async fn health_check(
+        &self,
+        _r: Request<()>,
+    ) -> Result<Response<rt::HealthCheckResponse>, Status> {
+        if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            Ok(Response::new(rt::HealthCheckResponse {}))
+        } else {
+            Err(Status::unavailable("not ready"))
+        }
+    }
+}
+
+/// The test app with its health check service.
+pub(crate) async fn start_grpc_app_with_health(app: App, health: Health) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AppCallbackServer::new(app))
+            .add_service(
+                rt::app_callback_health_check_server::AppCallbackHealthCheckServer::new(health),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    port
+}
+
 async fn start_grpc_app(app: App) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -218,7 +251,7 @@ async fn start_grpc_app(app: App) -> u16 {
     port
 }
 
-async fn wait_subscriptions(m: &Sidecar, n: usize) {
+pub(crate) async fn wait_subscriptions(m: &Sidecar, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let r = crate::common::get(&format!("{}/v1.0/metadata", m.url()))
