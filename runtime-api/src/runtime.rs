@@ -549,6 +549,7 @@ impl Runtime {
             rules.push((e, r.path.clone()));
         }
         let compiled = Arc::new(CompiledSub {
+            raw: cloudevents::is_raw_payload(&sub.metadata),
             sub: sub.clone(),
             rules,
         });
