@@ -13,6 +13,9 @@ use std::time::Duration;
 /// The cluster that reaches the local app (`--app-port`).
 pub const APP_CLUSTER: &str = "local_app";
 
+/// The listener serving the Dapr gRPC API on `--dapr-grpc-port`.
+pub const GRPC_LISTENER: &str = "dapr_grpc";
+
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct RuntimeArgs {
     /// The app id (Dapr's `--app-id`); enables the runtime API.
@@ -45,6 +48,42 @@ pub(crate) struct RuntimeArgs {
     /// Address the Dapr APIs listen on.
     #[arg(long = "dapr-listen-address", default_value = "0.0.0.0")]
     pub listen_address: String,
+    /// Probe the app's health; while it is unhealthy, subscriptions pause and invocations of
+    /// this app are refused (Dapr's app health checks).
+    #[arg(long = "enable-app-health-check")]
+    pub enable_app_health_check: bool,
+    /// Path probed on an HTTP app (gRPC apps get `AppCallbackHealthCheck/HealthCheck`).
+    #[arg(long = "app-health-check-path", default_value = "/healthz")]
+    pub app_health_check_path: String,
+    /// Seconds between probes.
+    #[arg(long = "app-health-probe-interval", default_value_t = 5)]
+    pub app_health_probe_interval: u64,
+    /// Milliseconds a probe may take.
+    #[arg(long = "app-health-probe-timeout", default_value_t = 500)]
+    pub app_health_probe_timeout: u64,
+    /// Consecutive failed probes before the app is unhealthy.
+    #[arg(long = "app-health-threshold", default_value_t = 3)]
+    pub app_health_threshold: u32,
+}
+
+impl RuntimeArgs {
+    /// The app health check settings, validated as daprd does; `None` when disabled.
+    fn app_health(&self) -> Result<Option<mecha_runtime_api::app_health::AppHealthConfig>, String> {
+        if !self.enable_app_health_check {
+            return Ok(None);
+        }
+        let cfg = mecha_runtime_api::app_health::AppHealthConfig {
+            path: self.app_health_check_path.clone(),
+            interval: Duration::from_secs(self.app_health_probe_interval),
+            timeout: Duration::from_millis(self.app_health_probe_timeout),
+            threshold: self.app_health_threshold,
+        };
+        cfg.validate()?;
+        if self.app_port.is_none() {
+            tracing::warn!("--enable-app-health-check without --app-port: nothing to probe");
+        }
+        Ok(Some(cfg))
+    }
 }
 
 fn data_dir() -> PathBuf {
@@ -95,8 +134,10 @@ fn embedded(dir: &Path) -> Resources {
     }
 }
 
-/// The generated bootstrap of zero-config mode: one listener on the Dapr HTTP port whose chain is
-/// [runtime_api, router], and the local app's cluster.
+/// The generated bootstrap of zero-config mode: listeners on the Dapr HTTP port and on the Dapr
+/// gRPC port (HTTP/2) whose chains are [runtime_api, router], and the local app's cluster. The gRPC
+/// API is a listener of the proxy rather than a separate server so that `InvokeService` to
+/// another app id has the rest of the chain (the routes) exactly as HTTP invocation has.
 fn generated_bootstrap(a: &RuntimeArgs) -> String {
     // A gRPC app is reached over HTTP/2 (prior knowledge, as Dapr's gRPC app channel).
     let h2 = if a.app_protocol == "grpc" {
@@ -146,9 +187,32 @@ static_resources:
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  - name: {GRPC_LISTENER}
+    address: {{ socket_address: {{ address: "{addr}", port_value: {grpc_port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {GRPC_LISTENER}
+          codec_type: HTTP2
+          route_config:
+            name: dapr
+            virtual_hosts:
+            - name: dapr
+              domains: ["*"]
+              routes: []
+          http_filters:
+          - name: {filter}
+            typed_config:
+              "@type": type.googleapis.com/{filter}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
 {app_cluster}"#,
         addr = a.listen_address,
         port = a.dapr_http_port,
+        grpc_port = a.dapr_grpc_port,
         filter = mecha_runtime_api::TYPE_NAME,
     )
 }
@@ -171,6 +235,65 @@ fn add_app_cluster(b: &mut mecha_config::Bootstrap, a: &RuntimeArgs) -> Result<(
     Ok(())
 }
 
+/// Whether an HTTP connection manager's chain holds the runtime API filter.
+fn has_runtime_filter(hcm: &mecha_config::HttpConnectionManager) -> bool {
+    hcm.http_filters.iter().any(|f| {
+        f.name == mecha_runtime_api::TYPE_NAME
+            || f.typed_config
+                .as_ref()
+                .is_some_and(|t| t.type_url.ends_with(mecha_runtime_api::TYPE_NAME))
+    })
+}
+
+/// Adds the Dapr gRPC port's listener to a user bootstrap that has no listener on that port: a
+/// copy of the first connection manager that holds the runtime API filter (so gRPC invocation
+/// sees the same routes, retry policies and clusters as HTTP invocation on that listener), over
+/// HTTP/2; without such a connection manager, the generated one (no routes).
+fn add_grpc_listener(b: &mut mecha_config::Bootstrap, a: &RuntimeArgs) -> Result<(), String> {
+    use mecha_config::NetworkFilterConfig;
+    let listeners = &mut b.static_resources.listeners;
+    if listeners
+        .iter()
+        .any(|l| l.address.socket_address.port_value == a.dapr_grpc_port)
+    {
+        return Ok(());
+    }
+    let generated = mecha_config::parse_bootstrap(&generated_bootstrap(a))
+        .map_err(|e| format!("generated bootstrap is invalid: {e}"))?;
+    let Some(mut grpc) = generated
+        .static_resources
+        .listeners
+        .into_iter()
+        .find(|l| l.name == GRPC_LISTENER)
+    else {
+        return Err("generated bootstrap has no gRPC listener".into());
+    };
+    let user_chain = listeners
+        .iter()
+        .flat_map(|l| l.filter_chains.iter().chain(l.default_filter_chain.iter()))
+        .find_map(|fc| {
+            fc.filters.iter().find_map(|f| match &f.config {
+                NetworkFilterConfig::HttpConnectionManager(h) if has_runtime_filter(h) => {
+                    Some((f.name.clone(), h.clone()))
+                }
+                _ => None,
+            })
+        });
+    if let (Some((name, mut hcm)), Some(chain)) = (user_chain, grpc.filter_chains.first_mut()) {
+        hcm.stat_prefix = GRPC_LISTENER.to_string();
+        hcm.codec_type = mecha_config::CodecType::HTTP2;
+        chain.filters = vec![mecha_config::NetworkFilter {
+            name,
+            config: NetworkFilterConfig::HttpConnectionManager(hcm),
+        }];
+    }
+    if listeners.iter().any(|l| l.name == GRPC_LISTENER) {
+        grpc.name = format!("{GRPC_LISTENER}_{}", a.dapr_grpc_port);
+    }
+    listeners.push(grpc);
+    Ok(())
+}
+
 pub(crate) fn run(
     config: Option<&Path>,
     a: &RuntimeArgs,
@@ -188,6 +311,10 @@ pub(crate) fn run(
             return 1;
         }
     };
+    if let Err(e) = a.app_health() {
+        eprintln!("mecha run: {e}");
+        return 1;
+    }
     let Some(runtime) = crate::cli::tokio_runtime(concurrency) else {
         return 1;
     };
@@ -223,13 +350,15 @@ async fn serve(
     };
     let bootstrap = match config {
         Some(path) => match mecha_config::load_bootstrap(path) {
-            Ok(mut b) => match add_app_cluster(&mut b, a) {
-                Ok(()) => b,
-                Err(e) => {
-                    eprintln!("mecha: {e}");
-                    return 1;
+            Ok(mut b) => {
+                match add_app_cluster(&mut b, a).and_then(|()| add_grpc_listener(&mut b, a)) {
+                    Ok(()) => b,
+                    Err(e) => {
+                        eprintln!("mecha: {e}");
+                        return 1;
+                    }
                 }
-            },
+            }
             Err(errors) => {
                 eprintln!("{}: {} error(s)", path.display(), errors.0.len());
                 for e in &errors.0 {
@@ -260,6 +389,8 @@ async fn serve(
         max_body_bytes: 4 << 20,
         app_protocol,
         peer_http_port: a.dapr_http_port,
+        // Validated in `run`.
+        app_health: a.app_health().unwrap_or_default(),
     };
     let rt = match Runtime::new(opts).await {
         Ok(rt) => rt,
@@ -279,14 +410,6 @@ async fn serve(
         config_path: config.map(|p| p.display().to_string()),
         drain_timeout,
     };
-    let grpc_addr = format!("{}:{}", a.listen_address, a.dapr_grpc_port);
-    let grpc_listener = match tokio::net::TcpListener::bind(&grpc_addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("mecha: cannot bind the Dapr gRPC port {grpc_addr}: {e}");
-            return 1;
-        }
-    };
     let server = match mecha_proxy::Server::start_with(bootstrap, ctx, options).await {
         Ok(s) => s,
         Err(e) => {
@@ -300,12 +423,6 @@ async fn serve(
         eprintln!("mecha: {e}");
         return 1;
     }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(mecha_runtime_api::grpc::run_server(
-        rt.clone(),
-        grpc_listener,
-        stop_rx,
-    ));
     if let Err(e) = rt.start_subscriptions().await {
         eprintln!("mecha: {e}");
         return 1;
@@ -318,7 +435,6 @@ async fn serve(
     wait_for_shutdown(&rt).await;
     tracing::info!("draining");
     rt.stop();
-    let _ = stop_tx.send(true);
     let clean = server.drain().await;
     tracing::info!(clean, "stopped");
     0

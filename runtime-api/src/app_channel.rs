@@ -315,6 +315,23 @@ pub fn bulk_entry(
     })
 }
 
+/// One raw entry of `OnBulkTopicEvent`'s request (a `rawPayload` subscription): the message's
+/// bytes, not a CloudEvent.
+pub fn bulk_entry_raw(
+    entry_id: &str,
+    data: &[u8],
+    content_type: &str,
+) -> rt::TopicEventBulkRequestEntry {
+    rt::TopicEventBulkRequestEntry {
+        entry_id: entry_id.to_string(),
+        content_type: content_type.to_string(),
+        metadata: Default::default(),
+        event: Some(rt::topic_event_bulk_request_entry::Event::Bytes(
+            data.to_vec(),
+        )),
+    }
+}
+
 /// A `ListTopicSubscriptions` item as a subscription. Dapr's gRPC routing: the rules, then
 /// `default` when set; with neither, every event goes to the empty path.
 pub fn subscription_from_grpc(s: rt::TopicSubscription) -> crate::component::Subscription {

@@ -110,11 +110,20 @@ pub fn wrap(data: &[u8], content_type: &str, env: &Envelope<'_>) -> Result<Bytes
 
 /// What a subscriber receives for a broker payload: a CloudEvent as-is, or raw bytes (a
 /// `rawPayload` publish, or another producer) wrapped with `data_base64`, as Dapr does for raw
-/// subscriptions.
-pub fn for_delivery(payload: &[u8], topic: &str, pubsub: &str, source: &str) -> Map<String, Value> {
-    if let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(payload) {
-        if m.contains_key("specversion") {
-            return m;
+/// subscriptions. With `raw` (the subscription's `rawPayload` metadata) the payload is always
+/// wrapped, even when it parses as a CloudEvent, as Dapr's `FromRawPayload`.
+pub fn for_delivery(
+    payload: &[u8],
+    topic: &str,
+    pubsub: &str,
+    source: &str,
+    raw: bool,
+) -> Map<String, Value> {
+    if !raw {
+        if let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(payload) {
+            if m.contains_key("specversion") {
+                return m;
+            }
         }
     }
     let mut m = Map::new();
@@ -135,6 +144,13 @@ pub fn for_delivery(payload: &[u8], topic: &str, pubsub: &str, source: &str) -> 
         m.insert(k.into(), v);
     }
     m
+}
+
+/// Whether metadata asks for raw payloads: Dapr reads `rawPayload` with Go's `ParseBool`.
+pub fn is_raw_payload(metadata: &std::collections::BTreeMap<String, String>) -> bool {
+    metadata
+        .get("rawPayload")
+        .is_some_and(|v| matches!(v.as_str(), "1" | "t" | "T" | "true" | "TRUE" | "True"))
 }
 
 /// The current UTC time in RFC 3339 (`2024-01-02T03:04:05Z`).

@@ -14,6 +14,7 @@ use crate::component::Subscription;
 use crate::matcher::Expr;
 use crate::pubsub::{Message, MessageHandler};
 use crate::runtime::{RetryPolicy, Runtime};
+use base64::Engine as _;
 use bytes::Bytes;
 use dapr::dapr::proto::runtime::v1 as rtpb;
 use http::StatusCode;
@@ -30,10 +31,15 @@ const BULK_DEFAULT_MAX_AWAIT: Duration = Duration::from_millis(1000);
 /// The CloudEvent type of Dapr's bulk envelope.
 const BULK_EVENT_TYPE: &str = "com.dapr.event.sent.bulk";
 
+/// The content type of a raw bulk entry whose message carries none (Dapr's default).
+const RAW_CONTENT_TYPE: &str = "application/octet-stream";
+
 /// A subscription with its route rules parsed.
 pub(crate) struct CompiledSub {
     pub sub: Subscription,
     pub rules: Vec<(Expr, String)>,
+    /// The subscription's `rawPayload` metadata: payloads are not CloudEvents.
+    pub raw: bool,
 }
 
 impl CompiledSub {
@@ -198,8 +204,13 @@ impl MessageHandler for Delivery {
             let Some(rt) = rt.upgrade() else {
                 return Err(());
             };
-            let event =
-                cloudevents::for_delivery(&msg.data, &msg.topic, &sub.sub.pubsub, rt.app_id());
+            let event = cloudevents::for_delivery(
+                &msg.data,
+                &msg.topic,
+                &sub.sub.pubsub,
+                rt.app_id(),
+                sub.raw,
+            );
             let ev_value = Value::Object(event);
             let Some(path) = sub.route(&ev_value) else {
                 tracing::debug!(topic = %msg.topic, "no route matches the event; dropped as Dapr does");
@@ -318,8 +329,15 @@ async fn deliver_batch(
     };
     let mut by_path: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
     for p in batch {
-        let event =
-            cloudevents::for_delivery(&p.msg.data, &p.msg.topic, &sub.sub.pubsub, rt.app_id());
+        // Routing rules of a raw subscription see the wrapper event (Dapr matches the raw
+        // string, on which rules over event fields never match: the default path either way).
+        let event = cloudevents::for_delivery(
+            &p.msg.data,
+            &p.msg.topic,
+            &sub.sub.pubsub,
+            rt.app_id(),
+            sub.raw,
+        );
         let ev_value = Value::Object(event);
         match sub.route(&ev_value) {
             None => {
@@ -407,12 +425,23 @@ async fn bulk_once(
                 "topic": topic,
                 "pubsubname": sub.sub.pubsub,
                 "metadata": {},
-                "entries": entries.iter().map(|e| serde_json::json!({
-                    "entryId": e.id,
-                    "event": e.event,
-                    "metadata": {},
-                    "contentType": cloudevents::CE_CONTENT_TYPE,
-                })).collect::<Vec<_>>(),
+                "entries": entries.iter().map(|e| if sub.raw {
+                    // Dapr's raw bulk entry: the message bytes in base64, not a CloudEvent.
+                    serde_json::json!({
+                        "entryId": e.id,
+                        "event": base64::engine::general_purpose::STANDARD
+                            .encode(&e.pending.msg.data),
+                        "metadata": {},
+                        "contentType": RAW_CONTENT_TYPE,
+                    })
+                } else {
+                    serde_json::json!({
+                        "entryId": e.id,
+                        "event": e.event,
+                        "metadata": {},
+                        "contentType": cloudevents::CE_CONTENT_TYPE,
+                    })
+                }).collect::<Vec<_>>(),
             });
             let path = http_path(path);
             match rt
@@ -436,6 +465,15 @@ async fn bulk_once(
         AppProtocol::Grpc => {
             let mut items = vec![];
             for e in entries {
+                if sub.raw {
+                    // Raw entries are the message bytes (`event.bytes`), as Dapr sends them.
+                    items.push(app_channel::bulk_entry_raw(
+                        &e.id,
+                        &e.pending.msg.data,
+                        RAW_CONTENT_TYPE,
+                    ));
+                    continue;
+                }
                 match app_channel::bulk_entry(&e.id, &e.event) {
                     Ok(i) => items.push(i),
                     // Left out of the call: absent from the answer, so retried.

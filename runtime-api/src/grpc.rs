@@ -10,7 +10,7 @@ use bytes::Bytes;
 use dapr::dapr::proto::common::v1 as common;
 use dapr::dapr::proto::runtime::v1 as rt;
 use http_body_util::BodyExt;
-use mecha_filters::{Body, BoxError};
+use mecha_filters::{Body, BoxError, Next};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -79,37 +79,46 @@ where
     grpc.unary(svc, req).await
 }
 
-/// As [`unary`], also handing `f` the caller's metadata (for calls forwarded to the app).
-async fn unary_md<M1, M2, F, Fut, B>(
+/// `InvokeService`, with the rest of the filter chain when the call arrived through the HTTP
+/// filter: a remote app id then goes through the connection manager's routes, as HTTP invocation
+/// does. `Next` is not `Clone`, so the one-shot service takes it out of a slot.
+async fn unary_invoke<B>(
     rt: Arc<Runtime>,
     req: http::Request<B>,
-    f: F,
+    next: Option<Next<'_>>,
 ) -> http::Response<tonic::body::Body>
 where
-    M1: prost::Message + Default + Send + 'static,
-    M2: prost::Message + Default + Send + 'static,
-    F: FnOnce(Arc<Runtime>, tonic::metadata::MetadataMap, M1) -> Fut + Send + Clone + 'static,
-    Fut: Future<Output = Result<M2, Status>> + Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError> + Send,
 {
-    let svc = tower::service_fn(move |r: Request<M1>| {
-        let rt = rt.clone();
-        let f = f.clone();
+    let mut slot = Some((rt, next));
+    let svc = tower::service_fn(move |r: Request<rt::InvokeServiceRequest>| {
+        let taken = slot.take();
         async move {
+            let Some((rt, next)) = taken else {
+                return Err(Status::internal(
+                    "InvokeService called twice for one request",
+                ));
+            };
             check_token(&rt, r.metadata())?;
             let (md, _, msg) = r.into_parts();
-            f(rt, md, msg).await.map(Response::new)
+            invoke(rt, md, msg, next).await.map(Response::new)
         }
     });
-    let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<M2, M1>::default());
+    let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
+        common::InvokeResponse,
+        rt::InvokeServiceRequest,
+    >::default());
     grpc.unary(svc, req).await
 }
 
-/// Serves one gRPC request to the Dapr service.
+/// Serves one gRPC request to the Dapr service. `next` is the rest of the HTTP filter chain
+/// when the request came through the runtime API filter (the Dapr gRPC port is such a listener
+/// in `mecha run`), used by `InvokeService` to route remote app ids through the mesh.
 pub async fn serve_grpc<B>(
     rt: Arc<Runtime>,
     req: http::Request<B>,
+    next: Option<Next<'_>>,
 ) -> http::Response<tonic::body::Body>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -224,10 +233,7 @@ where
             })
             .await
         }
-        "InvokeService" => unary_md(rt, req, |rt, md, r: rt::InvokeServiceRequest| async move {
-            invoke(rt, md, r).await
-        })
-        .await,
+        "InvokeService" => unary_invoke(rt, req, next).await,
         "GetMetadata" => unary(rt, req, |rt, _r: rt::GetMetadataRequest| async move {
             Ok(metadata(&rt))
         })
@@ -264,6 +270,7 @@ async fn invoke(
     rt: Arc<Runtime>,
     md: tonic::metadata::MetadataMap,
     r: rt::InvokeServiceRequest,
+    next: Option<Next<'_>>,
 ) -> Result<common::InvokeResponse, Status> {
     let msg = r
         .message
@@ -291,7 +298,29 @@ async fn invoke(
             req.headers_mut().insert(http::header::CONTENT_TYPE, v);
         }
     }
-    let resp = rt.invoke(&r.id, &mq, req).await.map_err(st)?;
+    // The caller's metadata travels as headers (traceparent, the app's own headers), minus
+    // gRPC's transport headers and the caller's API token, as Dapr forwards it.
+    for kv in md.iter() {
+        if let tonic::metadata::KeyAndValueRef::Ascii(k, v) = kv {
+            let name = k.as_str();
+            if name.starts_with("grpc-")
+                || name.starts_with(':')
+                || matches!(
+                    name,
+                    "dapr-api-token" | "te" | "content-type" | "user-agent" | "host"
+                )
+            {
+                continue;
+            }
+            if let (Ok(n), Ok(v)) = (
+                http::HeaderName::from_bytes(name.as_bytes()),
+                http::HeaderValue::from_bytes(v.as_encoded_bytes()),
+            ) {
+                req.headers_mut().append(n, v);
+            }
+        }
+    }
+    let resp = rt.invoke_with(&r.id, &mq, req, next).await.map_err(st)?;
     let status = resp.status();
     let ct = resp
         .headers()
@@ -368,19 +397,23 @@ fn metadata(r: &Runtime) -> rt::GetMetadataResponse {
 }
 
 /// The filter's entry point for gRPC arriving on an HTTP listener.
-pub fn serve(
+pub fn serve<'a>(
     rt: Arc<Runtime>,
     req: http::Request<Body>,
-) -> mecha_filters::BoxFuture<'static, http::Response<Body>> {
-    let fut: mecha_filters::BoxFuture<'static, http::Response<tonic::body::Body>> =
-        Box::pin(serve_grpc(rt, req));
+    next: Next<'a>,
+) -> mecha_filters::BoxFuture<'a, http::Response<Body>> {
+    let fut: mecha_filters::BoxFuture<'a, http::Response<tonic::body::Body>> =
+        Box::pin(serve_grpc(rt, req, Some(next)));
     Box::pin(async move {
         fut.await
             .map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
     })
 }
 
-/// Runs the gRPC API on its own port (HTTP/2 cleartext) until `stop` fires.
+/// Runs the gRPC API on its own port (HTTP/2 cleartext) until `stop` fires, outside any filter
+/// chain: `InvokeService` to another app id then reaches it by its cluster or DNS only, without
+/// routes. `mecha run` does not use it: it serves the Dapr gRPC port as a proxy listener whose
+/// chain holds the runtime API filter, so gRPC invocation gets routes like HTTP invocation.
 pub async fn run_server(
     rt: Arc<Runtime>,
     listener: tokio::net::TcpListener,
@@ -411,7 +444,7 @@ pub async fn run_server(
                                 Status::unimplemented("unknown service").into_http(),
                             );
                         }
-                        Ok::<_, Infallible>(serve_grpc(rt, req).await)
+                        Ok::<_, Infallible>(serve_grpc(rt, req, None).await)
                     }
                 });
             if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())

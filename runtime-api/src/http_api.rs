@@ -53,6 +53,25 @@ pub(crate) fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Decodes `%XX` escapes only when there are any (app ids rarely have them).
+fn percent_decode_cow(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('%') {
+        std::borrow::Cow::Owned(percent_decode(s))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+/// For `/v1.0/invoke/{app-id}/method/{method…}`: the raw app id and the byte offset of the
+/// method in the path (also its offset in the path-and-query, which starts with the path).
+fn invoke_target(path: &str) -> Option<(&str, usize)> {
+    const PREFIX: &str = "/v1.0/invoke/";
+    let rest = path.strip_prefix(PREFIX)?;
+    let (app_id, after) = rest.split_once('/')?;
+    after.strip_prefix("method/")?;
+    Some((app_id, PREFIX.len() + app_id.len() + 1 + "method/".len()))
+}
+
 /// `metadata.<name>=<value>` query parameters, as Dapr reads them.
 fn query_metadata(q: Option<&str>) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
@@ -181,8 +200,17 @@ impl RuntimeApiFilter {
         let method = req.method().clone();
         let limit = self.rt.opts.max_body_bytes.max(1);
         match (version, segs.as_slice(), &method) {
-            ("v1.0", ["healthz"], &Method::GET)
-            | ("v1.0", ["healthz", "outbound"], &Method::GET) => Ok(no_content()),
+            // The sidecar's health, not the app's (as Dapr). `?appid=` names the app id the
+            // caller expects here (used by name resolvers to detect a replaced app).
+            ("v1.0", ["healthz"], &Method::GET) => match query_param(q, "appid") {
+                Some(id) if id != self.rt.app_id() => Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "ERR_HEALTH_APPID_NOT_MATCH",
+                    "dapr app-id does not match",
+                )),
+                _ => Ok(no_content()),
+            },
+            ("v1.0", ["healthz", "outbound"], &Method::GET) => Ok(no_content()),
             ("v1.0", ["state", store], &Method::POST)
             | ("v1.0", ["state", store], &Method::PUT) => {
                 let store = percent_decode(store);
@@ -435,7 +463,7 @@ impl HttpFilter for RuntimeApiFilter {
                 .get(http::header::CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
             if is_grpc && path.starts_with(crate::grpc::SERVICE_PREFIX) {
-                return crate::grpc::serve(self.rt.clone(), req).await;
+                return crate::grpc::serve(self.rt.clone(), req, next).await;
             }
             // The header form of invocation: any path, `dapr-app-id` names the target.
             let header_app = req
@@ -447,14 +475,27 @@ impl HttpFilter for RuntimeApiFilter {
             if !is_api && header_app.is_none() {
                 return next.run(req).await;
             }
-            let path = path.to_string();
-            if !self.authorized(&req, &path) {
+            if !self.authorized(&req, path) {
                 return ApiError::new(
                     StatusCode::UNAUTHORIZED,
                     "ERR_UNAUTHORIZED",
                     "invalid api token",
                 )
                 .to_response();
+            }
+            // The invocation fast path: `/v1.0/invoke/{app-id}/method/…` needs no split into
+            // segments and no copies of the path; the request keeps its URI (see
+            // `Runtime::invoke_api`).
+            if let Some((app_id, method_start)) = invoke_target(path) {
+                let app_id = percent_decode_cow(app_id).into_owned();
+                return self
+                    .rt
+                    .invoke_api(&app_id, method_start, req, Some(next))
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::debug!(error = %e, "runtime API error");
+                        e.to_response()
+                    });
             }
             let result = match header_app {
                 Some(app) if !is_api => {

@@ -15,6 +15,7 @@
 //! balancing and stats apply to them.
 
 pub mod app_channel;
+pub mod app_health;
 pub mod cloudevents;
 pub mod component;
 pub mod delivery;

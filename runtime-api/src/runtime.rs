@@ -43,6 +43,8 @@ pub struct RuntimeOptions {
     /// The port of other sidecars' HTTP API for app ids found by DNS (Dapr's convention: every
     /// sidecar on the same port; mecha uses its own `--dapr-http-port`).
     pub peer_http_port: u16,
+    /// App health checks (`--enable-app-health-check` and its settings); `None` = disabled.
+    pub app_health: Option<crate::app_health::AppHealthConfig>,
 }
 
 pub struct StoreEntry {
@@ -146,6 +148,12 @@ pub struct Runtime {
     component_list: Vec<(String, String, String, Vec<String>)>,
     /// The client for app ids reached by DNS (no cluster), created on first use.
     dns_client: OnceLock<DnsClient>,
+    /// Whether the app is healthy (always true without app health checks). Subscriptions watch
+    /// it to pause and resume pulling.
+    app_healthy: tokio::sync::watch::Sender<bool>,
+    /// `dapr-caller-app-id` for outgoing invocations, built once (an app id that is not a valid
+    /// header value is sent as an empty value).
+    caller_id: http::HeaderValue,
 }
 
 type DnsClient =
@@ -214,6 +222,10 @@ impl Runtime {
             }
         }
         let (stop_tx, _) = tokio::sync::watch::channel(false);
+        // With health checks the app is unhealthy until the first probe succeeds (as Dapr).
+        let checked = opts.app_health.is_some() && opts.app_cluster.is_some();
+        let (app_healthy, _) = tokio::sync::watch::channel(!checked);
+        let opts_app_id = opts.app_id.clone();
         Ok(Arc::new(Runtime {
             opts,
             stores,
@@ -225,6 +237,9 @@ impl Runtime {
             shutdown: tokio::sync::Notify::new(),
             component_list,
             dns_client: OnceLock::new(),
+            app_healthy,
+            caller_id: http::HeaderValue::from_str(&opts_app_id)
+                .unwrap_or(http::HeaderValue::from_static("")),
         }))
     }
 
@@ -283,6 +298,28 @@ impl Runtime {
 
     pub fn app_id(&self) -> &str {
         &self.opts.app_id
+    }
+
+    /// Whether the app is healthy (true without app health checks).
+    pub fn app_healthy(&self) -> bool {
+        *self.app_healthy.borrow()
+    }
+
+    /// Set by the app health checker on a change; subscriptions pause or resume.
+    pub fn set_app_healthy(&self, healthy: bool) {
+        self.app_healthy.send_replace(healthy);
+    }
+
+    /// Dapr's refusal of work for an unhealthy app.
+    fn unhealthy_error(&self) -> ApiError {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ERR_DIRECT_INVOKE",
+            format!(
+                "fail to invoke, id: {}, err: app is not in a healthy state",
+                self.opts.app_id
+            ),
+        )
     }
 
     pub fn store(&self, name: &str) -> Result<&StoreEntry, ApiError> {
@@ -398,6 +435,13 @@ impl Runtime {
         for s in declarative {
             self.subscribe(s).await?;
         }
+        if let (Some(cfg), Some(_)) = (&self.opts.app_health, &self.opts.app_cluster) {
+            tokio::spawn(crate::app_health::run(
+                Arc::downgrade(self),
+                cfg.clone(),
+                self.stop_tx.subscribe(),
+            ));
+        }
         if self.opts.app_cluster.is_some() {
             let rt = self.clone();
             tokio::spawn(async move { rt.load_programmatic().await });
@@ -511,6 +555,7 @@ impl Runtime {
             rules.push((e, r.path.clone()));
         }
         let compiled = Arc::new(CompiledSub {
+            raw: cloudevents::is_raw_payload(&sub.metadata),
             sub: sub.clone(),
             rules,
         });
@@ -531,7 +576,14 @@ impl Runtime {
             };
         entry
             .pubsub
-            .subscribe(&sub.topic, handler, self.stop_tx.subscribe())
+            .subscribe(
+                &sub.topic,
+                handler,
+                pubsub::SubscribeControl {
+                    stop: self.stop_tx.subscribe(),
+                    active: self.app_healthy.subscribe(),
+                },
+            )
             .await
             .map_err(|e| {
                 ApiError::new(
@@ -592,6 +644,11 @@ impl Runtime {
         msg: dapr::dapr::proto::common::v1::InvokeRequest,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<dapr::dapr::proto::common::v1::InvokeResponse, tonic::Status> {
+        if !self.app_healthy() {
+            return Err(tonic::Status::internal(
+                "ERR_DIRECT_INVOKE: app is not in a healthy state",
+            ));
+        }
         let mut client = self.app_callback().map_err(|e| {
             tonic::Status::internal(format!(
                 "ERR_DIRECT_INVOKE: fail to invoke, id: {}, err: {e}",
@@ -790,82 +847,120 @@ impl Runtime {
         &self,
         app_id: &str,
         method_and_query: &str,
+        req: Request<Body>,
+        next: Option<Next<'_>>,
+    ) -> Result<Response<Body>, ApiError> {
+        self.invoke_target(app_id, InvokeUri::Method(method_and_query), req, next)
+            .await
+    }
+
+    /// As [`Self::invoke_with`] for a request whose URI is already
+    /// `/v1.0/invoke/{app-id}/method/{method}[?query]` (the HTTP API's own form), with the
+    /// method starting at byte `method_start` of its path-and-query: a remote invocation keeps
+    /// that URI as is, a local one is cut from it, so neither formats nor re-parses a path.
+    pub async fn invoke_api(
+        &self,
+        app_id: &str,
+        method_start: usize,
+        req: Request<Body>,
+        next: Option<Next<'_>>,
+    ) -> Result<Response<Body>, ApiError> {
+        self.invoke_target(app_id, InvokeUri::Api { method_start }, req, next)
+            .await
+    }
+
+    async fn invoke_target(
+        &self,
+        app_id: &str,
+        target: InvokeUri<'_>,
         mut req: Request<Body>,
         next: Option<Next<'_>>,
     ) -> Result<Response<Body>, ApiError> {
-        let up = self
-            .upstream()
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "ERR_DIRECT_INVOKE",
-                    "the proxy is not started",
-                )
-            })?
-            .clone();
+        let Some(up) = self.upstream() else {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ERR_DIRECT_INVOKE",
+                "the proxy is not started",
+            ));
+        };
         strip_hop_by_hop(req.headers_mut());
         let local = app_id == self.opts.app_id || app_id.is_empty();
-        if local && self.opts.app_protocol == AppProtocol::Grpc {
-            return self.invoke_grpc_app(method_and_query, req).await;
+        if local && !self.app_healthy() {
+            return Err(self.unhealthy_error());
         }
-        let (cluster, path) = if local {
-            let cluster = self.opts.app_cluster.clone().ok_or_else(|| {
-                ApiError::new(
+        let bad_path = |e: http::Error| ApiError::malformed(format!("invalid method path: {e}"));
+        if local {
+            // What follows `/method/` becomes the app's path.
+            let path = match target {
+                InvokeUri::Method(mq) => format!("/{mq}"),
+                InvokeUri::Api { method_start } => {
+                    let pq = req.uri().path_and_query().map_or("", |p| p.as_str());
+                    format!("/{}", pq.get(method_start..).unwrap_or(""))
+                }
+            };
+            if self.opts.app_protocol == AppProtocol::Grpc {
+                return self.invoke_grpc_app(&path[1..], req).await;
+            }
+            let Some(cluster) = self.opts.app_cluster.as_deref() else {
+                return Err(ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "ERR_DIRECT_INVOKE",
                     format!("app {app_id} has no app port configured"),
-                )
-            })?;
-            // Dapr's own headers are for the sidecar, not the app.
-            let keep_token = self.opts.app_api_token.is_some();
-            let names: Vec<http::HeaderName> = req
+                ));
+            };
+            *req.uri_mut() = http::Uri::try_from(path).map_err(|e| bad_path(e.into()))?;
+            // Dapr's own headers are for the sidecar, not the app. Removed one name at a time:
+            // usually there is one (`dapr-caller-app-id`) or none, so no list is allocated.
+            while let Some(n) = req
                 .headers()
                 .keys()
-                .filter(|k| k.as_str().starts_with("dapr-"))
+                .find(|k| k.as_str().starts_with("dapr-"))
                 .cloned()
-                .collect();
-            for n in names {
-                req.headers_mut().remove(n);
+            {
+                req.headers_mut().remove(&n);
             }
-            if keep_token {
-                self.app_headers(&mut req);
-            }
-            (cluster, format!("/{method_and_query}"))
-        } else {
-            req.headers_mut().remove("dapr-app-id");
-            req.headers_mut().insert(
-                "dapr-caller-app-id",
-                http::HeaderValue::from_str(&self.opts.app_id)
-                    .unwrap_or(http::HeaderValue::from_static("")),
-            );
-            (
-                app_id.to_string(),
-                format!("/v1.0/invoke/{app_id}/method/{method_and_query}"),
-            )
-        };
-        *req.uri_mut() = path
-            .parse()
-            .map_err(|e| ApiError::malformed(format!("invalid method path: {e}")))?;
-        if !local {
-            if let (Some(next), Ok(host)) = (next, http::HeaderValue::from_str(app_id)) {
-                match route_invoke(next, req, host).await {
-                    Ok(resp) => return Ok(resp),
-                    Err(back) => req = back,
-                }
-            }
-            if !up.has_cluster(app_id) {
-                return self.invoke_by_dns(app_id, req).await;
+            self.app_headers(&mut req);
+            return up.call(cluster, req).await.map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "ERR_DIRECT_INVOKE",
+                    format!("failed to invoke, id: {app_id}, err: {e}"),
+                )
+            });
+        }
+        req.headers_mut().remove(&DAPR_APP_ID);
+        req.headers_mut()
+            .insert(DAPR_CALLER_APP_ID.clone(), self.caller_id.clone());
+        if let InvokeUri::Method(mq) = target {
+            *req.uri_mut() = http::Uri::try_from(format!("/v1.0/invoke/{app_id}/method/{mq}"))
+                .map_err(|e| bad_path(e.into()))?;
+        }
+        if let (Some(next), Ok(host)) = (next, http::HeaderValue::from_str(app_id)) {
+            match route_invoke(next, req, host).await {
+                Ok(resp) => return Ok(resp),
+                Err(back) => req = back,
             }
         }
-        match up.call(&cluster, req).await {
-            Ok(resp) => Ok(resp),
-            Err(e) => Err(ApiError::new(
+        if !up.has_cluster(app_id) {
+            return self.invoke_by_dns(app_id, req).await;
+        }
+        up.call(app_id, req).await.map_err(|e| {
+            ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "ERR_DIRECT_INVOKE",
                 format!("failed to invoke, id: {app_id}, err: {e}"),
-            )),
-        }
+            )
+        })
     }
+}
+
+/// Where an invocation's URI comes from.
+#[derive(Clone, Copy)]
+enum InvokeUri<'a> {
+    /// What follows `/method/` (method and query string); the URI is built from it.
+    Method(&'a str),
+    /// The request's URI is the API form; the method starts at this byte offset.
+    Api { method_start: usize },
 }
 
 /// Sends a remote invocation through the rest of the chain with `Host: <app-id>` and a route
@@ -877,10 +972,16 @@ async fn route_invoke(
     req: Request<Body>,
     host: http::HeaderValue,
 ) -> Result<Response<Body>, Request<Body>> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let (tx, mut rx) = tokio::sync::oneshot::channel();
+    // The routed copy takes the extensions (the router reads the connection manager's
+    // `RequestInfo` there); the kept copy for the direct path needs none, so they are moved,
+    // not cloned.
+    let extensions = std::mem::take(&mut parts.extensions);
+    let mut routed_parts = parts.clone();
+    routed_parts.extensions = extensions;
     let mut routed = Request::from_parts(
-        parts.clone(),
+        routed_parts,
         Body::new(Reclaim {
             inner: Some(body),
             tx: Some(tx),
@@ -944,18 +1045,29 @@ enum Component {
     PubSub(Arc<dyn PubSub>),
 }
 
+static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy-connection");
+static DAPR_APP_ID: http::HeaderName = http::HeaderName::from_static("dapr-app-id");
+static DAPR_CALLER_APP_ID: http::HeaderName = http::HeaderName::from_static("dapr-caller-app-id");
+
+/// Removes hop-by-hop headers. Static names: a `&str` key is parsed and validated on every
+/// call, which cost more than the rest of this function on the invocation path. The body passes
+/// through unchanged, so `content-length` stays valid and is kept (the upstream then needs no
+/// chunked encoding).
 fn strip_hop_by_hop(h: &mut http::HeaderMap) {
+    use http::header::{CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
     for n in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "content-length",
+        &CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &TRANSFER_ENCODING,
+        &TE,
+        &TRAILER,
+        &UPGRADE,
     ] {
-        h.remove(n);
+        if h.contains_key(n) {
+            h.remove(n);
+        }
     }
 }
 

@@ -25,10 +25,10 @@ struct Seen {
 }
 
 #[derive(Clone, Default)]
-struct App(Arc<Mutex<Seen>>);
+pub(crate) struct App(Arc<Mutex<Seen>>);
 
 impl App {
-    fn events(&self, topic: &str) -> Vec<rt::TopicEventRequest> {
+    pub(crate) fn events(&self, topic: &str) -> Vec<rt::TopicEventRequest> {
         let s = self.0.lock().unwrap();
         s.events
             .iter()
@@ -37,7 +37,7 @@ impl App {
             .collect()
     }
 
-    async fn wait_events(&self, topic: &str, n: usize) -> Vec<rt::TopicEventRequest> {
+    pub(crate) async fn wait_events(&self, topic: &str, n: usize) -> Vec<rt::TopicEventRequest> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let v = self.events(topic);
@@ -207,6 +207,39 @@ impl AppCallback for App {
     }
 }
 
+/// `AppCallbackHealthCheck` answering OK or UNAVAILABLE from a switch the test flips.
+#[derive(Clone)]
+pub(crate) struct Health(pub Arc<std::sync::atomic::AtomicBool>);
+
+#[tonic::async_trait]
+impl rt::app_callback_health_check_server::AppCallbackHealthCheck for Health {
+    async fn health_check(
+        &self,
+        _r: Request<()>,
+    ) -> Result<Response<rt::HealthCheckResponse>, Status> {
+        if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            Ok(Response::new(rt::HealthCheckResponse {}))
+        } else {
+            Err(Status::unavailable("not ready"))
+        }
+    }
+}
+
+/// The test app with its health check service.
+pub(crate) async fn start_grpc_app_with_health(app: App, health: Health) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AppCallbackServer::new(app))
+            .add_service(
+                rt::app_callback_health_check_server::AppCallbackHealthCheckServer::new(health),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    port
+}
+
 async fn start_grpc_app(app: App) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -218,7 +251,7 @@ async fn start_grpc_app(app: App) -> u16 {
     port
 }
 
-async fn wait_subscriptions(m: &Sidecar, n: usize) {
+pub(crate) async fn wait_subscriptions(m: &Sidecar, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let r = crate::common::get(&format!("{}/v1.0/metadata", m.url()))
@@ -510,4 +543,109 @@ async fn http_bulk_subscribe() {
         2,
         "nothing else redelivered"
     );
+}
+
+/// A bulk subscription with `rawPayload: "true"` metadata gets Dapr's raw entries: `event` is the
+/// message bytes in base64 (not a CloudEvent with `data_base64`) and `contentType` is
+/// `application/octet-stream`; a plain (non-bulk) raw subscription still gets the CloudEvent
+/// wrapper with `data_base64`, as Dapr's `FromRawPayload`.
+#[tokio::test]
+async fn http_bulk_raw_payload() {
+    let rec: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
+    let r2 = rec.clone();
+    let h: Handler = Arc::new(move |req: http::Request<hyper::body::Incoming>| {
+        let rec = r2.clone();
+        Box::pin(async move {
+            let path = req.uri().path().to_string();
+            let ok = |s: String| -> Resp {
+                let mut r = http::Response::new(Full::new(Bytes::from(s)));
+                r.headers_mut()
+                    .insert("content-type", "application/json".parse().unwrap());
+                r
+            };
+            if path == "/dapr/subscribe" {
+                return ok(serde_json::json!([
+                    {"pubsubname": "pubsub", "topic": "rawbulk", "route": "/rawbulk",
+                     "metadata": {"rawPayload": "true"},
+                     "bulkSubscribe": {"enabled": true, "maxMessagesCount": 2, "maxAwaitDurationMs": 2000}},
+                    {"pubsubname": "pubsub", "topic": "rawone", "route": "/rawone",
+                     "metadata": {"rawPayload": "true"}}
+                ])
+                .to_string());
+            }
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            rec.lock().unwrap().push((path.clone(), v.clone()));
+            if path == "/rawbulk" {
+                let statuses: Vec<serde_json::Value> = v["entries"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|e| serde_json::json!({"entryId": e["entryId"], "status": "SUCCESS"}))
+                    .collect();
+                return ok(serde_json::json!({ "statuses": statuses }).to_string());
+            }
+            ok(String::new())
+        })
+    });
+    let app = Upstream::start(h).await;
+    let data = TempDir::new();
+    let m = Sidecar::start(
+        "rawapp",
+        &["--app-port", &app.addr.port().to_string()],
+        &[("MECHA_DATA_DIR", &data.0.display().to_string())],
+    )
+    .await;
+    wait_subscriptions(&m, 2).await;
+    for (topic, body) in [
+        ("rawbulk", "hello"),
+        ("rawbulk", r#"{"a":1}"#),
+        ("rawone", "bytes!"),
+    ] {
+        let r = crate::req(
+            "POST",
+            &format!(
+                "{}/v1.0/publish/pubsub/{topic}?metadata.rawPayload=true",
+                m.url()
+            ),
+            body,
+            &[("content-type", "text/plain")],
+        )
+        .await;
+        assert_eq!(r.status, 204, "{}", r.text());
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = rec.lock().unwrap().clone();
+        let bulk: Vec<serde_json::Value> = got
+            .iter()
+            .filter(|(p, _)| p == "/rawbulk")
+            .flat_map(|(_, v)| v["entries"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let one: Vec<&serde_json::Value> = got
+            .iter()
+            .filter(|(p, _)| p == "/rawone")
+            .map(|(_, v)| v)
+            .collect();
+        if bulk.len() >= 2 && !one.is_empty() {
+            let events: Vec<&str> = bulk.iter().filter_map(|e| e["event"].as_str()).collect();
+            // base64("hello"), base64("{\"a\":1}")
+            assert!(events.contains(&"aGVsbG8="), "{bulk:?}");
+            assert!(events.contains(&"eyJhIjoxfQ=="), "{bulk:?}");
+            for e in &bulk {
+                assert_eq!(e["contentType"], "application/octet-stream", "{e}");
+                assert!(e["entryId"].as_str().is_some_and(|s| !s.is_empty()));
+            }
+            let envelope = &got.iter().find(|(p, _)| p == "/rawbulk").unwrap().1;
+            assert_eq!(envelope["type"], "com.dapr.event.sent.bulk");
+            assert_eq!(envelope["topic"], "rawbulk");
+            assert_eq!(envelope["pubsubname"], "pubsub");
+            assert_eq!(one[0]["data_base64"], "Ynl0ZXMh");
+            assert_eq!(one[0]["specversion"], "1.0");
+            break;
+        }
+        assert!(Instant::now() < deadline, "raw deliveries: {got:?}");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
 }

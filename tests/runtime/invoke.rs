@@ -202,8 +202,17 @@ async fn two_sidecars_on_loopback() {
 /// Sidecar A's bootstrap has a virtual host `domains: ["appb"]` whose route goes to the cluster
 /// of B's sidecar with `retry_on: 5xx`: app B answers 503 twice then 200, the caller of A gets 200,
 /// app B saw 3 requests and A counted 2 retries on the cluster.
-#[tokio::test]
-async fn two_sidecars_route_retry_policy() {
+/// Two sidecars for the route retry tests: app B answers 503 to the first two of every three
+/// `/api/…` requests; sidecar A (`-c` bootstrap, admin on `admin`) routes `Host: appb` to B's
+/// sidecar with `retry_on: 5xx`. Returns (A, B, app B, B's hit count, A's admin port, data dir).
+async fn retry_pair() -> (
+    Sidecar,
+    Sidecar,
+    Upstream,
+    Arc<std::sync::atomic::AtomicUsize>,
+    u16,
+    TempDir,
+) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let hits = Arc::new(AtomicUsize::new(0));
     let h2 = hits.clone();
@@ -218,16 +227,24 @@ async fn two_sidecars_route_retry_policy() {
                 return resp;
             }
             let n = hits.fetch_add(1, Ordering::SeqCst) + 1;
+            let r_query = r.uri().query().unwrap_or("").to_string();
+            let x_test = r
+                .headers()
+                .get("x-test")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
             let body = r
                 .into_body()
                 .collect()
                 .await
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
-            let v =
-                serde_json::json!({"n": n, "path": path, "body": String::from_utf8_lossy(&body)});
+            let query = r_query;
+            let v = serde_json::json!({"n": n, "path": path, "query": query,
+                "x_test": x_test, "body": String::from_utf8_lossy(&body)});
             let mut resp: Resp = http::Response::new(Full::new(Bytes::from(v.to_string())));
-            if n <= 2 {
+            if !n.is_multiple_of(3) {
                 *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
             }
             resp
@@ -312,6 +329,16 @@ static_resources:
         grpc,
     )
     .await;
+    (a, b, app_b, hits, admin, data)
+}
+
+/// Sidecar A's bootstrap has a virtual host `domains: ["appb"]` whose route goes to the cluster
+/// of B's sidecar with `retry_on: 5xx`: app B answers 503 twice then 200, the caller of A gets 200,
+/// app B saw 3 requests and A counted 2 retries on the cluster.
+#[tokio::test]
+async fn two_sidecars_route_retry_policy() {
+    use std::sync::atomic::Ordering;
+    let (a, _b, _app_b, hits, admin, _data) = retry_pair().await;
     let r = req(
         "POST",
         &format!("{}/v1.0/invoke/appb/method/api/do", a.url()),
@@ -324,20 +351,9 @@ static_resources:
     assert_eq!(r.json()["path"], "/api/do");
     assert_eq!(r.json()["body"], "hi");
     assert_eq!(hits.load(Ordering::SeqCst), 3);
-    let stats = crate::common::get(&format!("http://127.0.0.1:{admin}/stats"))
-        .await
-        .unwrap()
-        .text();
-    let stat = |name: &str| {
-        stats.lines().find_map(|l| {
-            let (k, v) = l.split_once(": ")?;
-            (k == name).then(|| v.trim().parse::<i64>().ok()).flatten()
-        })
-    };
     assert_eq!(
-        stat("cluster.sidecar_b.upstream_rq_retry"),
-        Some(2),
-        "{stats}"
+        admin_stat(admin, "cluster.sidecar_b.upstream_rq_retry").await,
+        Some(2)
     );
     // An app id that no route names and no cluster reaches is still ERR_DIRECT_INVOKE.
     let r = req(
@@ -349,6 +365,83 @@ static_resources:
     .await;
     assert_eq!(r.status, 500, "{}", r.text());
     assert_eq!(r.json()["errorCode"], "ERR_DIRECT_INVOKE");
+}
+
+/// A counter or gauge from the admin `/stats` text.
+async fn admin_stat(admin: u16, name: &str) -> Option<i64> {
+    let stats = crate::common::get(&format!("http://127.0.0.1:{admin}/stats"))
+        .await
+        .unwrap()
+        .text();
+    stats.lines().find_map(|l| {
+        let (k, v) = l.split_once(": ")?;
+        (k == name).then(|| v.trim().parse::<i64>().ok()).flatten()
+    })
+}
+
+/// gRPC `InvokeService` for another app id goes through the mesh as HTTP invocation does: on
+/// sidecar A's Dapr gRPC port (a listener whose chain is a copy of the `-c` bootstrap's runtime
+/// API connection manager), the call to `appb` takes the route of the `appb` virtual host, whose
+/// retry policy hides app B's two 503s; verb, query string, metadata and body reach app B.
+#[tokio::test]
+async fn grpc_invoke_service_through_route_retry_policy() {
+    use dapr::dapr::proto::common::v1 as common_v1;
+    use dapr::dapr::proto::runtime::v1 as rtv1;
+    use std::sync::atomic::Ordering;
+    let (a, _b, _app_b, hits, admin, _data) = retry_pair().await;
+    let mut c = rtv1::dapr_client::DaprClient::connect(format!("http://127.0.0.1:{}", a.grpc_port))
+        .await
+        .expect("connect to A's gRPC port");
+    let invoke = |id: &str, method: &str| {
+        let mut r = tonic::Request::new(rtv1::InvokeServiceRequest {
+            id: id.into(),
+            message: Some(common_v1::InvokeRequest {
+                method: method.into(),
+                data: Some(prost_types::Any {
+                    type_url: String::new(),
+                    value: b"hi".to_vec(),
+                }),
+                content_type: "text/plain".into(),
+                http_extension: Some(common_v1::HttpExtension {
+                    verb: common_v1::http_extension::Verb::Put as i32,
+                    querystring: "q=1".into(),
+                }),
+            }),
+        });
+        r.metadata_mut()
+            .insert("x-test", "from-grpc".parse().unwrap());
+        r
+    };
+    let resp = c
+        .invoke_service(invoke("appb", "api/grpc"))
+        .await
+        .expect("InvokeService through the route")
+        .into_inner();
+    let v: serde_json::Value =
+        serde_json::from_slice(&resp.data.expect("data").value).expect("JSON from app B");
+    assert_eq!(v["n"], 3, "{v}");
+    assert_eq!(v["path"], "/api/grpc");
+    assert_eq!(v["query"], "q=1");
+    assert_eq!(v["x_test"], "from-grpc");
+    assert_eq!(v["body"], "hi");
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        admin_stat(admin, "cluster.sidecar_b.upstream_rq_retry").await,
+        Some(2)
+    );
+    // The gRPC listener's own connection manager stats count the calls.
+    assert!(
+        admin_stat(admin, "http.dapr_grpc.downstream_rq_total")
+            .await
+            .unwrap_or(0)
+            >= 1
+    );
+    // No route, no cluster, no DNS name: an error status, never a hang.
+    let err = c
+        .invoke_service(invoke("nobody", "x"))
+        .await
+        .expect_err("unknown app id");
+    assert!(err.message().contains("ERR_DIRECT_INVOKE"), "{err:?}");
 }
 
 /// An app id with neither a route nor a cluster is found by DNS, on the peer sidecars' HTTP port

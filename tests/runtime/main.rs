@@ -6,6 +6,7 @@ mod common;
 
 mod grpc;
 mod grpc_app;
+mod health;
 mod invoke;
 mod pubsub;
 mod state;

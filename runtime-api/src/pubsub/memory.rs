@@ -2,7 +2,7 @@
 //! message; each subscription delivers up to `concurrency` messages at once. Nothing survives a
 //! restart, and a message whose delivery finally fails is logged and lost (as in Dapr).
 
-use super::{Message, MessageHandler, PubSub};
+use super::{Message, MessageHandler, PubSub, SubscribeControl};
 use crate::error::ComponentError;
 use bytes::Bytes;
 use mecha_filters::BoxFuture;
@@ -49,7 +49,7 @@ impl PubSub for MemoryPubSub {
         &self,
         topic: &str,
         handler: Arc<dyn MessageHandler>,
-        mut stop: tokio::sync::watch::Receiver<bool>,
+        mut ctl: SubscribeControl,
     ) -> BoxFuture<'_, Result<(), ComponentError>> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
         self.topics
@@ -59,10 +59,21 @@ impl PubSub for MemoryPubSub {
             .push(tx);
         let sem = Arc::new(tokio::sync::Semaphore::new(self.concurrency));
         tokio::spawn(async move {
+            let mut stop = ctl.stop.clone();
             loop {
+                // Paused (app unhealthy): published messages wait in the channel.
+                if !ctl.wait_active().await {
+                    return;
+                }
                 let msg = tokio::select! {
                     m = rx.recv() => match m { Some(m) => m, None => return },
                     _ = stop.changed() => return,
+                    // Paused while idle: go back to waiting before taking the next message
+                    // (or end, when the runtime holding the sender is gone).
+                    r = ctl.active.changed() => match r {
+                        Ok(()) => continue,
+                        Err(_) => return,
+                    },
                 };
                 let Ok(permit) = sem.clone().acquire_owned().await else {
                     return;

@@ -28,6 +28,46 @@ pub trait MessageHandler: Send + Sync + 'static {
     fn handle(&self, msg: Message) -> BoxFuture<'static, Result<(), ()>>;
 }
 
+/// What a subscription's consumer loops watch: `stop` (true = shut down for good) and `active`
+/// (false = paused, Dapr's reaction to an unhealthy app: stop taking new work, resume when the app
+/// is healthy again). Both senders live in the runtime; a closed channel ends the consumer.
+#[derive(Clone)]
+pub struct SubscribeControl {
+    pub stop: tokio::sync::watch::Receiver<bool>,
+    pub active: tokio::sync::watch::Receiver<bool>,
+}
+
+impl SubscribeControl {
+    pub fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Waits while paused. `false` when `stop` fired meanwhile (the loop should end).
+    pub async fn wait_active(&mut self) -> bool {
+        loop {
+            if self.stopped() {
+                return false;
+            }
+            if *self.active.borrow_and_update() {
+                return true;
+            }
+            tokio::select! {
+                r = self.active.changed() => {
+                    // The health checker is gone (shutdown): nothing will resume us.
+                    if r.is_err() {
+                        return false;
+                    }
+                }
+                r = self.stop.changed() => {
+                    if r.is_err() {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+}
+
 pub trait PubSub: Send + Sync + 'static {
     fn publish(
         &self,
@@ -37,12 +77,13 @@ pub trait PubSub: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<(), ComponentError>>;
 
     /// Starts delivering `topic` to `handler` (in background tasks) until the broker is dropped
-    /// or `stop` fires.
+    /// or `ctl.stop` fires. While `ctl` is paused (the app is unhealthy) nothing is pulled from
+    /// the broker: messages stay there (or queued, for in-memory) until it resumes.
     fn subscribe(
         &self,
         topic: &str,
         handler: Arc<dyn MessageHandler>,
-        stop: tokio::sync::watch::Receiver<bool>,
+        ctl: SubscribeControl,
     ) -> BoxFuture<'_, Result<(), ComponentError>>;
 
     fn features(&self) -> &'static [&'static str] {

@@ -6,7 +6,7 @@
 //! On start, this consumer's own pending entries are read again first, so a restarted sidecar
 //! finishes what it had in flight.
 
-use super::{Message, MessageHandler, PubSub};
+use super::{Message, MessageHandler, PubSub, SubscribeControl};
 use crate::component::Metadata;
 use crate::error::ComponentError;
 use crate::state::redis::{client_from_metadata, connect, redis_err};
@@ -106,7 +106,7 @@ impl PubSub for RedisPubSub {
         &self,
         topic: &str,
         handler: Arc<dyn MessageHandler>,
-        stop: tokio::sync::watch::Receiver<bool>,
+        ctl: SubscribeControl,
     ) -> BoxFuture<'_, Result<(), ComponentError>> {
         let topic = topic.to_string();
         Box::pin(async move {
@@ -130,8 +130,8 @@ impl PubSub for RedisPubSub {
                 sem: Arc::new(tokio::sync::Semaphore::new(self.settings.concurrency)),
                 in_flight: parking_lot::Mutex::new(std::collections::HashSet::new()),
             });
-            tokio::spawn(consumer.clone().read_loop(read_conn, stop.clone()));
-            tokio::spawn(consumer.reclaim_loop(stop));
+            tokio::spawn(consumer.clone().read_loop(read_conn, ctl.clone()));
+            tokio::spawn(consumer.reclaim_loop(ctl));
             Ok(())
         })
     }
@@ -148,17 +148,16 @@ struct Consumer {
 }
 
 impl Consumer {
-    async fn read_loop(
-        self: Arc<Self>,
-        mut conn: ConnectionManager,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-    ) {
+    async fn read_loop(self: Arc<Self>, mut conn: ConnectionManager, mut ctl: SubscribeControl) {
+        let mut stop = ctl.stop.clone();
         let s = &self.settings;
         // "0" first: this consumer's pending entries from a previous run; then ">" for new ones.
         let mut cursor = "0".to_string();
         let mut backoff = Duration::from_millis(100);
         loop {
-            if *stop.borrow() {
+            // Paused (app unhealthy): no XREADGROUP, so new entries stay in the stream and
+            // pending ones stay pending until the app is healthy again.
+            if !ctl.wait_active().await {
                 return;
             }
             let opts = StreamReadOptions::default()
@@ -170,12 +169,28 @@ impl Consumer {
             let read = tokio::select! {
                 r = conn.xread_options::<_, _, StreamReadReply>(&keys, &ids, &opts) => r,
                 _ = stop.changed() => return,
+                // Paused during the blocking read: abandon it. Entries Redis handed to this
+                // consumer meanwhile are in its pending list, read again below ("0").
+                r = ctl.active.changed() => {
+                    // The runtime (the sender) is gone: shut down.
+                    if r.is_err() {
+                        return;
+                    }
+                    cursor = "0".to_string();
+                    continue;
+                }
             };
             match read {
                 Ok(reply) => {
                     backoff = Duration::from_millis(100);
                     let entries: Vec<StreamId> =
                         reply.keys.into_iter().flat_map(|k| k.ids).collect();
+                    if !*ctl.active.borrow() {
+                        // Paused as the read returned: not delivered now; they stay pending for
+                        // this consumer and are read from its pending list on resume.
+                        cursor = "0".to_string();
+                        continue;
+                    }
                     if cursor != ">" {
                         match entries.last() {
                             Some(last) => cursor = last.id.clone(),
@@ -201,7 +216,8 @@ impl Consumer {
         }
     }
 
-    async fn reclaim_loop(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    async fn reclaim_loop(self: Arc<Self>, mut ctl: SubscribeControl) {
+        let mut stop = ctl.stop.clone();
         let s = &self.settings;
         let mut tick = tokio::time::interval(s.redeliver_interval.max(Duration::from_millis(50)));
         tick.tick().await;
@@ -209,6 +225,10 @@ impl Consumer {
             tokio::select! {
                 _ = tick.tick() => {},
                 _ = stop.changed() => return,
+            }
+            // No redelivery to an unhealthy app either.
+            if !ctl.wait_active().await {
+                return;
             }
             let mut conn = self.conn.clone();
             let mut start = "0-0".to_string();
