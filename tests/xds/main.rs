@@ -451,3 +451,109 @@ async fn ready_only_after_initial_lds_cds_and_warming() {
     let info = m.admin_get("/server_info").await.json();
     assert_eq!(info["state"], "LIVE", "{info}");
 }
+
+/// Continuous load from 32 connections (xds_load's round 0, which saw ~1,600 non-2xx): past the
+/// `initial_fetch_timeout` of the RDS and EDS subscriptions (the route table and the endpoints
+/// must not be replaced by the empty resources an expired fetch serves), then RDS moves the route
+/// to a cluster whose upstream was never connected (one that existed all along, then one CDS adds
+/// right before): every request must succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_to_cold_cluster_under_load_zero_failed_requests() {
+    let ups = [
+        Upstream::echo("a").await,
+        Upstream::echo("b").await,
+        Upstream::echo("c").await,
+    ];
+    let cp = ControlPlane::start().await;
+    let (admin, port) = (free_port(), free_port());
+    let fetch_timeout =
+        serde_json::json!({"ads": {}, "resource_api_version": "V3", "initial_fetch_timeout": "1s"});
+    let mut a = eds_cluster("a");
+    a["eds_cluster_config"]["eds_config"] = fetch_timeout.clone();
+    let ab = vec![a, xds_static_cluster("b", &[ups[1].addr])];
+    cp.set(CLUSTER_TYPE, ab.clone());
+    cp.set(ENDPOINT_TYPE, vec![cla("a", &[ups[0].addr])]);
+    let mut l = listener("ingress", port, "r1", "ingress_http");
+    l["filter_chains"][0]["filters"][0]["typed_config"]["rds"]["config_source"] = fetch_timeout;
+    cp.set(LISTENER_TYPE, vec![l]);
+    cp.set(ROUTE_TYPE, vec![route("r1", "a")]);
+    let m = Mecha::start(&bootstrap(admin, cp.addr, "GRPC"), admin).await;
+    eventually("traffic to a", || serves(port, "a")).await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let mut workers = vec![];
+    for _ in 0..32 {
+        let (stop, seen) = (stop.clone(), seen.clone());
+        workers.push(tokio::spawn(async move {
+            let c = client();
+            let (mut ok, mut failed) = (0u64, vec![]);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let req = http::Request::get(format!("http://127.0.0.1:{port}/"))
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                match send(&c, req).await {
+                    Ok(r) if r.status == 200 => {
+                        ok += 1;
+                        if let Some(n) = r.header("x-upstream-name") {
+                            seen.lock().unwrap().insert(n.to_string());
+                        }
+                    }
+                    Ok(r) => failed.push(format!("{} {}", r.status, r.text())),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let moved_to = |name: &'static str| {
+        let seen = seen.clone();
+        move || {
+            let seen = seen.clone();
+            async move { seen.lock().unwrap().contains(name) }
+        }
+    };
+    // Past the 1 s initial_fetch_timeout of r1 and of a's endpoints.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // An existing cluster no request has used yet (the bench's case).
+    cp.set(ROUTE_TYPE, vec![route("r1", "b")]);
+    eventually("load moved to b", moved_to("b")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A cluster added by CDS right before the route that uses it (a control plane that pushes
+    // CDS and RDS back to back).
+    let mut abc = ab.clone();
+    abc.push(xds_static_cluster("c", &[ups[2].addr]));
+    cp.set(CLUSTER_TYPE, abc);
+    cp.set(ROUTE_TYPE, vec![route("r1", "c")]);
+    eventually("load moved to c", moved_to("c")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, vec![]);
+    for w in workers {
+        let (o, f) = w.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    let mut stats = vec![];
+    for s in [
+        "http.ingress_http.no_route",
+        "http.ingress_http.no_cluster",
+        "cluster.a.upstream_cx_none_healthy",
+        "cluster.b.upstream_cx_overflow",
+        "cluster.b.upstream_rq_pending_overflow",
+        "cluster.b.upstream_cx_connect_fail",
+        "cluster.c.upstream_cx_overflow",
+        "cluster.c.upstream_rq_pending_overflow",
+        "cluster.c.upstream_cx_connect_fail",
+    ] {
+        stats.push(format!("{s}={:?}", m.stat(s).await));
+    }
+    assert!(ok > 100, "too little load: {ok}");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}\nstats: {stats:?}",
+        failed.len(),
+        ok,
+        &failed[..failed.len().min(5)]
+    );
+}
