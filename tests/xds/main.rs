@@ -557,3 +557,137 @@ async fn route_to_cold_cluster_under_load_zero_failed_requests() {
         &failed[..failed.len().min(5)]
     );
 }
+
+/// Writes `text` next to `path` and renames it into place (how Envoy expects config files to be
+/// replaced: never half-written).
+fn replace_file(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A DiscoveryResponse file: resources get their `@type`.
+fn discovery_file(
+    version: &str,
+    type_url: &str,
+    resources: Vec<serde_json::Value>,
+) -> serde_json::Value {
+    let resources: Vec<_> = resources
+        .into_iter()
+        .map(|mut r| {
+            r["@type"] = serde_json::json!(type_url);
+            r
+        })
+        .collect();
+    serde_json::json!({"version_info": version, "resources": resources})
+}
+
+/// A CDS DiscoveryResponse file in block YAML: STATIC clusters (name, upstream).
+fn cds_yaml(version: &str, clusters: &[(&str, std::net::SocketAddr)]) -> String {
+    let mut out = format!("version_info: {version}\nresources:\n");
+    for (name, addr) in clusters {
+        out += &format!(
+            "- \"@type\": {CLUSTER_TYPE}
+  name: {name}
+  type: STATIC
+  connect_timeout: 1s
+  load_assignment:
+    cluster_name: {name}
+    endpoints:
+    - lb_endpoints:
+      - endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }} }}
+",
+            ip = addr.ip(),
+            port = addr.port()
+        );
+    }
+    out
+}
+
+/// A listener with an inline route table to `cluster` (no RDS: there is no ADS stream).
+fn file_listener(port: u16, cluster: &str) -> serde_json::Value {
+    let mut l = listener("ingress", port, "unused", "ingress_http");
+    let hcm = &mut l["filter_chains"][0]["filters"][0]["typed_config"];
+    hcm.as_object_mut().unwrap().remove("rds");
+    hcm["route_config"] = route("local", cluster);
+    l
+}
+
+/// `lds_config` / `cds_config` with `path_config_source` and no ADS at all: the files are served;
+/// a replacement renamed into place is applied; an invalid one (an unknown field, broken YAML)
+/// is rejected with `update_rejected` and the previous config keeps serving; a missing file counts
+/// `update_failure`; `watched_directory` triggers a reload on a move into the directory.
+#[tokio::test]
+async fn path_config_source_files_are_watched() {
+    let (a, b) = (Upstream::echo("a").await, Upstream::echo("b").await);
+    let dir = TempDir::new();
+    let (admin, port) = (free_port(), free_port());
+    let (cds, lds) = (dir.0.join("cds.yaml"), dir.0.join("lds.json"));
+    // CDS as YAML, LDS as JSON: both are accepted.
+    replace_file(&cds, &cds_yaml("c1", &[("a", a.addr), ("b", b.addr)]));
+    let lds_v = |v: &str, c: &str| discovery_file(v, LISTENER_TYPE, vec![file_listener(port, c)]);
+    replace_file(&lds, &lds_v("l1", "a").to_string());
+    let config = format!(
+        "{admin_yaml}dynamic_resources:
+  lds_config: {{ path_config_source: {{ path: {lds} }}, resource_api_version: V3 }}
+  cds_config:
+    path_config_source: {{ path: {cds}, watched_directory: {{ path: {dir} }} }}
+    resource_api_version: V3
+",
+        admin_yaml = admin_yaml(admin),
+        lds = lds.display(),
+        cds = cds.display(),
+        dir = dir.0.display(),
+    );
+    let m = Mecha::start(&config, admin).await;
+    eventually("served from the files", || serves(port, "a")).await;
+    assert_eq!(m.stat("listener_manager.lds.update_success").await, Some(1));
+    assert_eq!(m.stat("cluster_manager.cds.update_success").await, Some(1));
+
+    // A replacement moved into place.
+    replace_file(&lds, &lds_v("l2", "b").to_string());
+    eventually("new listener file applied", || serves(port, "b")).await;
+    let dump = m.admin_get("/config_dump").await.json().to_string();
+    assert!(dump.contains("\"l2\""), "{dump}");
+
+    // Invalid replacements: rejected, the previous config keeps serving.
+    let mut bad = file_listener(port, "a");
+    bad["bogus_field"] = serde_json::json!(1);
+    replace_file(
+        &lds,
+        &discovery_file("l3", LISTENER_TYPE, vec![bad]).to_string(),
+    );
+    eventually("unknown field rejected", || async {
+        m.stat("listener_manager.lds.update_rejected").await == Some(1)
+    })
+    .await;
+    replace_file(&lds, "resources: [ {");
+    eventually("broken YAML rejected", || async {
+        m.stat("listener_manager.lds.update_rejected").await == Some(2)
+    })
+    .await;
+    // A listener routing to a cluster the cluster file does not have.
+    replace_file(&lds, &lds_v("l4", "nope").to_string());
+    eventually("unknown cluster rejected", || async {
+        m.stat("listener_manager.lds.update_rejected").await == Some(3)
+    })
+    .await;
+    for _ in 0..5 {
+        assert!(serves(port, "b").await, "previous config stopped serving");
+    }
+
+    // The cluster file, through a move into the watched directory: cluster b now points at a's
+    // upstream.
+    replace_file(&cds, &cds_yaml("c2", &[("a", a.addr), ("b", a.addr)]));
+    eventually("new cluster file applied", || serves(port, "a")).await;
+    // (Every move into the watched directory re-reads the cluster file, the listener file's too.)
+    assert!(m.stat("cluster_manager.cds.update_success").await >= Some(2));
+
+    // Gone: counted as a failure, nothing changes.
+    std::fs::remove_file(&cds).unwrap();
+    eventually("missing file counted", || async {
+        m.stat("cluster_manager.cds.update_failure").await >= Some(1)
+    })
+    .await;
+    assert!(serves(port, "a").await);
+}

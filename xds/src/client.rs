@@ -252,10 +252,9 @@ impl AdsClient {
             warming: HashMap::new(),
         };
         let (file_tx, mut files) = mpsc::channel::<FileUpdate>(8);
-        for &(t, ref src) in &this.files {
+        if !this.files.is_empty() {
             tokio::spawn(crate::file::watch(
-                t,
-                src.clone(),
+                this.files.clone(),
                 this.file_poll,
                 file_tx.clone(),
             ));

@@ -59,24 +59,28 @@ fn stamp(path: &str) -> Option<Stamp> {
     })
 }
 
-/// Reads `src` now and again whenever it (or its watched directory) changes; sends each reading.
-/// Ends when the client is gone.
+/// Reads every source now and again whenever it (or its watched directory) changes; sends each
+/// reading. One task polls them all in the given order (CDS before LDS), so a listener file that
+/// references clusters of the cluster file finds them when both are read together (at start-up,
+/// or when both were replaced between two polls). Ends when the client is gone.
 pub(crate) async fn watch(
-    type_url: &'static str,
-    src: PathConfigSource,
+    sources: Vec<(&'static str, PathConfigSource)>,
     every: Duration,
     tx: mpsc::Sender<FileUpdate>,
 ) {
-    let dir = src.watched_directory.as_ref().map(|d| d.path.clone());
-    // `None` = never read: the first poll always reads (and reports a missing file).
-    let mut last: Option<(Option<Stamp>, Option<Stamp>)> = None;
+    // Per source; `None` = never read: the first poll always reads (and reports a missing file).
+    let mut last: Vec<Option<(Option<Stamp>, Option<Stamp>)>> = vec![None; sources.len()];
     loop {
-        let now = (stamp(&src.path), dir.as_deref().and_then(stamp));
-        if last != Some(now) {
-            last = Some(now);
-            let path = src.path.clone();
+        for ((type_url, src), last) in sources.iter().zip(&mut last) {
+            let dir = src.watched_directory.as_ref().map(|d| d.path.as_str());
+            let now = (stamp(&src.path), dir.and_then(stamp));
+            if *last == Some(now) {
+                continue;
+            }
+            *last = Some(now);
+            let (t, path) = (*type_url, src.path.clone());
             // Blocking file IO and YAML parsing: off the runtime's worker threads.
-            let result = tokio::task::spawn_blocking(move || read(type_url, &path))
+            let result = tokio::task::spawn_blocking(move || read(t, &path))
                 .await
                 .unwrap_or_else(|e| Err(FileError::Invalid(format!("reader failed: {e}"))));
             let update = FileUpdate {
