@@ -434,8 +434,45 @@ fn bench(c: &mut Criterion) {
 
 criterion_group!(benches, bench);
 
+/// `XDS_APPLY_PROFILE=initial|rds|cds [XDS_APPLY_ITERS=n]`: runs only that step, n times, without
+/// criterion or the reports, for `valgrind --tool=callgrind` (repeatable instruction counts).
+fn profile(step: &str, i: &Inputs) {
+    let iters: usize = std::env::var("XDS_APPLY_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let f = fixture();
+    let mut accepted = initial(&f, i);
+    let _g = f.rt.enter();
+    let t = Instant::now();
+    for n in 0..iters {
+        match step {
+            "initial" => {
+                reset(&f);
+                accepted = initial(&f, i);
+            }
+            "rds" => {
+                accepted = receive(&f.applier, &accepted, &i.rds[(n + 1) % 2], &n.to_string());
+            }
+            "cds" => {
+                accepted = receive(&f.applier, &accepted, &i.cds_changed[n % 2], &n.to_string());
+            }
+            other => panic!("XDS_APPLY_PROFILE: unknown step {other}"),
+        }
+    }
+    println!(
+        "{step}: {:.2} ms per iteration ({iters} iterations)",
+        t.elapsed().as_secs_f64() * 1e3 / iters as f64
+    );
+    black_box(&accepted);
+}
+
 fn main() {
     let i = inputs();
+    if let Ok(step) = std::env::var("XDS_APPLY_PROFILE") {
+        profile(&step, &i);
+        return;
+    }
     memory_report(&i);
     phase_report(&i);
     drop(i);

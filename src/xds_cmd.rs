@@ -48,6 +48,7 @@ impl XdsSink for ProxySink {
                     Outcome::Attempt => "update_attempt",
                     Outcome::Success => "update_success",
                     Outcome::Rejected => "update_rejected",
+                    Outcome::Failure => "update_failure",
                 };
                 let scopes: Vec<Scope> = match *type_url {
                     LISTENER_TYPE => vec![Scope::plain("listener_manager.lds")],

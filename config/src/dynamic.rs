@@ -100,10 +100,23 @@ impl ConfigSource {
 #[serde(deny_unknown_fields)]
 pub struct AdsSource {}
 
-/// `envoy.config.core.v3.PathConfigSource`.
+/// `envoy.config.core.v3.PathConfigSource`: a file holding a `DiscoveryResponse` (YAML or
+/// JSON), replaced atomically (written elsewhere, then renamed/moved into place) to update.
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PathConfigSource {
+    pub path: String,
+    /// When set, a move into this directory (not only onto `path`) triggers a reload: the
+    /// Kubernetes ConfigMap layout, where `path` sits behind a symlinked `..data` directory that
+    /// is swapped as a whole.
+    #[serde(default)]
+    pub watched_directory: Option<WatchedDirectory>,
+}
+
+/// `envoy.config.core.v3.WatchedDirectory`.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchedDirectory {
     pub path: String,
 }
 

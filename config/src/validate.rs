@@ -57,10 +57,21 @@ fn validate_dynamic_resources(d: &DynamicResources, b: &Bootstrap, errors: &mut 
                 "ads: {} needs dynamic_resources.ads_config",
             )),
             (Some(_), None) => {}
-            (None, Some(_)) => errors.push(ConfigError::new(
-                format!("{path}.path_config_source"),
-                "path_config_source is not supported yet; use ads: {}",
+            (None, Some(p)) if p.path.is_empty() => errors.push(ConfigError::new(
+                format!("{path}.path_config_source.path"),
+                "a path is required",
             )),
+            (None, Some(p))
+                if p.watched_directory
+                    .as_ref()
+                    .is_some_and(|w| w.path.is_empty()) =>
+            {
+                errors.push(ConfigError::new(
+                    format!("{path}.path_config_source.watched_directory.path"),
+                    "a path is required",
+                ))
+            }
+            (None, Some(_)) => {}
             _ => errors.push(ConfigError::new(
                 &path,
                 "exactly one of ads or path_config_source is required",

@@ -130,11 +130,19 @@ enum Metric {
 
 #[derive(Clone, Debug)]
 struct Entry {
-    /// Prometheus family name, e.g. `envoy_cluster_upstream_rq_total`.
-    family: String,
-    /// Labels extracted from the dotted name.
-    labels: Vec<(&'static str, String)>,
+    /// What the Prometheus family name and labels are derived from (at render time): shared by
+    /// every stat of one scope, so registering a stat allocates only its name and its value — a
+    /// thousand xDS clusters register tens of thousands of stats.
+    scope: Arc<ScopeMeta>,
     metric: Metric,
+}
+
+impl Entry {
+    /// Prometheus family name, e.g. `envoy_cluster_upstream_rq_total`, of the stat `name`.
+    fn family(&self, name: &str) -> String {
+        let stat = name.get(self.scope.prefix_len..).unwrap_or(name);
+        sanitize(&format!("envoy_{}_{}", self.scope.family_prefix, stat))
+    }
 }
 
 /// The process-wide stats registry.
@@ -147,11 +155,29 @@ pub struct Store {
 #[derive(Clone, Debug)]
 pub struct Scope {
     prefix: String,
+    meta: Arc<ScopeMeta>,
+}
+
+#[derive(Debug)]
+struct ScopeMeta {
+    /// Length of the dotted prefix: the stat's own name follows it.
+    prefix_len: usize,
     family_prefix: String,
+    /// Labels extracted from the dotted name.
     labels: Vec<(&'static str, String)>,
 }
 
 impl Scope {
+    fn make(prefix: String, family_prefix: String, labels: Vec<(&'static str, String)>) -> Self {
+        Self {
+            meta: Arc::new(ScopeMeta {
+                prefix_len: prefix.len(),
+                family_prefix,
+                labels,
+            }),
+            prefix,
+        }
+    }
     /// `cluster.<name>.` with tag `envoy_cluster_name`.
     pub fn cluster(name: &str) -> Self {
         Self::tagged("cluster", "envoy_cluster_name", name)
@@ -175,42 +201,38 @@ impl Scope {
     }
     /// A scope without a tag (`server.`, `cluster_manager.`, `listener_manager.`, …).
     pub fn plain(prefix: &str) -> Self {
-        Self {
-            prefix: format!("{prefix}."),
-            family_prefix: prefix.replace('.', "_"),
-            labels: vec![],
-        }
+        Self::make(format!("{prefix}."), prefix.replace('.', "_"), vec![])
     }
     fn tagged(kind: &str, tag: &'static str, value: &str) -> Self {
-        Self {
-            prefix: format!("{kind}.{value}."),
-            family_prefix: kind.to_string(),
-            labels: vec![(tag, value.to_string())],
-        }
+        Self::make(
+            format!("{kind}.{value}."),
+            kind.to_string(),
+            vec![(tag, value.to_string())],
+        )
     }
     /// A sub-scope whose segment stays in the name (`cluster.x.circuit_breakers.default.`).
     pub fn sub(&self, segment: &str) -> Self {
-        Self {
-            prefix: format!("{}{segment}.", self.prefix),
-            family_prefix: format!("{}_{}", self.family_prefix, segment.replace('.', "_")),
-            labels: self.labels.clone(),
-        }
+        Self::make(
+            format!("{}{segment}.", self.prefix),
+            format!("{}_{}", self.meta.family_prefix, segment.replace('.', "_")),
+            self.meta.labels.clone(),
+        )
     }
     /// A sub-scope whose segment is a tag (`http.x.rds.<name>.` with a route-config tag, etc.).
     pub fn sub_tagged(&self, kind: &str, tag: &'static str, value: &str) -> Self {
-        let mut labels = self.labels.clone();
+        let mut labels = self.meta.labels.clone();
         labels.push((tag, value.to_string()));
-        Self {
-            prefix: format!("{}{kind}.{value}.", self.prefix),
-            family_prefix: format!("{}_{}", self.family_prefix, kind),
+        Self::make(
+            format!("{}{kind}.{value}.", self.prefix),
+            format!("{}_{}", self.meta.family_prefix, kind),
             labels,
-        }
+        )
     }
     fn name(&self, stat: &str) -> String {
-        format!("{}{}", self.prefix, stat)
-    }
-    fn family(&self, stat: &str) -> String {
-        sanitize(&format!("envoy_{}_{}", self.family_prefix, stat))
+        let mut name = String::with_capacity(self.prefix.len() + stat.len());
+        name.push_str(&self.prefix);
+        name.push_str(stat);
+        name
     }
 }
 
@@ -237,8 +259,7 @@ impl Store {
         entries
             .entry(name)
             .or_insert_with(|| Entry {
-                family: scope.family(stat),
-                labels: scope.labels.clone(),
+                scope: scope.meta.clone(),
                 metric: make(),
             })
             .metric
@@ -314,9 +335,9 @@ impl Store {
     /// Prometheus text exposition format 0.0.4, families grouped as the format requires.
     pub fn render_prometheus(&self) -> String {
         let entries = self.entries.lock().clone();
-        let mut families: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
-        for e in entries.values() {
-            families.entry(e.family.as_str()).or_default().push(e);
+        let mut families: BTreeMap<String, Vec<&Entry>> = BTreeMap::new();
+        for (name, e) in entries.iter() {
+            families.entry(e.family(name)).or_default().push(e);
         }
         let mut out = String::new();
         for (family, list) in families {
@@ -327,7 +348,7 @@ impl Store {
             };
             writeln!(out, "# TYPE {family} {kind}").ok();
             for e in list {
-                let labels = render_labels(&e.labels, None);
+                let labels = render_labels(&e.scope.labels, None);
                 match &e.metric {
                     Metric::Counter(c) => writeln!(out, "{family}{labels} {}", c.value()).ok(),
                     Metric::Gauge(g) => writeln!(out, "{family}{labels} {}", g.value()).ok(),
@@ -338,7 +359,7 @@ impl Store {
                             .chain(["+Inf".to_string()])
                             .zip(h.cumulative())
                         {
-                            let l = render_labels(&e.labels, Some(&bound));
+                            let l = render_labels(&e.scope.labels, Some(&bound));
                             writeln!(out, "{family}_bucket{l} {count}").ok();
                         }
                         writeln!(out, "{family}_sum{labels} {}", h.sum()).ok();

@@ -170,10 +170,17 @@ impl XdsApplier {
             };
             if let Some(a) = active.filter(|a| Arc::ptr_eq(&a.cfg, &l.value)) {
                 let mut changed = vec![];
+                let gen = a.current.load();
                 for (i, (new, old)) in routes.iter().zip(&a.routes).enumerate() {
                     if let (Some(new), Some(old)) = (new, old) {
                         if !Arc::ptr_eq(new, old) {
-                            match self.compile_routes(&l.value, i, new) {
+                            // The table serving `old` now: its unchanged virtual hosts are reused.
+                            let current = match gen.runtime.chains.get(i).map(|c| &c.terminal) {
+                                Some(Terminal::Http(hcm)) => Some(hcm.routes.load_full()),
+                                _ => None,
+                            };
+                            let previous = current.as_deref().map(|t| (&**old, t));
+                            match self.compile_routes(&l.value, i, new, previous) {
                                 Ok(t) => changed.push((i, new.clone(), t)),
                                 Err(e) => errors.extend(e),
                             }
@@ -395,12 +402,14 @@ impl XdsApplier {
         Ok(rt)
     }
 
-    /// Compiles an RDS route configuration for the connection manager of `chain` of `l`.
+    /// Compiles an RDS route configuration for the connection manager of `chain` of `l`, reusing
+    /// what `previous` (the configuration it replaces and its compiled table) has unchanged.
     fn compile_routes(
         &self,
         l: &Listener,
         chain: usize,
         rc: &RouteConfiguration,
+        previous: Option<(&RouteConfiguration, &RouteTable)>,
     ) -> Result<RouteTable, Vec<String>> {
         let hcm = l.filter_chains.get(chain).and_then(|c| {
             c.filters.iter().find_map(|f| match &f.config {
@@ -434,7 +443,7 @@ impl XdsApplier {
                 )),
             }
         };
-        RouteTable::compile(rc, "", &parser).map_err(|e| {
+        RouteTable::compile_reusing(rc, "", &parser, previous).map_err(|e| {
             e.iter()
                 .map(|e| format!("RouteConfiguration \"{}\": {e}", rc.name))
                 .collect()

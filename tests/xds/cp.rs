@@ -180,7 +180,9 @@ impl AggregatedDiscoveryService for Svc {
                     }
                 }
                 let snap = shared.snap.lock().unwrap().clone();
-                for (t, names) in &asked {
+                // Make-before-break, as real control planes push: clusters and endpoints before
+                // the listeners and routes that may reference them.
+                for (t, names) in ORDER.iter().filter_map(|t| asked.get_key_value(t)) {
                     let s = snap.get(t).cloned().unwrap_or_default();
                     if s.version == 0 {
                         continue;
@@ -258,7 +260,7 @@ impl AggregatedDiscoveryService for Svc {
                     }
                 }
                 let snap = shared.snap.lock().unwrap().clone();
-                for (t, sub) in &subs {
+                for (t, sub) in ORDER.iter().filter_map(|t| subs.get_key_value(t)) {
                     let s = snap.get(t).cloned().unwrap_or_default();
                     let have = has.entry(t).or_default();
                     let mut resources = vec![];
@@ -309,6 +311,9 @@ impl AggregatedDiscoveryService for Svc {
         )))
     }
 }
+
+/// The order responses go out in when several types changed at once.
+const ORDER: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE];
 
 fn static_type(t: &str) -> &'static str {
     [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE]

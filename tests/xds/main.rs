@@ -451,3 +451,243 @@ async fn ready_only_after_initial_lds_cds_and_warming() {
     let info = m.admin_get("/server_info").await.json();
     assert_eq!(info["state"], "LIVE", "{info}");
 }
+
+/// Continuous load from 32 connections (xds_load's round 0, which saw ~1,600 non-2xx): past the
+/// `initial_fetch_timeout` of the RDS and EDS subscriptions (the route table and the endpoints
+/// must not be replaced by the empty resources an expired fetch serves), then RDS moves the route
+/// to a cluster whose upstream was never connected (one that existed all along, then one CDS adds
+/// right before): every request must succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_to_cold_cluster_under_load_zero_failed_requests() {
+    let ups = [
+        Upstream::echo("a").await,
+        Upstream::echo("b").await,
+        Upstream::echo("c").await,
+    ];
+    let cp = ControlPlane::start().await;
+    let (admin, port) = (free_port(), free_port());
+    let fetch_timeout =
+        serde_json::json!({"ads": {}, "resource_api_version": "V3", "initial_fetch_timeout": "1s"});
+    let mut a = eds_cluster("a");
+    a["eds_cluster_config"]["eds_config"] = fetch_timeout.clone();
+    let ab = vec![a, xds_static_cluster("b", &[ups[1].addr])];
+    cp.set(CLUSTER_TYPE, ab.clone());
+    cp.set(ENDPOINT_TYPE, vec![cla("a", &[ups[0].addr])]);
+    let mut l = listener("ingress", port, "r1", "ingress_http");
+    l["filter_chains"][0]["filters"][0]["typed_config"]["rds"]["config_source"] = fetch_timeout;
+    cp.set(LISTENER_TYPE, vec![l]);
+    cp.set(ROUTE_TYPE, vec![route("r1", "a")]);
+    let m = Mecha::start(&bootstrap(admin, cp.addr, "GRPC"), admin).await;
+    eventually("traffic to a", || serves(port, "a")).await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let mut workers = vec![];
+    for _ in 0..32 {
+        let (stop, seen) = (stop.clone(), seen.clone());
+        workers.push(tokio::spawn(async move {
+            let c = client();
+            let (mut ok, mut failed) = (0u64, vec![]);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let req = http::Request::get(format!("http://127.0.0.1:{port}/"))
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                match send(&c, req).await {
+                    Ok(r) if r.status == 200 => {
+                        ok += 1;
+                        if let Some(n) = r.header("x-upstream-name") {
+                            seen.lock().unwrap().insert(n.to_string());
+                        }
+                    }
+                    Ok(r) => failed.push(format!("{} {}", r.status, r.text())),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let moved_to = |name: &'static str| {
+        let seen = seen.clone();
+        move || {
+            let seen = seen.clone();
+            async move { seen.lock().unwrap().contains(name) }
+        }
+    };
+    // Past the 1 s initial_fetch_timeout of r1 and of a's endpoints.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // An existing cluster no request has used yet (the bench's case).
+    cp.set(ROUTE_TYPE, vec![route("r1", "b")]);
+    eventually("load moved to b", moved_to("b")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A cluster added by CDS right before the route that uses it (a control plane that pushes
+    // CDS and RDS back to back).
+    let mut abc = ab.clone();
+    abc.push(xds_static_cluster("c", &[ups[2].addr]));
+    cp.set(CLUSTER_TYPE, abc);
+    cp.set(ROUTE_TYPE, vec![route("r1", "c")]);
+    eventually("load moved to c", moved_to("c")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, vec![]);
+    for w in workers {
+        let (o, f) = w.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    let mut stats = vec![];
+    for s in [
+        "http.ingress_http.no_route",
+        "http.ingress_http.no_cluster",
+        "cluster.a.upstream_cx_none_healthy",
+        "cluster.b.upstream_cx_overflow",
+        "cluster.b.upstream_rq_pending_overflow",
+        "cluster.b.upstream_cx_connect_fail",
+        "cluster.c.upstream_cx_overflow",
+        "cluster.c.upstream_rq_pending_overflow",
+        "cluster.c.upstream_cx_connect_fail",
+    ] {
+        stats.push(format!("{s}={:?}", m.stat(s).await));
+    }
+    assert!(ok > 100, "too little load: {ok}");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}\nstats: {stats:?}",
+        failed.len(),
+        ok,
+        &failed[..failed.len().min(5)]
+    );
+}
+
+/// Writes `text` next to `path` and renames it into place (how Envoy expects config files to be
+/// replaced: never half-written).
+fn replace_file(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A DiscoveryResponse file: resources get their `@type`.
+fn discovery_file(
+    version: &str,
+    type_url: &str,
+    resources: Vec<serde_json::Value>,
+) -> serde_json::Value {
+    let resources: Vec<_> = resources
+        .into_iter()
+        .map(|mut r| {
+            r["@type"] = serde_json::json!(type_url);
+            r
+        })
+        .collect();
+    serde_json::json!({"version_info": version, "resources": resources})
+}
+
+/// A CDS DiscoveryResponse file in block YAML: STATIC clusters (name, upstream).
+fn cds_yaml(version: &str, clusters: &[(&str, std::net::SocketAddr)]) -> String {
+    let mut out = format!("version_info: {version}\nresources:\n");
+    for (name, addr) in clusters {
+        out += &format!(
+            "- \"@type\": {CLUSTER_TYPE}
+  name: {name}
+  type: STATIC
+  connect_timeout: 1s
+  load_assignment:
+    cluster_name: {name}
+    endpoints:
+    - lb_endpoints:
+      - endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }} }}
+",
+            ip = addr.ip(),
+            port = addr.port()
+        );
+    }
+    out
+}
+
+/// A listener with an inline route table to `cluster` (no RDS: there is no ADS stream).
+fn file_listener(port: u16, cluster: &str) -> serde_json::Value {
+    let mut l = listener("ingress", port, "unused", "ingress_http");
+    let hcm = &mut l["filter_chains"][0]["filters"][0]["typed_config"];
+    hcm.as_object_mut().unwrap().remove("rds");
+    hcm["route_config"] = route("local", cluster);
+    l
+}
+
+/// `lds_config` / `cds_config` with `path_config_source` and no ADS at all: the files are served;
+/// a replacement renamed into place is applied; an invalid one (an unknown field, broken YAML)
+/// is rejected with `update_rejected` and the previous config keeps serving; a missing file counts
+/// `update_failure`; `watched_directory` triggers a reload on a move into the directory.
+#[tokio::test]
+async fn path_config_source_files_are_watched() {
+    let (a, b) = (Upstream::echo("a").await, Upstream::echo("b").await);
+    let dir = TempDir::new();
+    let (admin, port) = (free_port(), free_port());
+    let (cds, lds) = (dir.0.join("cds.yaml"), dir.0.join("lds.json"));
+    // CDS as YAML, LDS as JSON: both are accepted.
+    replace_file(&cds, &cds_yaml("c1", &[("a", a.addr), ("b", b.addr)]));
+    let lds_v = |v: &str, c: &str| discovery_file(v, LISTENER_TYPE, vec![file_listener(port, c)]);
+    replace_file(&lds, &lds_v("l1", "a").to_string());
+    let config = format!(
+        "{admin_yaml}dynamic_resources:
+  lds_config: {{ path_config_source: {{ path: {lds} }}, resource_api_version: V3 }}
+  cds_config:
+    path_config_source: {{ path: {cds}, watched_directory: {{ path: {dir} }} }}
+    resource_api_version: V3
+",
+        admin_yaml = admin_yaml(admin),
+        lds = lds.display(),
+        cds = cds.display(),
+        dir = dir.0.display(),
+    );
+    let m = Mecha::start(&config, admin).await;
+    eventually("served from the files", || serves(port, "a")).await;
+    assert_eq!(m.stat("listener_manager.lds.update_success").await, Some(1));
+    assert_eq!(m.stat("cluster_manager.cds.update_success").await, Some(1));
+
+    // A replacement moved into place.
+    replace_file(&lds, &lds_v("l2", "b").to_string());
+    eventually("new listener file applied", || serves(port, "b")).await;
+    let dump = m.admin_get("/config_dump").await.json().to_string();
+    assert!(dump.contains("\"l2\""), "{dump}");
+
+    // Invalid replacements: rejected, the previous config keeps serving.
+    let mut bad = file_listener(port, "a");
+    bad["bogus_field"] = serde_json::json!(1);
+    replace_file(
+        &lds,
+        &discovery_file("l3", LISTENER_TYPE, vec![bad]).to_string(),
+    );
+    eventually("unknown field rejected", || async {
+        m.stat("listener_manager.lds.update_rejected").await == Some(1)
+    })
+    .await;
+    replace_file(&lds, "resources: [ {");
+    eventually("broken YAML rejected", || async {
+        m.stat("listener_manager.lds.update_rejected").await == Some(2)
+    })
+    .await;
+    // A listener routing to a cluster the cluster file does not have.
+    replace_file(&lds, &lds_v("l4", "nope").to_string());
+    eventually("unknown cluster rejected", || async {
+        m.stat("listener_manager.lds.update_rejected").await == Some(3)
+    })
+    .await;
+    for _ in 0..5 {
+        assert!(serves(port, "b").await, "previous config stopped serving");
+    }
+
+    // The cluster file, through a move into the watched directory: cluster b now points at a's
+    // upstream.
+    replace_file(&cds, &cds_yaml("c2", &[("a", a.addr), ("b", a.addr)]));
+    eventually("new cluster file applied", || serves(port, "a")).await;
+    // (Every move into the watched directory re-reads the cluster file, the listener file's too.)
+    assert!(m.stat("cluster_manager.cds.update_success").await >= Some(2));
+
+    // Gone: counted as a failure, nothing changes.
+    std::fs::remove_file(&cds).unwrap();
+    eventually("missing file counted", || async {
+        m.stat("cluster_manager.cds.update_failure").await >= Some(1)
+    })
+    .await;
+    assert!(serves(port, "a").await);
+}

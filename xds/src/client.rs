@@ -8,6 +8,7 @@
 //! reference. Disconnects reconnect with jittered exponential backoff; the accepted resources stay
 //! in service meanwhile and their versions are sent again on the new stream.
 
+use crate::file::{FileError, FileUpdate};
 use crate::translate::{
     decode_resource, Decoded, ResourceError, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE,
 };
@@ -19,8 +20,8 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::protobuf as pbw;
 use envoy_types::pb::google::rpc::Status;
 use mecha_config::{
-    ApiType, Bootstrap, ClusterLoadAssignment, ConfigSource, DiscoveryType, RouteConfiguration,
-    Versioned, XdsResources,
+    ApiType, Bootstrap, ClusterLoadAssignment, ConfigSource, DiscoveryType, PathConfigSource,
+    RouteConfiguration, Versioned, XdsResources,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -42,6 +43,8 @@ pub enum Outcome {
     Attempt,
     Success,
     Rejected,
+    /// The update could not be fetched (an unreadable config file): Envoy's `update_failure`.
+    Failure,
 }
 
 #[derive(Debug, Clone)]
@@ -68,17 +71,31 @@ fn static_type(t: &str) -> &'static str {
     TYPES.iter().find(|x| **x == t).copied().unwrap_or("")
 }
 
-/// An ADS client built from the bootstrap's `dynamic_resources`.
+/// The xDS client built from the bootstrap's `dynamic_resources`: the ADS stream, and the files
+/// of `lds_config` / `cds_config` sources that are a `path_config_source`.
 pub struct AdsClient {
+    /// `None` when every source is a file (no `ads_config`).
+    ads: Option<Ads>,
+    /// Watched files: the resource type each one carries and where it is.
+    files: Vec<(&'static str, PathConfigSource)>,
+    static_clusters: Vec<String>,
+    sink: Arc<dyn XdsSink>,
+    backoff_base: Duration,
+    backoff_max: Duration,
+    /// How often watched files are checked for a replacement.
+    file_poll: Duration,
+}
+
+/// The ADS stream's settings.
+struct Ads {
     endpoint: String,
     connect_timeout: Duration,
     delta: bool,
     node: core::Node,
     node_first_only: bool,
-    static_clusters: Vec<String>,
-    sink: Arc<dyn XdsSink>,
-    backoff_base: Duration,
-    backoff_max: Duration,
+    /// The types subscribed to on the stream: EDS and RDS always (their config sources must be
+    /// `ads: {}`), CDS and LDS when their source is `ads: {}`.
+    types: Vec<&'static str>,
 }
 
 #[derive(Default)]
@@ -106,16 +123,57 @@ enum Outbound {
     Delta(DeltaDiscoveryRequest),
 }
 
+/// A response on either protocol variant.
+enum Inbound {
+    Sotw(DiscoveryResponse),
+    Delta(DeltaDiscoveryResponse),
+}
+
+type InboundStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<Inbound, tonic::Status>> + Send>>;
+
 impl AdsClient {
-    /// `Ok(None)` when the bootstrap has no `ads_config`.
+    /// `Ok(None)` when the bootstrap has no `dynamic_resources` source (no `ads_config`, no
+    /// `path_config_source`).
     pub fn from_bootstrap(b: &Bootstrap, sink: Arc<dyn XdsSink>) -> Result<Option<Self>, XdsError> {
-        let Some(ads) = b
-            .dynamic_resources
-            .as_ref()
-            .and_then(|d| d.ads_config.as_ref())
-        else {
+        let Some(d) = b.dynamic_resources.as_ref() else {
             return Ok(None);
         };
+        let files: Vec<(&'static str, PathConfigSource)> = [
+            (CLUSTER_TYPE, &d.cds_config),
+            (LISTENER_TYPE, &d.lds_config),
+        ]
+        .into_iter()
+        .filter_map(|(t, src)| Some((t, src.as_ref()?.path_config_source.clone()?)))
+        .collect();
+        let ads = match &d.ads_config {
+            Some(ads) => Some(Self::ads(b, ads, d)?),
+            None => None,
+        };
+        if ads.is_none() && files.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            ads,
+            files,
+            static_clusters: b
+                .static_resources
+                .clusters
+                .iter()
+                .map(|c| c.name.clone())
+                .collect(),
+            sink,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            file_poll: Duration::from_millis(100),
+        }))
+    }
+
+    fn ads(
+        b: &Bootstrap,
+        ads: &mecha_config::ApiConfigSource,
+        d: &mecha_config::DynamicResources,
+    ) -> Result<Ads, XdsError> {
         let service = ads
             .grpc_services
             .first()
@@ -159,22 +217,23 @@ impl AdsClient {
             client_features: vec!["envoy.lb.does_not_support_overprovisioning".into()],
             ..Default::default()
         };
-        Ok(Some(Self {
+        let over_ads = |src: &Option<ConfigSource>| src.as_ref().is_some_and(|s| s.ads.is_some());
+        let types = TYPES
+            .into_iter()
+            .filter(|t| match *t {
+                CLUSTER_TYPE => over_ads(&d.cds_config),
+                LISTENER_TYPE => over_ads(&d.lds_config),
+                _ => true,
+            })
+            .collect();
+        Ok(Ads {
             endpoint: format!("http://{host}:{}", sa.port_value),
             connect_timeout: cluster.connect_timeout(),
             delta: ads.api_type == ApiType::DELTA_GRPC,
             node,
             node_first_only: ads.set_node_on_first_message_only,
-            static_clusters: b
-                .static_resources
-                .clusters
-                .iter()
-                .map(|c| c.name.clone())
-                .collect(),
-            sink,
-            backoff_base: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(30),
-        }))
+            types,
+        })
     }
 
     /// Runs the client forever on its own task.
@@ -182,7 +241,9 @@ impl AdsClient {
         tokio::spawn(self.run())
     }
 
-    /// Connects, serves the stream, and reconnects with jittered exponential backoff.
+    /// Watches the files, connects the ADS stream and reconnects it with jittered exponential
+    /// backoff. File updates are applied whenever they come, connected or not: both feed the
+    /// same resource set.
     pub async fn run(self) {
         let this = Arc::new(self);
         let mut state = State {
@@ -190,15 +251,36 @@ impl AdsClient {
             subs: TYPES.iter().map(|t| (*t, Sub::default())).collect(),
             warming: HashMap::new(),
         };
+        let (file_tx, mut files) = mpsc::channel::<FileUpdate>(8);
+        if !this.files.is_empty() {
+            tokio::spawn(crate::file::watch(
+                this.files.clone(),
+                this.file_poll,
+                file_tx.clone(),
+            ));
+        }
+        // Held so that `files.recv()` pends (instead of ending) when no file is configured.
+        let _keep = file_tx;
+        let Some(ads) = &this.ads else {
+            loop {
+                let deadline = next_deadline(&state);
+                tokio::select! {
+                    Some(f) = files.recv() => this.on_file(&mut state, f, None).await,
+                    _ = sleep_until(deadline), if deadline.is_some() => {
+                        this.expire_warming(&mut state, None).await;
+                    }
+                }
+            }
+        };
         let mut attempt: u32 = 0;
         loop {
-            let progressed = match this.session(&mut state).await {
+            let progressed = match this.session(ads, &mut state, &mut files).await {
                 Ok(p) => {
-                    tracing::warn!(endpoint = %this.endpoint, "xDS stream closed by the control plane");
+                    tracing::warn!(endpoint = %ads.endpoint, "xDS stream closed by the control plane");
                     p
                 }
                 Err((p, e)) => {
-                    tracing::warn!(endpoint = %this.endpoint, error = %e, "xDS stream failed");
+                    tracing::warn!(endpoint = %ads.endpoint, error = %e, "xDS stream failed");
                     p
                 }
             };
@@ -215,15 +297,34 @@ impl AdsClient {
                 this.backoff_base.as_millis()
                     ..=ceiling.as_millis().max(this.backoff_base.as_millis()),
             );
-            tokio::time::sleep(Duration::from_millis(ms as u64)).await;
+            // Disconnected: the last good config keeps serving, files keep being applied.
+            let backoff = tokio::time::sleep(Duration::from_millis(ms as u64));
+            tokio::pin!(backoff);
+            loop {
+                let deadline = next_deadline(&state);
+                tokio::select! {
+                    _ = &mut backoff => break,
+                    Some(f) = files.recv() => this.on_file(&mut state, f, None).await,
+                    _ = sleep_until(deadline), if deadline.is_some() => {
+                        this.expire_warming(&mut state, None).await;
+                    }
+                }
+            }
         }
     }
 
-    /// One stream. Returns whether any response was received (resets the backoff).
-    async fn session(self: &Arc<Self>, state: &mut State) -> Result<bool, (bool, String)> {
-        let channel = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
+    /// One stream, state-of-the-world or delta. Returns whether any response was received
+    /// (resets the backoff).
+    async fn session(
+        self: &Arc<Self>,
+        ads: &Ads,
+        state: &mut State,
+        files: &mut mpsc::Receiver<FileUpdate>,
+    ) -> Result<bool, (bool, String)> {
+        use tokio_stream::StreamExt;
+        let channel = tonic::transport::Endpoint::from_shared(ads.endpoint.clone())
             .map_err(|e| (false, e.to_string()))?
-            .connect_timeout(self.connect_timeout)
+            .connect_timeout(ads.connect_timeout)
             .connect()
             .await
             .map_err(|e| (false, format!("connect: {e}")))?;
@@ -233,144 +334,167 @@ impl AdsClient {
         let (tx, rx) = mpsc::channel::<Outbound>(64);
         let mut out = Sender {
             tx,
-            node: self.node.clone(),
+            node: ads.node.clone(),
             first: true,
-            node_first_only: self.node_first_only,
+            node_first_only: ads.node_first_only,
         };
         for t in TYPES {
             state.subs.entry(t).or_default().nonce.clear();
         }
+        // Queued before the stream opens, so they are its first messages.
+        self.initial_requests(ads, state, &mut out).await;
+        let requests = ReceiverStream::new(rx);
+        let opened =
+            if ads.delta {
+                let requests = requests.filter_map(|o| match o {
+                    Outbound::Delta(r) => Some(r),
+                    Outbound::Sotw(_) => None,
+                });
+                client.delta_aggregated_resources(requests).await.map(|s| {
+                    Box::pin(s.into_inner().map(|r| r.map(Inbound::Delta))) as InboundStream
+                })
+            } else {
+                let requests = requests.filter_map(|o| match o {
+                    Outbound::Sotw(r) => Some(r),
+                    Outbound::Delta(_) => None,
+                });
+                client.stream_aggregated_resources(requests).await.map(|s| {
+                    Box::pin(s.into_inner().map(|r| r.map(Inbound::Sotw))) as InboundStream
+                })
+            };
+        let mut stream = opened.map_err(|e| (false, e.to_string()))?;
+        self.sink.event(&XdsEvent::Connected(true));
+        tracing::info!(endpoint = %ads.endpoint, delta = ads.delta, "xDS stream established");
         let mut progressed = false;
-        if self.delta {
-            let (dtx, drx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
-            let forward = tokio::spawn(forward(rx, dtx, |o| match o {
-                Outbound::Delta(r) => Some(r),
-                Outbound::Sotw(_) => None,
-            }));
-            self.initial_delta(state, &mut out).await;
-            let resp = client
-                .delta_aggregated_resources(ReceiverStream::new(drx))
-                .await;
-            let mut stream = match resp {
-                Ok(s) => s.into_inner(),
-                Err(e) => {
-                    forward.abort();
-                    return Err((false, e.to_string()));
-                }
-            };
-            self.sink.event(&XdsEvent::Connected(true));
-            tracing::info!(endpoint = %self.endpoint, "delta xDS stream established");
-            loop {
-                let deadline = next_deadline(state);
-                tokio::select! {
-                    msg = stream.message() => match msg {
-                        Ok(Some(r)) => {
-                            progressed = true;
-                            self.on_delta(state, r, &mut out).await;
-                        }
-                        Ok(None) => { forward.abort(); return Ok(progressed) }
-                        Err(e) => { forward.abort(); return Err((progressed, e.to_string())) }
-                    },
-                    _ = sleep_until(deadline), if deadline.is_some() => {
-                        self.expire_warming(state, &mut out).await;
+        loop {
+            let deadline = next_deadline(state);
+            tokio::select! {
+                msg = stream.next() => match msg {
+                    Some(Ok(r)) => {
+                        progressed = true;
+                        self.on_response(state, r, &mut out).await;
                     }
-                }
-            }
-        } else {
-            let (stx, srx) = mpsc::channel::<DiscoveryRequest>(64);
-            let forward = tokio::spawn(forward(rx, stx, |o| match o {
-                Outbound::Sotw(r) => Some(r),
-                Outbound::Delta(_) => None,
-            }));
-            self.initial_sotw(state, &mut out).await;
-            let resp = client
-                .stream_aggregated_resources(ReceiverStream::new(srx))
-                .await;
-            let mut stream = match resp {
-                Ok(s) => s.into_inner(),
-                Err(e) => {
-                    forward.abort();
-                    return Err((false, e.to_string()));
-                }
-            };
-            self.sink.event(&XdsEvent::Connected(true));
-            tracing::info!(endpoint = %self.endpoint, "xDS stream established");
-            loop {
-                let deadline = next_deadline(state);
-                tokio::select! {
-                    msg = stream.message() => match msg {
-                        Ok(Some(r)) => {
-                            progressed = true;
-                            self.on_sotw(state, r, &mut out).await;
-                        }
-                        Ok(None) => { forward.abort(); return Ok(progressed) }
-                        Err(e) => { forward.abort(); return Err((progressed, e.to_string())) }
-                    },
-                    _ = sleep_until(deadline), if deadline.is_some() => {
-                        self.expire_warming(state, &mut out).await;
-                    }
+                    None => return Ok(progressed),
+                    Some(Err(e)) => return Err((progressed, e.to_string())),
+                },
+                Some(f) = files.recv() => self.on_file(state, f, Some(&mut out)).await,
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    self.expire_warming(state, Some(&mut out)).await;
                 }
             }
         }
     }
 
-    async fn initial_sotw(&self, state: &mut State, out: &mut Sender) {
-        for t in TYPES {
+    /// The first request of each subscribed type on a new stream: what was accepted before (SotW
+    /// `version_info`, delta `initial_resource_versions`, so the server can skip what did not
+    /// change) and the RDS/EDS names wanted.
+    async fn initial_requests(&self, ads: &Ads, state: &State, out: &mut Sender) {
+        for t in ads.types.iter().copied() {
             let sub = &state.subs[t];
             let wildcard = t == CLUSTER_TYPE || t == LISTENER_TYPE;
             if !wildcard && sub.names.is_empty() {
                 continue;
             }
-            out.sotw(DiscoveryRequest {
-                version_info: sub.version.clone(),
-                resource_names: sub.names.iter().cloned().collect(),
-                type_url: t.into(),
-                ..Default::default()
-            })
-            .await;
-        }
-    }
-
-    async fn initial_delta(&self, state: &mut State, out: &mut Sender) {
-        for t in TYPES {
-            let sub = &state.subs[t];
-            let wildcard = t == CLUSTER_TYPE || t == LISTENER_TYPE;
-            if !wildcard && sub.names.is_empty() {
-                continue;
+            if ads.delta {
+                out.delta(DeltaDiscoveryRequest {
+                    type_url: t.into(),
+                    resource_names_subscribe: sub.names.iter().cloned().collect(),
+                    initial_resource_versions: versions_of(&state.resources, t),
+                    ..Default::default()
+                })
+                .await;
+            } else {
+                out.sotw(DiscoveryRequest {
+                    version_info: sub.version.clone(),
+                    resource_names: sub.names.iter().cloned().collect(),
+                    type_url: t.into(),
+                    ..Default::default()
+                })
+                .await;
             }
-            // On reconnect, tell the server what we have so it sends only what changed.
-            let initial_resource_versions = versions_of(&state.resources, t);
-            out.delta(DeltaDiscoveryRequest {
-                type_url: t.into(),
-                resource_names_subscribe: sub.names.iter().cloned().collect(),
-                initial_resource_versions,
-                ..Default::default()
-            })
-            .await;
         }
     }
 
-    async fn on_sotw(self: &Arc<Self>, state: &mut State, r: DiscoveryResponse, out: &mut Sender) {
-        let t = static_type(&r.type_url);
+    /// One response: decode, validate and apply it off the runtime's threads, then ACK or NACK it
+    /// and follow the subscriptions it changed.
+    async fn on_response(self: &Arc<Self>, state: &mut State, r: Inbound, out: &mut Sender) {
+        let type_url = match &r {
+            Inbound::Sotw(r) => &r.type_url,
+            Inbound::Delta(r) => &r.type_url,
+        };
+        let t = static_type(type_url);
         if t.is_empty() {
-            tracing::warn!(type_url = %r.type_url, "ignoring a response of an unsupported type");
+            tracing::warn!(%type_url, "ignoring a response of an unsupported type");
             return;
         }
-        let nonce = r.nonce.clone();
-        let error_detail = self
-            .offload(state, move |this, state| this.process_sotw(state, t, r))
-            .await
-            .unwrap_or_else(Some);
-        let sub = &state.subs[t];
-        out.sotw(DiscoveryRequest {
-            version_info: sub.version.clone(),
-            resource_names: sub.names.iter().cloned().collect(),
-            type_url: t.into(),
-            response_nonce: nonce,
-            error_detail,
-            ..Default::default()
-        })
-        .await;
+        match r {
+            Inbound::Sotw(r) => {
+                let nonce = r.nonce.clone();
+                let error_detail = self
+                    .offload(state, move |this, state| this.process_sotw(state, t, r))
+                    .await
+                    .unwrap_or_else(Some);
+                let sub = &state.subs[t];
+                out.sotw(DiscoveryRequest {
+                    version_info: sub.version.clone(),
+                    resource_names: sub.names.iter().cloned().collect(),
+                    type_url: t.into(),
+                    response_nonce: nonce,
+                    error_detail,
+                    ..Default::default()
+                })
+                .await;
+            }
+            Inbound::Delta(r) => {
+                let nonce = r.nonce.clone();
+                let error_detail = self
+                    .offload(state, move |this, state| this.process_delta(state, t, r))
+                    .await
+                    .unwrap_or_else(Some);
+                out.delta(DeltaDiscoveryRequest {
+                    type_url: t.into(),
+                    response_nonce: nonce,
+                    error_detail,
+                    ..Default::default()
+                })
+                .await;
+            }
+        }
+        self.update_subscriptions(state, Some(out)).await;
+    }
+
+    /// A new reading of a watched file: applied as a state-of-the-world response of its type
+    /// (same validation, same stats), without an ACK to send.
+    async fn on_file(self: &Arc<Self>, state: &mut State, f: FileUpdate, out: Option<&mut Sender>) {
+        let t = f.type_url;
+        match f.result {
+            Ok(r) => {
+                let rejected = self
+                    .offload(state, move |this, state| this.process_sotw(state, t, r))
+                    .await
+                    .unwrap_or_else(Some);
+                if rejected.is_some() {
+                    tracing::warn!(path = %f.path, "the previous configuration keeps serving");
+                }
+            }
+            Err(FileError::Read(e)) => {
+                // Envoy's `update_failure`: nothing to validate, the previous config stays.
+                tracing::warn!(path = %f.path, error = %e, type_url = t, "cannot read the config file");
+                self.sink.event(&XdsEvent::Update {
+                    type_url: t,
+                    names: vec![],
+                    outcome: Outcome::Failure,
+                });
+            }
+            Err(FileError::Invalid(e)) => {
+                self.sink.event(&XdsEvent::Update {
+                    type_url: t,
+                    names: vec![],
+                    outcome: Outcome::Attempt,
+                });
+                self.finish(t, vec![], Err(format!("{}: {e}", f.path)), "");
+            }
+        }
         self.update_subscriptions(state, out).await;
     }
 
@@ -412,59 +536,11 @@ impl AdsClient {
             self.commit(state, t, upserts, &[], replace, &r.version_info)
         });
         let sub = state.subs.entry(t).or_default();
-        sub.nonce = r.nonce.clone();
-        let error_detail = match outcome {
-            Ok(()) => {
-                sub.version = r.version_info.clone();
-                tracing::info!(type_url = t, version = %r.version_info, resources = names.len(), "xDS update accepted");
-                self.sink.event(&XdsEvent::Update {
-                    type_url: t,
-                    names,
-                    outcome: Outcome::Success,
-                });
-                None
-            }
-            Err(detail) => {
-                tracing::warn!(type_url = t, version = %r.version_info, error = %detail, "xDS update rejected");
-                self.sink.event(&XdsEvent::Update {
-                    type_url: t,
-                    names,
-                    outcome: Outcome::Rejected,
-                });
-                Some(Status {
-                    code: tonic::Code::InvalidArgument as i32,
-                    message: detail,
-                    details: vec![],
-                })
-            }
-        };
-        error_detail
-    }
-
-    async fn on_delta(
-        self: &Arc<Self>,
-        state: &mut State,
-        r: DeltaDiscoveryResponse,
-        out: &mut Sender,
-    ) {
-        let t = static_type(&r.type_url);
-        if t.is_empty() {
-            tracing::warn!(type_url = %r.type_url, "ignoring a response of an unsupported type");
-            return;
+        sub.nonce = r.nonce;
+        if outcome.is_ok() {
+            sub.version = r.version_info.clone();
         }
-        let nonce = r.nonce.clone();
-        let error_detail = self
-            .offload(state, move |this, state| this.process_delta(state, t, r))
-            .await
-            .unwrap_or_else(Some);
-        out.delta(DeltaDiscoveryRequest {
-            type_url: t.into(),
-            response_nonce: nonce,
-            error_detail,
-            ..Default::default()
-        })
-        .await;
-        self.update_subscriptions(state, out).await;
+        self.finish(t, names, outcome, &r.version_info)
     }
 
     /// Decodes, validates and applies one delta response (CPU work, run off the runtime's
@@ -507,12 +583,24 @@ impl AdsClient {
                 &r.system_version_info,
             )
         });
-        let error_detail = match outcome {
+        self.finish(t, names, outcome, &r.system_version_info)
+    }
+
+    /// Logs and counts the outcome of an update; returns the NACK's error, if any.
+    fn finish(
+        &self,
+        t: &'static str,
+        names: Vec<String>,
+        outcome: Result<(), String>,
+        version: &str,
+    ) -> Option<Status> {
+        match outcome {
             Ok(()) => {
                 tracing::info!(
                     type_url = t,
+                    version,
                     resources = names.len(),
-                    "delta xDS update accepted"
+                    "xDS update accepted"
                 );
                 self.sink.event(&XdsEvent::Update {
                     type_url: t,
@@ -522,7 +610,7 @@ impl AdsClient {
                 None
             }
             Err(detail) => {
-                tracing::warn!(type_url = t, error = %detail, "delta xDS update rejected");
+                tracing::warn!(type_url = t, version, error = %detail, "xDS update rejected");
                 self.sink.event(&XdsEvent::Update {
                     type_url: t,
                     names,
@@ -534,8 +622,7 @@ impl AdsClient {
                     details: vec![],
                 })
             }
-        };
-        error_detail
+        }
     }
 
     /// Runs `f` on Tokio's blocking pool: decoding and applying a large response takes tens of
@@ -657,22 +744,27 @@ impl AdsClient {
     }
 
     /// Follows the RDS/EDS names the listeners and clusters reference.
-    async fn update_subscriptions(&self, state: &mut State, out: &mut Sender) {
+    /// The new names are sent on the stream when connected; otherwise they go out with the
+    /// initial requests of the next stream.
+    async fn update_subscriptions(&self, state: &mut State, out: Option<&mut Sender>) {
+        let mut out = out;
         for (t, wanted) in [
             (ROUTE_TYPE, state.resources.wanted_route_configs()),
             (ENDPOINT_TYPE, state.resources.wanted_endpoints()),
         ] {
-            // Start the initial-fetch clock of names that are newly wanted and not here yet.
+            // Start the initial-fetch clock of names that are newly wanted and not here yet, and
+            // stop it for those that arrived: an expired clock serves its name as *empty*, which
+            // must never replace a resource that came in time (it used to, 15 s after the
+            // subscription, emptying the route table under load until the next RDS push).
             for name in &wanted {
-                let have = match t {
-                    ROUTE_TYPE => state.resources.route_configs.contains_key(name),
-                    _ => state.resources.endpoints.contains_key(name),
-                };
-                if !have && !state.warming.contains_key(&(t, name.clone())) {
+                let key = (t, name.clone());
+                if have_resource(&state.resources, t, name) {
+                    state.warming.remove(&key);
+                } else if !state.warming.contains_key(&key) {
                     let timeout = self.fetch_timeout(&state.resources, t, name);
                     state
                         .warming
-                        .insert((t, name.clone()), timeout.map(|d| Instant::now() + d));
+                        .insert(key, timeout.map(|d| Instant::now() + d));
                 }
             }
             state
@@ -686,7 +778,10 @@ impl AdsClient {
             let gone: Vec<String> = sub.names.difference(&wanted).cloned().collect();
             sub.names = wanted;
             tracing::debug!(type_url = t, ?added, ?gone, "xDS subscription changed");
-            if self.delta {
+            let (Some(ads), Some(out)) = (&self.ads, out.as_deref_mut()) else {
+                continue;
+            };
+            if ads.delta {
                 out.delta(DeltaDiscoveryRequest {
                     type_url: t.into(),
                     resource_names_subscribe: added,
@@ -738,7 +833,7 @@ impl AdsClient {
 
     /// `initial_fetch_timeout` passed for some RDS/EDS names: serve them as empty (no routes, no
     /// endpoints), as Envoy does, so the listeners and clusters that wait for them stop warming.
-    async fn expire_warming(self: &Arc<Self>, state: &mut State, out: &mut Sender) {
+    async fn expire_warming(self: &Arc<Self>, state: &mut State, out: Option<&mut Sender>) {
         // Applying is CPU work: off the runtime's threads, as for responses.
         let applied = self
             .offload(state, |this, state| this.expire_warming_now(state))
@@ -759,6 +854,9 @@ impl AdsClient {
             .collect();
         for (t, name) in expired {
             state.warming.remove(&(t, name.clone()));
+            if have_resource(&state.resources, t, &name) {
+                continue;
+            }
             tracing::warn!(type_url = t, %name, "initial_fetch_timeout: serving without it");
             let decoded = if t == ROUTE_TYPE {
                 Decoded::Route(RouteConfiguration {
@@ -860,6 +958,14 @@ fn versions_of(r: &XdsResources, t: &str) -> HashMap<String, String> {
     }
 }
 
+/// Whether the RDS/EDS resource `name` has been received (or served empty after its timeout).
+fn have_resource(r: &XdsResources, t: &str, name: &str) -> bool {
+    match t {
+        ROUTE_TYPE => r.route_configs.contains_key(name),
+        _ => r.endpoints.contains_key(name),
+    }
+}
+
 fn next_deadline(state: &State) -> Option<Instant> {
     state.warming.values().flatten().min().copied()
 }
@@ -868,20 +974,6 @@ async fn sleep_until(d: Option<Instant>) {
     match d {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,
-    }
-}
-
-async fn forward<T: Send + 'static>(
-    mut rx: mpsc::Receiver<Outbound>,
-    tx: mpsc::Sender<T>,
-    pick: impl Fn(Outbound) -> Option<T> + Send + 'static,
-) {
-    while let Some(o) = rx.recv().await {
-        if let Some(x) = pick(o) {
-            if tx.send(x).await.is_err() {
-                return;
-            }
-        }
     }
 }
 

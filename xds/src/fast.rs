@@ -1,6 +1,6 @@
 //! The typed fast path of [`crate::translate`]: prost-generated envoy-types structs straight into
 //! mecha-config types, for the resource types that come in bulk (RouteConfiguration,
-//! ClusterLoadAssignment).
+//! ClusterLoadAssignment, and the plain Cluster a control plane sends by the thousand).
 //!
 //! The general path (protobuf → dynamic message → JSON-shaped value → serde) is the reference: it
 //! is what names an unsupported field with its path. This module covers the common subset only and
@@ -18,6 +18,7 @@
 // `per_request_buffer_limit_bytes`, the direct header-match forms), so static and xDS config agree.
 #![allow(deprecated)]
 
+use envoy_types::pb::envoy::config::cluster::v3 as cl;
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3 as ep;
 use envoy_types::pb::envoy::config::route::v3 as rt;
@@ -56,6 +57,18 @@ fn opt_duration(d: Option<pbw::Duration>) -> Option<Option<mc::PbDuration>> {
     }
 }
 
+/// `f` over every element, or `None` if it gives up on one. A fresh vector of exactly the right
+/// size: `into_iter().map(f).collect()` would reuse the prost vector's allocation in place
+/// (sized for the larger protobuf structs, with their growth slack), which tripled the memory of
+/// decoded clusters.
+fn map_all<T, U>(v: Vec<T>, f: impl FnMut(T) -> Option<U>) -> Option<Vec<U>> {
+    let mut out = Vec::with_capacity(v.len());
+    for x in v.into_iter().map(f) {
+        out.push(x?);
+    }
+    Some(out)
+}
+
 /// Proto3 strings have no presence: empty is absent in the JSON form.
 fn opt_string(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
@@ -89,7 +102,7 @@ fn header_value_option(mut h: core::HeaderValueOption) -> Option<mc::HeaderValue
 }
 
 fn header_list(v: Vec<core::HeaderValueOption>) -> Option<Vec<mc::HeaderValueOption>> {
-    v.into_iter().map(header_value_option).collect()
+    map_all(v, header_value_option)
 }
 
 fn regex(mut r: matcher::RegexMatcher) -> Option<mc::RegexMatcher> {
@@ -217,14 +230,8 @@ fn route_match(mut m: rt::RouteMatch) -> Option<mc::RouteMatch> {
     use rt::route_match::PathSpecifier as P;
     let mut out = mc::RouteMatch {
         case_sensitive: m.case_sensitive.take().map(|b| b.value),
-        headers: take(&mut m.headers)
-            .into_iter()
-            .map(header_matcher)
-            .collect::<Option<_>>()?,
-        query_parameters: take(&mut m.query_parameters)
-            .into_iter()
-            .map(query_matcher)
-            .collect::<Option<_>>()?,
+        headers: map_all(take(&mut m.headers), header_matcher)?,
+        query_parameters: map_all(take(&mut m.query_parameters), query_matcher)?,
         ..Default::default()
     };
     match m.path_specifier.take() {
@@ -260,10 +267,7 @@ fn cluster_weight(mut w: rt::weighted_cluster::ClusterWeight) -> Option<mc::Clus
 
 fn weighted(mut w: rt::WeightedCluster) -> Option<mc::WeightedClusters> {
     let out = mc::WeightedClusters {
-        clusters: take(&mut w.clusters)
-            .into_iter()
-            .map(cluster_weight)
-            .collect::<Option<_>>()?,
+        clusters: map_all(take(&mut w.clusters), cluster_weight)?,
         total_weight: w.total_weight.take().map(|v| v.value),
         runtime_key_prefix: opt_string(take(&mut w.runtime_key_prefix)),
     };
@@ -377,10 +381,7 @@ fn virtual_host(mut v: rt::VirtualHost) -> Option<mc::VirtualHost> {
     let out = mc::VirtualHost {
         name,
         domains,
-        routes: take(&mut v.routes)
-            .into_iter()
-            .map(route)
-            .collect::<Option<_>>()?,
+        routes: map_all(take(&mut v.routes), route)?,
         request_headers_to_add: header_list(take(&mut v.request_headers_to_add))?,
         request_headers_to_remove: take(&mut v.request_headers_to_remove),
         response_headers_to_add: header_list(take(&mut v.response_headers_to_add))?,
@@ -399,10 +400,7 @@ fn virtual_host(mut v: rt::VirtualHost) -> Option<mc::VirtualHost> {
 pub fn route_configuration(mut r: rt::RouteConfiguration) -> Option<mc::RouteConfiguration> {
     let out = mc::RouteConfiguration {
         name: take(&mut r.name),
-        virtual_hosts: take(&mut r.virtual_hosts)
-            .into_iter()
-            .map(virtual_host)
-            .collect::<Option<_>>()?,
+        virtual_hosts: map_all(take(&mut r.virtual_hosts), virtual_host)?,
         request_headers_to_add: header_list(take(&mut r.request_headers_to_add))?,
         request_headers_to_remove: take(&mut r.request_headers_to_remove),
         response_headers_to_add: header_list(take(&mut r.response_headers_to_add))?,
@@ -481,10 +479,7 @@ fn locality_endpoints(mut l: ep::LocalityLbEndpoints) -> Option<mc::LocalityLbEn
             zone: x.zone,
             sub_zone: x.sub_zone,
         }),
-        lb_endpoints: take(&mut l.lb_endpoints)
-            .into_iter()
-            .map(lb_endpoint)
-            .collect::<Option<_>>()?,
+        lb_endpoints: map_all(take(&mut l.lb_endpoints), lb_endpoint)?,
         load_balancing_weight: l.load_balancing_weight.take().map(|v| v.value),
         priority: take(&mut l.priority),
     };
@@ -498,10 +493,99 @@ pub fn cluster_load_assignment(
 ) -> Option<mc::ClusterLoadAssignment> {
     let out = mc::ClusterLoadAssignment {
         cluster_name: take(&mut c.cluster_name),
-        endpoints: take(&mut c.endpoints)
-            .into_iter()
-            .map(locality_endpoints)
-            .collect::<Option<_>>()?,
+        endpoints: map_all(take(&mut c.endpoints), locality_endpoints)?,
+    };
+    rest_default!(c);
+    Some(out)
+}
+
+/// An `eds_config` / `config_source` that is `ads: {}` (the only source mecha serves), as the
+/// JSON-shaped value the general path keeps: `{ads: {}, resource_api_version: V3}`.
+fn ads_config_source(mut c: core::ConfigSource) -> Option<serde_yaml::Value> {
+    use core::config_source::ConfigSourceSpecifier as S;
+    let Some(S::Ads(ads)) = c.config_source_specifier.take() else {
+        return None;
+    };
+    if ads != Default::default() {
+        return None;
+    }
+    let mut m = serde_yaml::Mapping::new();
+    m.insert("ads".into(), serde_yaml::Mapping::new().into());
+    match take(&mut c.resource_api_version) {
+        0 => {}
+        2 => {
+            m.insert("resource_api_version".into(), "V3".into());
+        }
+        _ => return None,
+    }
+    rest_default!(c);
+    Some(m.into())
+}
+
+/// A Cluster in the common subset (name, type, connect_timeout, lb_policy, load_assignment,
+/// eds_cluster_config over ADS), or `None` for the general path.
+pub fn cluster(mut c: cl::Cluster) -> Option<mc::Cluster> {
+    use cl::cluster::ClusterDiscoveryType as D;
+    let discovery_type = match c.cluster_discovery_type.take() {
+        None | Some(D::Type(0)) => mc::DiscoveryType::STATIC,
+        Some(D::Type(1)) => mc::DiscoveryType::STRICT_DNS,
+        Some(D::Type(2)) => mc::DiscoveryType::LOGICAL_DNS,
+        Some(D::Type(3)) => mc::DiscoveryType::EDS,
+        Some(D::Type(4)) => mc::DiscoveryType::ORIGINAL_DST,
+        _ => return None,
+    };
+    let lb_policy = match take(&mut c.lb_policy) {
+        0 => mc::LbPolicy::ROUND_ROBIN,
+        1 => mc::LbPolicy::LEAST_REQUEST,
+        2 => mc::LbPolicy::RING_HASH,
+        3 => mc::LbPolicy::RANDOM,
+        5 => mc::LbPolicy::MAGLEV,
+        6 => mc::LbPolicy::CLUSTER_PROVIDED,
+        _ => return None,
+    };
+    let eds_cluster_config = match c.eds_cluster_config.take() {
+        None => None,
+        Some(mut e) => {
+            let out = mc::EdsClusterConfig {
+                eds_config: match e.eds_config.take() {
+                    None => None,
+                    Some(src) => Some(ads_config_source(src)?),
+                },
+                service_name: take(&mut e.service_name),
+            };
+            rest_default!(e);
+            Some(out)
+        }
+    };
+    let out = mc::Cluster {
+        name: take(&mut c.name),
+        discovery_type,
+        connect_timeout: opt_duration(c.connect_timeout.take())?,
+        lb_policy,
+        load_assignment: match c.load_assignment.take() {
+            None => None,
+            Some(cla) => Some(cluster_load_assignment(cla)?),
+        },
+        eds_cluster_config,
+        // Everything else is what the serde decoder gives an absent field (listed, not
+        // `..Default`, so a field added to the model must be decided here).
+        dns_refresh_rate: None,
+        respect_dns_ttl: false,
+        dns_lookup_family: Default::default(),
+        typed_extension_protocol_options: Default::default(),
+        http2_protocol_options: None,
+        http_protocol_options: None,
+        common_http_protocol_options: None,
+        ring_hash_lb_config: None,
+        maglev_lb_config: None,
+        least_request_lb_config: None,
+        per_connection_buffer_limit_bytes: None,
+        original_dst_lb_config: None,
+        cleanup_interval: None,
+        circuit_breakers: None,
+        outlier_detection: None,
+        health_checks: vec![],
+        common_lb_config: None,
     };
     rest_default!(c);
     Some(out)
@@ -509,7 +593,7 @@ pub fn cluster_load_assignment(
 
 #[cfg(test)]
 mod tests {
-    use crate::translate::{any_to_value, value_to_bytes, ENDPOINT_TYPE, ROUTE_TYPE};
+    use crate::translate::{any_to_value, value_to_bytes, CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE};
     use prost::Message;
     use serde_json::json;
 
@@ -521,6 +605,10 @@ mod tests {
                 serde_yaml::from_value::<mecha_config::RouteConfiguration>(v).unwrap(),
             )
             .unwrap(),
+            CLUSTER_TYPE => {
+                serde_json::to_value(serde_yaml::from_value::<mecha_config::Cluster>(v).unwrap())
+                    .unwrap()
+            }
             _ => serde_json::to_value(
                 serde_yaml::from_value::<mecha_config::ClusterLoadAssignment>(v).unwrap(),
             )
@@ -529,9 +617,13 @@ mod tests {
     }
 
     fn fast(t: &str, bytes: &[u8]) -> Option<serde_json::Value> {
-        use envoy_types::pb::envoy::config::{endpoint::v3 as ep, route::v3 as rt};
+        use envoy_types::pb::envoy::config::{
+            cluster::v3 as cl, endpoint::v3 as ep, route::v3 as rt,
+        };
         match t {
             ROUTE_TYPE => super::route_configuration(rt::RouteConfiguration::decode(bytes).ok()?)
+                .map(|r| serde_json::to_value(r).unwrap()),
+            CLUSTER_TYPE => super::cluster(cl::Cluster::decode(bytes).ok()?)
                 .map(|r| serde_json::to_value(r).unwrap()),
             _ => super::cluster_load_assignment(ep::ClusterLoadAssignment::decode(bytes).ok()?)
                 .map(|r| serde_json::to_value(r).unwrap()),
@@ -591,7 +683,20 @@ mod tests {
                 {"lb_endpoints": []},
             ]
         });
-        for (t, v) in [(ROUTE_TYPE, rc), (ENDPOINT_TYPE, cla)] {
+        let clusters = [
+            json!({"name": "s", "type": "STATIC", "connect_timeout": "0.5s", "lb_policy": "RING_HASH",
+                   "load_assignment": cla.clone()}),
+            json!({"name": "e", "type": "EDS", "lb_policy": "LEAST_REQUEST",
+                   "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}, "service_name": "svc"}}),
+            json!({"name": "e2", "type": "EDS", "eds_cluster_config": {"eds_config": {"ads": {}}}}),
+            json!({"name": "d", "type": "STRICT_DNS", "lb_policy": "RANDOM"}),
+            json!({"name": "o", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED"}),
+            json!({"name": "m", "lb_policy": "MAGLEV"}),
+        ];
+        let cases = [(ROUTE_TYPE, rc), (ENDPOINT_TYPE, cla)]
+            .into_iter()
+            .chain(clusters.into_iter().map(|c| (CLUSTER_TYPE, c)));
+        for (t, v) in cases {
             let bytes = value_to_bytes(t, &v).unwrap();
             let f = fast(t, &bytes).unwrap_or_else(|| panic!("fast path gave up on {v}"));
             assert_eq!(f, general(t, &bytes), "{t}");
@@ -629,6 +734,19 @@ mod tests {
                 ENDPOINT_TYPE,
                 json!({"cluster_name": "e", "policy": {"overprovisioning_factor": 140}}),
             ),
+            (
+                CLUSTER_TYPE,
+                json!({"name": "c", "circuit_breakers": {"thresholds": [{"max_connections": 1}]}}),
+            ),
+            (
+                CLUSTER_TYPE,
+                json!({"name": "c", "type": "EDS", "eds_cluster_config": {"eds_config": {"path_config_source": {"path": "/x"}}}}),
+            ),
+            (
+                CLUSTER_TYPE,
+                json!({"name": "c", "type": "EDS", "eds_cluster_config": {"eds_config": {"ads": {}, "initial_fetch_timeout": "1s"}}}),
+            ),
+            (CLUSTER_TYPE, json!({"name": "c", "dns_jitter": "1s"})),
         ] {
             let bytes = value_to_bytes(t, &v).unwrap();
             assert!(fast(t, &bytes).is_none(), "{v}");

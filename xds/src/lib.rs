@@ -11,6 +11,7 @@
 
 pub mod client;
 mod fast;
+mod file;
 pub mod translate;
 
 pub use client::{AdsClient, XdsError, XdsEvent, XdsSink};

@@ -145,6 +145,22 @@ fn decode_fast(
                     .map_err(|e| err(&name, e)),
             )
         }
+        CLUSTER_TYPE => {
+            let pb = envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(bytes).ok()?;
+            let c = crate::fast::cluster(pb)?;
+            if c.name.is_empty() {
+                return Some(Err(err(
+                    "",
+                    vec![ConfigError::new("name", "must not be empty")],
+                )));
+            }
+            let name = c.name.clone();
+            Some(
+                mecha_config::check_cluster(c, "")
+                    .map(Decoded::Cluster)
+                    .map_err(|e| err(&name, e)),
+            )
+        }
         ENDPOINT_TYPE => {
             let pb =
                 envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(bytes)

@@ -33,6 +33,7 @@ pub struct RouteTable {
     pub headers: Arc<HeaderOps>,
 }
 
+#[derive(Clone)]
 pub struct VirtualHost {
     pub name: String,
     pub routes: Vec<Arc<RouteEntry>>,
@@ -299,6 +300,35 @@ impl RouteTable {
         path: &str,
         per_filter: PerFilterParser<'_>,
     ) -> Result<Self, Vec<ConfigError>> {
+        Self::compile_reusing(rc, path, per_filter, None)
+    }
+
+    /// Like [`RouteTable::compile`], but takes the compiled virtual hosts of `previous` (the table
+    /// compiled from that configuration, for the same connection manager) whose configuration did
+    /// not change: an RDS update usually touches a few virtual hosts of many, and compiling
+    /// thousands of unchanged routes again dominated its cost. Only when the route-config level
+    /// headers are unchanged too, as every compiled route holds them.
+    pub fn compile_reusing(
+        rc: &cfg::RouteConfiguration,
+        path: &str,
+        per_filter: PerFilterParser<'_>,
+        previous: Option<(&cfg::RouteConfiguration, &RouteTable)>,
+    ) -> Result<Self, Vec<ConfigError>> {
+        let reusable: HashMap<&str, (&cfg::VirtualHost, &VirtualHost)> = previous
+            .filter(|(prc, _)| {
+                prc.request_headers_to_add == rc.request_headers_to_add
+                    && prc.request_headers_to_remove == rc.request_headers_to_remove
+                    && prc.response_headers_to_add == rc.response_headers_to_add
+                    && prc.response_headers_to_remove == rc.response_headers_to_remove
+            })
+            .map(|(prc, table)| {
+                prc.virtual_hosts
+                    .iter()
+                    .zip(&table.vhosts)
+                    .map(|(c, v)| (c.name.as_str(), (c, v)))
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut errors = vec![];
         let top = Arc::new(
             HeaderOps::compile(&rc.header_mutations(), path).unwrap_or_else(|mut e| {
@@ -316,38 +346,15 @@ impl RouteTable {
             headers: top.clone(),
         };
         for (vi, vh) in rc.virtual_hosts.iter().enumerate() {
-            let vpath = format!("{path}.virtual_hosts[{vi}]");
-            let vops = Arc::new(
-                HeaderOps::compile(&vh.header_mutations(), &vpath).unwrap_or_else(|mut e| {
-                    errors.append(&mut e);
-                    HeaderOps::default()
-                }),
-            );
-            let vfilters =
-                parse_per_filter(&vh.typed_per_filter_config, &vpath, per_filter, &mut errors);
-            let mut routes = vec![];
-            for (ri, r) in vh.routes.iter().enumerate() {
-                let rpath = format!("{vpath}.routes[{ri}]");
-                match compile_route(
-                    r,
-                    &rpath,
-                    &vfilters,
-                    per_filter,
-                    [vops.clone(), top.clone()],
-                ) {
-                    Ok(mut e) => {
-                        if let Action::Route(a) = &mut e.action {
-                            match crate::http::retry::RoutePolicy::compile(r, &rpath, vh, &vpath) {
-                                Ok(p) => a.resilience = p,
-                                Err(mut e) => errors.append(&mut e),
-                            }
-                        }
-                        routes.push(Arc::new(e))
-                    }
-                    Err(mut e) => errors.append(&mut e),
-                }
-            }
             let idx = table.vhosts.len();
+            let reused = reusable
+                .get(vh.name.as_str())
+                .filter(|(c, _)| *c == vh)
+                .map(|(_, v)| (*v).clone());
+            let compiled = match reused {
+                Some(v) => v,
+                None => compile_vhost(vh, vi, path, per_filter, &top, &mut errors),
+            };
             for d in &vh.domains {
                 let d = d.to_ascii_lowercase();
                 if d == "*" {
@@ -360,11 +367,7 @@ impl RouteTable {
                     table.exact.insert(d, idx);
                 }
             }
-            table.vhosts.push(VirtualHost {
-                name: vh.name.clone(),
-                routes,
-                headers: vops,
-            });
+            table.vhosts.push(compiled);
         }
         table.suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
         table.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
@@ -563,6 +566,52 @@ fn parse_per_filter(
         }
     }
     out
+}
+
+/// Compiles virtual host `vi` of a route configuration (`top`: its route-config level headers).
+fn compile_vhost(
+    vh: &cfg::VirtualHost,
+    vi: usize,
+    path: &str,
+    per_filter: PerFilterParser<'_>,
+    top: &Arc<HeaderOps>,
+    errors: &mut Vec<ConfigError>,
+) -> VirtualHost {
+    let vpath = format!("{path}.virtual_hosts[{vi}]");
+    let vops = Arc::new(
+        HeaderOps::compile(&vh.header_mutations(), &vpath).unwrap_or_else(|mut e| {
+            errors.append(&mut e);
+            HeaderOps::default()
+        }),
+    );
+    let vfilters = parse_per_filter(&vh.typed_per_filter_config, &vpath, per_filter, errors);
+    let mut routes = vec![];
+    for (ri, r) in vh.routes.iter().enumerate() {
+        let rpath = format!("{vpath}.routes[{ri}]");
+        match compile_route(
+            r,
+            &rpath,
+            &vfilters,
+            per_filter,
+            [vops.clone(), top.clone()],
+        ) {
+            Ok(mut e) => {
+                if let Action::Route(a) = &mut e.action {
+                    match crate::http::retry::RoutePolicy::compile(r, &rpath, vh, &vpath) {
+                        Ok(p) => a.resilience = p,
+                        Err(mut e) => errors.append(&mut e),
+                    }
+                }
+                routes.push(Arc::new(e))
+            }
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    VirtualHost {
+        name: vh.name.clone(),
+        routes,
+        headers: vops,
+    }
 }
 
 fn compile_route(
@@ -1110,5 +1159,45 @@ mod tests {
         assert_eq!(literal_prefix("^/x"), "");
         assert_eq!(literal_prefix("/x\\d"), "/x");
         assert_eq!(literal_prefix("(/x)"), "");
+    }
+
+    /// An RDS update recompiles the virtual hosts that changed and shares the others.
+    #[test]
+    fn compile_reusing_shares_unchanged_virtual_hosts() {
+        use super::*;
+        let rc = |target_b: &str| -> cfg::RouteConfiguration {
+            let yaml = format!(
+                "name: r
+virtual_hosts:
+- {{ name: a, domains: [a], routes: [{{ match: {{ prefix: / }}, route: {{ cluster: ca }} }}] }}
+- {{ name: b, domains: [b], routes: [{{ match: {{ prefix: / }}, route: {{ cluster: {target_b} }} }}] }}
+"
+            );
+            serde_yaml::from_str(&yaml).expect("route config")
+        };
+        let no_filters = |_: &str,
+                          _: &TypedConfig,
+                          p: &str|
+         -> Result<Arc<dyn Any + Send + Sync>, ConfigError> {
+            Err(ConfigError::new(p, "none"))
+        };
+        let (old_rc, new_rc) = (rc("cb"), rc("cb2"));
+        let old = RouteTable::compile(&old_rc, "", &no_filters).expect("old");
+        let new = RouteTable::compile_reusing(&new_rc, "", &no_filters, Some((&old_rc, &old)))
+            .expect("new");
+        let route = |t: &RouteTable, host: &str| t.route(host, "/x", &HeaderMap::new()).cloned();
+        let (old_a, new_a) = (route(&old, "a").unwrap(), route(&new, "a").unwrap());
+        assert!(
+            Arc::ptr_eq(&old_a, &new_a),
+            "unchanged virtual host recompiled"
+        );
+        let new_b = route(&new, "b").unwrap();
+        assert!(!Arc::ptr_eq(&route(&old, "b").unwrap(), &new_b));
+        match &new_b.action {
+            Action::Route(a) => {
+                assert!(matches!(&a.target, ClusterTarget::Single(c) if c == "cb2"))
+            }
+            _ => panic!("not a route action"),
+        }
     }
 }
