@@ -468,7 +468,8 @@ async fn dns_fallback_for_app_ids_without_a_cluster() {
             "--concurrency",
             "1",
         ])
-        .env("MECHA_DATA_DIR", &dd)
+        // Two sidecars stand for two pods: each has its own data directory (embedded sqlite).
+        .env("MECHA_DATA_DIR", format!("{dd}/{id}"))
         .env_remove("DAPR_API_TOKEN");
         if let Some(p) = app_port {
             cmd.args(["--app-port", &p.to_string()]);

@@ -35,12 +35,14 @@ impl SqliteStore {
             })?;
         }
         let conn = Connection::open(path).map_err(backend)?;
+        // First, so that two sidecars opening the same file at once (switching it to WAL, creating
+        // the table) wait for each other instead of failing with "database is locked".
+        conn.busy_timeout(Duration::from_secs(5)).map_err(backend)?;
         // WAL: readers do not block the writer, and a committed write is durable.
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(backend)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(backend)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(backend)?;
         conn.execute_batch(&format!(
             "CREATE TABLE IF NOT EXISTS {table} (
                 key TEXT NOT NULL PRIMARY KEY,
