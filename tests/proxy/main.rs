@@ -11,4 +11,5 @@ mod lb;
 mod protocols;
 mod routing;
 mod tcp;
+mod upstream_h1;
 mod validate;

@@ -3,6 +3,7 @@
 
 pub mod circuit_breaker;
 pub mod dns;
+mod h1;
 pub mod health_check;
 pub mod host;
 pub mod lb;
@@ -464,11 +465,7 @@ impl Drop for RequestGuard {
 
 fn guarded_body(body: pool::PooledBody, guard: RequestGuard) -> Body {
     use http_body_util::BodyExt;
-    crate::body::WithGuard::new(
-        body.map_err(|e| Box::new(e) as mecha_filters::BoxError),
-        guard,
-    )
-    .boxed_unsync()
+    crate::body::WithGuard::new(body, guard).boxed_unsync()
 }
 
 /// All clusters of one configuration.

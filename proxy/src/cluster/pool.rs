@@ -1,21 +1,23 @@
 //! Per-host upstream connection pools.
 //!
-//! One [`Pool`] per host, built on hyper's connection-level client (`hyper::client::conn`):
-//! HTTP/1.1 connections are kept in a LIFO idle stack and lent to one request at a time, HTTP/2
-//! uses one shared multiplexed connection. Compared with hyper-util's generic pooled client this
+//! One [`Pool`] per host. HTTP/1.1 connections are kept in a LIFO idle stack and lent to one
+//! request at a time; ordinary requests are written and read by our own codec (`h1.rs`) in the
+//! request's task, upgrades and chunked uploads by hyper's connection-level client on the same
+//! kind of connection. HTTP/2 uses one shared multiplexed hyper connection. Compared with hyper-util's generic pooled client this
 //! needs no pool key (the pool *is* the host), no absolute-form URI, and no task per request to
 //! watch for the connection becoming idle: the response body hands the connection back when it
 //! ends. Connections enforce the cluster's `max_connections` / `max_pending_requests` breakers,
 //! apply `connect_timeout` and TCP_NODELAY, and keep Envoy's `upstream_cx_*` stats exact.
 
 use super::circuit_breaker::{Resource, Slot};
+use super::h1;
 use crate::stats::ClusterStats;
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mecha_filters::stats::Counter;
-use mecha_filters::Body;
+use mecha_filters::{Body, BoxError};
 use parking_lot::Mutex;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -74,6 +76,9 @@ pub enum PoolError {
     /// The connection failed or was reset while the request was on it.
     #[error("{0}")]
     Http(#[source] hyper::Error),
+    /// The same, seen by our HTTP/1.1 codec.
+    #[error("{0}")]
+    H1(#[source] h1::H1Error),
 }
 
 #[derive(Clone)]
@@ -81,7 +86,7 @@ pub struct Pool {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     addr: SocketAddr,
     settings: PoolSettings,
     cluster: Arc<ClusterStats>,
@@ -101,8 +106,15 @@ struct Inner {
 }
 
 struct Idle {
-    tx: http1::SendRequest<Body>,
+    conn: IdleConn,
     since: Instant,
+}
+
+/// A pooled HTTP/1.1 connection: driven by our codec, or (once it carried an upgrade-capable or
+/// chunked request) by a hyper connection task.
+enum IdleConn {
+    Raw(h1::Conn),
+    Hyper(http1::SendRequest<Body>),
 }
 
 pub fn new_pool(
@@ -148,14 +160,31 @@ impl Pool {
         &self,
         mut req: http::Request<Body>,
     ) -> Result<http::Response<PooledBody>, PoolError> {
+        let ours = h1::eligible(&req);
         loop {
-            let (mut tx, reused) = self.inner.checkout().await?;
+            let (conn, reused) = self.inner.checkout().await?;
+            let mut tx = match conn {
+                IdleConn::Raw(conn) if ours => {
+                    match h1::send(conn, req, reused, &self.inner).await {
+                        Ok(resp) => return Ok(resp.map(|b| PooledBody(Kind::Own(b)))),
+                        // A kept-alive connection the server had closed: send it again on
+                        // another one.
+                        Err((_, Some(again))) => {
+                            req = again;
+                            continue;
+                        }
+                        Err((e, None)) => return Err(PoolError::H1(e)),
+                    }
+                }
+                IdleConn::Raw(conn) => Box::pin(self.inner.handshake(conn)).await?,
+                IdleConn::Hyper(tx) => tx,
+            };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
                     // An upgraded connection belongs to the tunnel now, never to the pool.
                     let back = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS)
                         .then(|| (tx, self.inner.clone()));
-                    return Ok(resp.map(|body| PooledBody { body, back }));
+                    return Ok(resp.map(|body| PooledBody(Kind::Hyper { body, back })));
                 }
                 Err(mut e) => match e.take_message() {
                     // A kept-alive connection the server closed before our request went out:
@@ -184,7 +213,9 @@ impl Pool {
                 return Err(PoolError::Http(e));
             }
             match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(|body| PooledBody { body, back: None })),
+                Ok(resp) => {
+                    return Ok(resp.map(|body| PooledBody(Kind::Hyper { body, back: None })))
+                }
                 Err(mut e) => match e.take_message() {
                     Some(r) if std::mem::take(&mut first) => {
                         self.inner.forget_closed_h2();
@@ -201,15 +232,23 @@ impl Inner {
     /// An HTTP/1.1 connection for one request: an idle one, a new one, or — at `max_connections`
     /// — the first one returned or freed while waiting as a pending request (bounded by
     /// `connect_timeout`, past `max_pending_requests` an overflow). `true` when reused.
-    async fn checkout(self: &Arc<Self>) -> Result<(http1::SendRequest<Body>, bool), PoolError> {
+    async fn checkout(self: &Arc<Self>) -> Result<(IdleConn, bool), PoolError> {
         let mut deadline = None;
         loop {
-            while let Some(mut idle) = self.pop_idle() {
-                if idle.tx.is_closed() {
-                    continue;
-                }
-                if idle.tx.is_ready() || idle.tx.ready().await.is_ok() {
-                    return Ok((idle.tx, true));
+            while let Some(idle) = self.pop_idle() {
+                match idle.conn {
+                    IdleConn::Raw(conn) if conn.idle_ok() => {
+                        return Ok((IdleConn::Raw(conn), true))
+                    }
+                    IdleConn::Raw(_) => {}
+                    IdleConn::Hyper(mut tx) => {
+                        if tx.is_closed() {
+                            continue;
+                        }
+                        if tx.is_ready() || tx.ready().await.is_ok() {
+                            return Ok((IdleConn::Hyper(tx), true));
+                        }
+                    }
                 }
             }
             // Armed before the checks below, so a return or close in between is not missed.
@@ -218,8 +257,8 @@ impl Inner {
             if let Some(slot) = self.limits.connections.try_acquire() {
                 // Boxed, like the pending wait below: the connect and handshake states would
                 // otherwise sit in (and be copied with) every request's future.
-                let tx = Box::pin(self.open_h1(slot)).await?;
-                return Ok((tx, false));
+                let io = Box::pin(self.connect(slot)).await?;
+                return Ok((IdleConn::Raw(h1::Conn::new(io)), false));
             }
             self.limits.cx_overflow.inc();
             let Some(_pending) = self.limits.pending.try_acquire() else {
@@ -244,11 +283,11 @@ impl Inner {
         }
     }
 
-    async fn open_h1(&self, slot: Slot) -> Result<http1::SendRequest<Body>, ConnectError> {
-        let io = self.connect(slot).await?;
+    /// Hands a connection to hyper (for a request our codec does not take).
+    async fn handshake(&self, conn: h1::Conn) -> Result<http1::SendRequest<Body>, ConnectError> {
         let (tx, conn) = self
             .h1
-            .handshake(io)
+            .handshake(TokioIo::new(conn.io))
             .await
             .map_err(ConnectError::Handshake)?;
         tokio::spawn(async move {
@@ -279,8 +318,17 @@ impl Inner {
         if tx.is_closed() {
             return;
         }
+        self.push_idle(IdleConn::Hyper(tx));
+    }
+
+    /// Called by our codec's response body when it ended and the connection can be reused.
+    pub(crate) fn put_idle_raw(self: &Arc<Self>, conn: h1::Conn) {
+        self.push_idle(IdleConn::Raw(conn));
+    }
+
+    fn push_idle(self: &Arc<Self>, conn: IdleConn) {
         self.idle.lock().push(Idle {
-            tx,
+            conn,
             since: Instant::now(),
         });
         if self.waiting.load(Ordering::Acquire) > 0 {
@@ -324,7 +372,10 @@ impl Inner {
         let io = self.connect(slot).await?;
         let mut b = http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new()).keep_alive_while_idle(false);
-        let (tx, conn) = b.handshake(io).await.map_err(ConnectError::Handshake)?;
+        let (tx, conn) = b
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(ConnectError::Handshake)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream h2 connection error");
@@ -354,7 +405,7 @@ impl Inner {
     }
 
     /// Opens one TCP connection to the host, holding the `max_connections` unit it was given.
-    async fn connect(&self, slot: Slot) -> Result<TokioIo<UpstreamStream>, ConnectError> {
+    async fn connect(&self, slot: Slot) -> Result<UpstreamStream, ConnectError> {
         self.cluster.upstream_cx_total.inc();
         self.host.cx_total.fetch_add(1, Ordering::Relaxed);
         let res = match tokio::time::timeout(
@@ -375,13 +426,13 @@ impl Inner {
                 let _ = stream.set_nodelay(true);
                 self.cluster.upstream_cx_active.inc();
                 self.host.cx_active.fetch_add(1, Ordering::Relaxed);
-                Ok(TokioIo::new(UpstreamStream {
+                Ok(UpstreamStream {
                     inner: stream,
                     cluster: self.cluster.clone(),
                     host: self.host.clone(),
                     limits: self.limits.clone(),
                     slot: Some(slot),
-                }))
+                })
             }
             Err(e) => {
                 self.cluster.upstream_cx_connect_fail.inc();
@@ -405,58 +456,79 @@ async fn reap(pool: Weak<Inner>, timeout: Duration) {
 
 /// An upstream response body. On an HTTP/1.1 connection it hands the connection back to the
 /// pool when the body has been read to its end; a body dropped half-read takes the connection
-/// with it (hyper closes it, as the rest of the response can't be skipped safely).
-pub struct PooledBody {
-    body: Incoming,
-    back: Option<(http1::SendRequest<Body>, Arc<Inner>)>,
+/// with it (the rest of the response can't be skipped safely).
+pub struct PooledBody(Kind);
+
+enum Kind {
+    /// Read by our HTTP/1.1 codec.
+    Own(h1::H1Body),
+    /// Read by hyper (HTTP/2, upgrades, chunked uploads).
+    Hyper {
+        body: Incoming,
+        back: Option<(http1::SendRequest<Body>, Arc<Inner>)>,
+    },
 }
 
 impl PooledBody {
     fn give_back(&mut self) {
-        if let Some((tx, pool)) = self.back.take() {
-            pool.put_idle(tx);
+        if let Kind::Hyper { back, .. } = &mut self.0 {
+            if let Some((tx, pool)) = back.take() {
+                pool.put_idle(tx);
+            }
         }
     }
 }
 
 impl http_body::Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        let res = Pin::new(&mut self.body).poll_frame(cx);
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let (body, back) = match &mut self.0 {
+            Kind::Own(b) => return Pin::new(b).poll_frame(cx),
+            Kind::Hyper { body, back } => (body, back),
+        };
+        let res = Pin::new(body).poll_frame(cx);
         match &res {
             Poll::Ready(None) => self.give_back(),
-            Poll::Ready(Some(Err(_))) => self.back = None,
+            Poll::Ready(Some(Err(_))) => *back = None,
             _ => {}
         }
-        res
+        res.map_err(|e| Box::new(e) as BoxError)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.0 {
+            Kind::Own(b) => b.is_end_stream(),
+            Kind::Hyper { body, .. } => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+        match &self.0 {
+            Kind::Own(b) => b.size_hint(),
+            Kind::Hyper { body, .. } => body.size_hint(),
+        }
     }
 }
 
 impl Drop for PooledBody {
     fn drop(&mut self) {
         // Bodies known empty (204, HEAD, content-length 0) are often never polled.
-        if http_body::Body::is_end_stream(&self.body) {
-            self.give_back();
+        if let Kind::Hyper { body, .. } = &self.0 {
+            if http_body::Body::is_end_stream(body) {
+                self.give_back();
+            }
         }
     }
 }
 
 /// An upstream TCP stream that keeps the active-connection gauges exact.
 pub struct UpstreamStream {
-    inner: TcpStream,
+    pub(crate) inner: TcpStream,
     cluster: Arc<ClusterStats>,
     host: Arc<ConnStats>,
     limits: Arc<ConnLimits>,
