@@ -277,3 +277,30 @@ async fn malformed_upstream_response_is_a_503_not_a_hang() {
         r.text()
     );
 }
+
+#[tokio::test]
+async fn http2_request_reaches_an_http1_upstream_with_a_host_header() {
+    // HTTP/2 carries the authority as `:authority`, not as a Host header; HTTP/1.1 needs one.
+    let up = RawUpstream::start(|head, _, _| {
+        let host = head
+            .lines()
+            .find_map(|l| l.strip_prefix("host: "))
+            .unwrap_or("<none>")
+            .trim()
+            .to_string();
+        let body = format!("host={host}");
+        let mut bytes = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len())
+            .into_bytes();
+        bytes.extend_from_slice(body.as_bytes());
+        Reply { bytes, close: false }
+    })
+    .await;
+    let (_m, port) = start_mecha(&up).await;
+    let req = http::Request::get(format!("http://127.0.0.1:{port}/h"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = send(&h2_client(), req).await.unwrap();
+    assert_eq!(r.version, http::Version::HTTP_2);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), format!("host=127.0.0.1:{port}"));
+}

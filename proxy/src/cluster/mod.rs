@@ -415,13 +415,25 @@ pub fn assignment_hosts(cla: &mecha_config::ClusterLoadAssignment) -> Vec<HostSp
 fn set_upstream_uri(req: &mut http::Request<Body>, addr: SocketAddr, http2: bool) {
     if !http2 {
         *req.version_mut() = http::Version::HTTP_11;
-        if req.uri().authority().is_some() {
+        // HTTP/1.1 requires a Host header (RFC 9112 §3.2); a request that came in as HTTP/2, or
+        // a filter's own call to an absolute URI, carries the authority only in the URI.
+        let needs_host = !req.headers().contains_key(http::header::HOST);
+        let mut host = None;
+        if let Some(auth) = req.uri().authority() {
+            if needs_host {
+                host = http::HeaderValue::from_str(auth.as_str()).ok();
+            }
             let pq = req.uri().path_and_query().cloned();
             let mut parts = http::uri::Parts::default();
             parts.path_and_query =
                 Some(pq.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
             if let Ok(uri) = http::Uri::from_parts(parts) {
                 *req.uri_mut() = uri;
+            }
+        }
+        if needs_host {
+            if let Some(v) = host.or_else(|| http::HeaderValue::from_str(&addr.to_string()).ok()) {
+                req.headers_mut().insert(http::header::HOST, v);
             }
         }
         return;
