@@ -9,7 +9,7 @@
 # (`h2load --h1`), counters dumped. Prints Ir per request and the top self-cost functions.
 #
 # Usage: scripts/callgrind-request.sh [N]   (env: MECHA_BIN=target/release/mecha, NGINX=1 to
-#        also measure nginx, TOP=25, KEEP=1 keeps the work dir with the callgrind files)
+#        also measure nginx, RESIL=1 for the resilience config, TOP=25, KEEP=1 keeps the work dir with the callgrind files)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -52,6 +52,23 @@ wait_http() {
   return 1
 }
 
+# RESIL=1: the route and cluster of benches/resilience-load.sh's "resil" config (retry policy with
+# per-try timeout and previous-hosts predicate, circuit breakers with track_remaining, outlier
+# detection), configured but never triggered.
+ROUTE_EXTRA=""
+CLUSTER_EXTRA=""
+if [ -n "${RESIL:-}" ]; then
+  ROUTE_EXTRA="                  retry_policy:
+                    retry_on: 5xx,reset,connect-failure
+                    num_retries: 3
+                    per_try_timeout: 5s
+                    retry_host_predicate: [{ name: envoy.retry_host_predicates.previous_hosts }]
+                    host_selection_retry_max_attempts: 3"
+  CLUSTER_EXTRA="    circuit_breakers:
+      thresholds: [{ max_requests: 100000, max_retries: 1000, track_remaining: true }]
+    outlier_detection: { consecutive_5xx: 5, interval: 1s, base_ejection_time: 30s }"
+fi
+
 cat >"$WORK/up.conf" <<EOF
 worker_processes 1;
 daemon off;
@@ -92,7 +109,9 @@ static_resources:
               domains: ["*"]
               routes:
               - match: { prefix: "/" }
-                route: { cluster: up }
+                route:
+                  cluster: up
+$ROUTE_EXTRA
           http_filters:
           - name: envoy.filters.http.router
             typed_config:
@@ -101,6 +120,7 @@ static_resources:
   - name: up
     type: STATIC
     connect_timeout: 1s
+$CLUSTER_EXTRA
     load_assignment:
       cluster_name: up
       endpoints:

@@ -64,7 +64,7 @@ async fn per_try_timeout_is_retried_on_another_attempt() {
     let ctl = Ctl::new();
     let up = scripted("a", &ctl).await;
     let (admin, port) = (free_port(), free_port());
-    let route = "              - match: { prefix: \"/\" }\n                route:\n                  cluster: a\n                  timeout: 5s\n                  retry_policy: { retry_on: \"5xx\", num_retries: 2, per_try_timeout: 0.2s, retry_back_off: { base_interval: 0.001s } }\n";
+    let route = "              - match: { prefix: \"/short\" }\n                route:\n                  cluster: a\n                  timeout: 0.5s\n                  retry_policy: { retry_on: \"5xx\", num_retries: 5, per_try_timeout: 0.2s, retry_back_off: { base_interval: 0.001s } }\n              - match: { prefix: \"/\" }\n                route:\n                  cluster: a\n                  timeout: 5s\n                  retry_policy: { retry_on: \"5xx\", num_retries: 2, per_try_timeout: 0.2s, retry_back_off: { base_interval: 0.001s } }\n";
     let vh = "              include_request_attempt_count: true\n";
     let cfg = http_bootstrap(
         admin,
@@ -99,6 +99,25 @@ async fn per_try_timeout_is_retried_on_another_attempt() {
     assert_eq!(
         m.stat("cluster.a.upstream_rq_per_try_timeout").await,
         Some(5)
+    );
+    assert_eq!(m.stat("cluster.a.upstream_rq_timeout").await, Some(0));
+
+    // The route timeout (0.5 s) bounds all the tries together: it cuts the third 0.2 s try short
+    // and answers 504 as a route timeout, not a per-try one, with retries left unused.
+    let started = std::time::Instant::now();
+    let r = request(port, "GET", "/short", &[], vec![]).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 504);
+    assert_eq!(r.text(), "upstream request timeout");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(ctl.take_log().len(), 3);
+    assert_eq!(m.stat("cluster.a.upstream_rq_timeout").await, Some(1));
+    assert_eq!(
+        m.stat("cluster.a.upstream_rq_per_try_timeout").await,
+        Some(7)
     );
 }
 
