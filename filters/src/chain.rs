@@ -82,6 +82,29 @@ pub struct ClearRouteCache;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoRoute;
 
+/// Set by a filter that re-routes a request (with [`ClearRouteCache`]) and has another way to
+/// send it when no route matches: the router then gives the request back, untouched, in its
+/// reply's [`Unrouted`] extension (no 404 is built, no `no_route` is counted), so the filter
+/// needs no copy of the request kept aside for that case.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HandBackIfNoRoute;
+
+/// The request the router gave back (see [`HandBackIfNoRoute`]). Extensions must be `Clone` and
+/// `Sync`, hence the shared slot; only the filter that asked takes the request out.
+#[derive(Clone)]
+pub struct Unrouted(Arc<std::sync::Mutex<Option<Request<Body>>>>);
+
+impl Unrouted {
+    pub fn new(req: Request<Body>) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Some(req))))
+    }
+
+    /// The request, once.
+    pub fn take(&self) -> Option<Request<Body>> {
+        self.0.lock().ok().and_then(|mut slot| slot.take())
+    }
+}
+
 /// Facts about the downstream connection and request, set by the connection manager in the
 /// request's extensions before the chain runs.
 #[derive(Debug, Clone)]

@@ -23,7 +23,8 @@ pub mod upstream;
 
 pub use body::{empty, full, local_reply, Body, BoxError};
 pub use chain::{
-    ClearRouteCache, FilterChain, HttpFilter, HttpService, Next, NoRoute, PerFilterConfig,
+    ClearRouteCache, FilterChain, HandBackIfNoRoute, HttpFilter, HttpService, Next, NoRoute,
+    PerFilterConfig, Unrouted,
     RequestInfo,
 };
 pub use network::{ConnectionInfo, NetworkAction, NetworkFilter};

@@ -13,7 +13,7 @@ use crate::state::{self, KeyPrefix, StateStore};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use mecha_filters::{full, Body, ClearRouteCache, Next, Upstream};
+use mecha_filters::{full, Body, ClearRouteCache, HandBackIfNoRoute, Next, Unrouted, Upstream};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -964,80 +964,25 @@ enum InvokeUri<'a> {
 }
 
 /// Sends a remote invocation through the rest of the chain with `Host: <app-id>` and a route
-/// re-selection. `Err` gives the request back unchanged when the router found no route (its 404
-/// carries the `NoRoute` marker, and the body was never read), so the caller can use the direct
-/// cluster path.
+/// re-selection. `Err` gives the request back (with its own `Host` again) when the router found
+/// no route ([`HandBackIfNoRoute`]), so the caller can use the direct cluster path.
 async fn route_invoke(
     next: Next<'_>,
-    req: Request<Body>,
+    mut req: Request<Body>,
     host: http::HeaderValue,
 ) -> Result<Response<Body>, Request<Body>> {
-    let (mut parts, body) = req.into_parts();
-    let (tx, mut rx) = tokio::sync::oneshot::channel();
-    // The routed copy takes the extensions (the router reads the connection manager's
-    // `RequestInfo` there); the kept copy for the direct path needs none, so they are moved,
-    // not cloned.
-    let extensions = std::mem::take(&mut parts.extensions);
-    let mut routed_parts = parts.clone();
-    routed_parts.extensions = extensions;
-    let mut routed = Request::from_parts(
-        routed_parts,
-        Body::new(Reclaim {
-            inner: Some(body),
-            tx: Some(tx),
-        }),
-    );
-    routed.headers_mut().insert(http::header::HOST, host);
-    routed.extensions_mut().insert(ClearRouteCache);
-    let resp = next.run(routed).await;
-    if resp.extensions().get::<mecha_filters::NoRoute>().is_some() {
-        if let Ok(body) = rx.try_recv() {
-            return Err(Request::from_parts(parts, body));
-        }
-    }
-    Ok(resp)
-}
-
-/// A request body that, when dropped before it was ever polled, hands the inner body back
-/// (so a request the router did not forward can be sent another way).
-struct Reclaim {
-    inner: Option<Body>,
-    tx: Option<tokio::sync::oneshot::Sender<Body>>,
-}
-
-impl http_body::Body for Reclaim {
-    type Data = Bytes;
-    type Error = mecha_filters::BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        self.tx = None;
-        match self.inner.as_mut() {
-            Some(b) => std::pin::Pin::new(b).poll_frame(cx),
-            None => std::task::Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner
-            .as_ref()
-            .map(|b| b.size_hint())
-            .unwrap_or_else(|| http_body::SizeHint::with_exact(0))
-    }
-}
-
-impl Drop for Reclaim {
-    fn drop(&mut self) {
-        if let (Some(tx), Some(b)) = (self.tx.take(), self.inner.take()) {
-            let _ = tx.send(b);
-        }
-    }
+    let own_host = req.headers_mut().insert(http::header::HOST, host);
+    req.extensions_mut().insert(ClearRouteCache);
+    req.extensions_mut().insert(HandBackIfNoRoute);
+    let resp = next.run(req).await;
+    let Some(mut back) = resp.extensions().get::<Unrouted>().and_then(Unrouted::take) else {
+        return Ok(resp);
+    };
+    match own_host {
+        Some(h) => back.headers_mut().insert(http::header::HOST, h),
+        None => back.headers_mut().remove(http::header::HOST),
+    };
+    Err(back)
 }
 
 enum Component {

@@ -14,7 +14,8 @@ use arc_swap::ArcSwap;
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use mecha_filters::{
-    full, local_reply, Body, BoxFuture, ClearRouteCache, HttpService, NoRoute, RequestInfo,
+    empty, full, local_reply, Body, BoxFuture, ClearRouteCache, HandBackIfNoRoute, HttpService,
+    NoRoute, RequestInfo, Unrouted,
 };
 use std::sync::Arc;
 use std::time::Instant;
@@ -61,6 +62,13 @@ impl Router {
         let route = match selected {
             Some(SelectedRoute(Some(r))) => r,
             _ => {
+                if req.extensions_mut().remove::<HandBackIfNoRoute>().is_some() {
+                    let mut resp = Response::new(empty());
+                    *resp.status_mut() = StatusCode::NOT_FOUND;
+                    resp.extensions_mut().insert(NoRoute);
+                    resp.extensions_mut().insert(Unrouted::new(req));
+                    return resp;
+                }
                 self.stats.no_route.inc();
                 let mut resp = local_reply(StatusCode::NOT_FOUND, "");
                 resp.extensions_mut().insert(NoRoute);
