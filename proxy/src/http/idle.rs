@@ -348,7 +348,11 @@ impl StreamTimeouts {
         B: HttpBody<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        if (self.idle.is_none() && self.request.is_none()) || req.body().is_end_stream() {
+        if req.body().is_end_stream() {
+            // Nothing will arrive (a GET): a zero-sized empty body needs no allocation.
+            return (req.map(|_| mecha_filters::empty()), None);
+        }
+        if self.idle.is_none() && self.request.is_none() {
             return (req.map(|b| b.map_err(Into::into).boxed_unsync()), None);
         }
         let progress = Progress::new();

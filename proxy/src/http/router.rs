@@ -75,9 +75,9 @@ impl Router {
                 return resp;
             }
         };
-        let info = req.extensions().get::<RequestInfo>().cloned();
-        let (remote, local) = info
-            .as_ref()
+        let (remote, local) = req
+            .extensions()
+            .get::<RequestInfo>()
             .map(|i| (i.downstream_remote, i.downstream_local))
             .unwrap_or((([0, 0, 0, 0], 0).into(), ([0, 0, 0, 0], 0).into()));
         let protocol = match req.version() {
@@ -166,7 +166,6 @@ impl Router {
                 }
             }
         }
-        let orig_authority = authority(&req).to_string();
         let new_host = match &action.host_rewrite {
             HostRewrite::None => None,
             HostRewrite::Literal(v) => Some(v.clone()),
@@ -175,17 +174,17 @@ impl Router {
                 .flatten(),
             HostRewrite::Header(h) => req.headers().get(h).cloned(),
         };
+        // An HTTP/2 request carries its authority in the URI only; the upstream gets it as Host.
+        let new_host = new_host.or_else(|| {
+            if req.headers().contains_key(http::header::HOST) {
+                return None;
+            }
+            let authority = req.uri().authority()?;
+            HeaderValue::from_str(authority.as_str()).ok()
+        });
         let headers = req.headers_mut();
-        match new_host {
-            Some(h) => {
-                headers.insert(http::header::HOST, h);
-            }
-            None if !headers.contains_key(http::header::HOST) && !orig_authority.is_empty() => {
-                if let Ok(v) = HeaderValue::from_str(&orig_authority) {
-                    headers.insert(http::header::HOST, v);
-                }
-            }
-            None => {}
+        if let Some(h) = new_host {
+            headers.insert(http::header::HOST, h);
         }
         if let Some(ops) = &weighted_ops {
             ops.apply_request(headers, &vars);
