@@ -61,8 +61,8 @@ pub enum H1Error {
 /// Whether a request can go through this codec: not an upgrade or CONNECT (those need hyper's
 /// upgrade machinery), and a body that is empty or of known length (chunked request bodies go to
 /// hyper, which encodes them).
-pub(crate) fn eligible(req: &http::Request<Body>) -> bool {
-    if req.method() == Method::CONNECT || req.headers().contains_key(http::header::UPGRADE) {
+pub(crate) fn eligible(req: &http::Request<Body>, headers: &HeaderMap) -> bool {
+    if req.method() == Method::CONNECT || headers.contains_key(http::header::UPGRADE) {
         return false;
     }
     let body = req.body();
@@ -98,12 +98,16 @@ impl Conn {
 /// Sends `req` on `conn` and reads the response head. The response body reads the rest of the
 /// response from the connection and hands the connection back to `pool` when it ends.
 ///
+/// `headers`, when given, are the request's headers (kept by the caller for a possible retry);
+/// `req`'s own are then ignored.
+///
 /// A failure comes with the request back when it can be sent again on another connection: a
 /// kept-alive connection the server had closed before anything of a response came back, and a
 /// request without a body (so nothing is lost by sending it twice; browsers do the same).
 pub(crate) async fn send(
     mut conn: Conn,
     req: http::Request<Body>,
+    headers: Option<&HeaderMap>,
     reused: bool,
     pool: &Arc<Inner>,
 ) -> Result<http::Response<H1Body>, (H1Error, Option<http::Request<Body>>)> {
@@ -114,7 +118,13 @@ pub(crate) async fn send(
     } else {
         body.size_hint().exact().unwrap_or(0)
     };
-    encode_head(&mut conn.head, &parts, len, no_body);
+    encode_head(
+        &mut conn.head,
+        &parts,
+        headers.unwrap_or(&parts.headers),
+        len,
+        no_body,
+    );
 
     let mut sent_body = false;
     let written = async {
@@ -171,7 +181,13 @@ fn failure(
     (error, again)
 }
 
-fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, len: u64, no_body: bool) {
+fn encode_head(
+    out: &mut Vec<u8>,
+    parts: &http::request::Parts,
+    headers: &HeaderMap,
+    len: u64,
+    no_body: bool,
+) {
     out.clear();
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -183,13 +199,13 @@ fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, len: u64, no_bod
         .unwrap_or("/");
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
+    for (name, value) in headers {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !parts.headers.contains_key(CONTENT_LENGTH) {
+    if !headers.contains_key(CONTENT_LENGTH) {
         // As hyper's client does: a known-length body gets its length; an empty body of a
         // method that normally carries one says so explicitly.
         let needs = !no_body
@@ -766,10 +782,10 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        encode_head(&mut out, &parts, 0, true);
+        encode_head(&mut out, &parts, &parts.headers, 0, true);
         assert_eq!(out, b"GET /a?b=1 HTTP/1.1\r\nhost: x\r\n\r\n");
         let (parts, _) = http::Request::post("/p").body(()).unwrap().into_parts();
-        encode_head(&mut out, &parts, 5, false);
+        encode_head(&mut out, &parts, &parts.headers, 5, false);
         assert_eq!(out, b"POST /p HTTP/1.1\r\ncontent-length: 5\r\n\r\n");
     }
 }

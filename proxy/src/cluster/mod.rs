@@ -294,7 +294,20 @@ impl Cluster {
     pub async fn send_at(
         &self,
         host: Arc<Host>,
+        req: http::Request<Body>,
+        high: bool,
+    ) -> Result<http::Response<Body>, UpstreamError> {
+        self.send_at_with(host, req, None, high).await
+    }
+
+    /// As [`Cluster::send_at`], with the request's headers kept by the caller (for a retry) and
+    /// only lent for this attempt; `req`'s own headers are ignored. For HTTP/1.1 clusters, and
+    /// the lent headers must already carry `Host`.
+    pub async fn send_at_with(
+        &self,
+        host: Arc<Host>,
         mut req: http::Request<Body>,
+        headers: Option<&http::HeaderMap>,
         high: bool,
     ) -> Result<http::Response<Body>, UpstreamError> {
         // max_requests circuit breaker: a CAS admission, held until the response body ends.
@@ -302,7 +315,11 @@ impl Cluster {
             self.resilience.stats.upstream_rq_pending_overflow.inc();
             return Err(UpstreamError::Overflow("max_requests".into()));
         };
-        set_upstream_uri(&mut req, host.addr, self.pool_settings.http2);
+        if headers.is_none() {
+            set_upstream_uri(&mut req, host.addr, self.pool_settings.http2);
+        } else {
+            origin_form(&mut req);
+        }
 
         let stats = &self.stats;
         stats.upstream_rq_total.inc();
@@ -314,7 +331,7 @@ impl Cluster {
         };
         let outlier = self.resilience.outlier();
         let start = Instant::now();
-        match host.pool.request(req).await {
+        match host.pool.request_with(req, headers).await {
             Ok(resp) => {
                 stats.upstream_rq_time.record_duration_ms(start.elapsed());
                 stats.record_status(resp.status().as_u16());
@@ -409,28 +426,34 @@ pub fn assignment_hosts(cla: &mecha_config::ClusterLoadAssignment) -> Vec<HostSp
     out
 }
 
+/// An HTTP/1.1 request goes out in origin-form: an absolute URI is cut to its path and query.
+fn origin_form(req: &mut http::Request<Body>) {
+    *req.version_mut() = http::Version::HTTP_11;
+    if req.uri().authority().is_some() {
+        let pq = req.uri().path_and_query().cloned();
+        let mut parts = http::uri::Parts::default();
+        parts.path_and_query =
+            Some(pq.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+}
+
 /// The request target for the upstream codec. HTTP/1.1 goes out in origin-form (the original
 /// `Host` header travels as a header), so the common case rewrites nothing; HTTP/2 needs the
 /// scheme and authority for its pseudo-headers, and must not also carry a `Host` header.
 fn set_upstream_uri(req: &mut http::Request<Body>, addr: SocketAddr, http2: bool) {
     if !http2 {
-        *req.version_mut() = http::Version::HTTP_11;
         // HTTP/1.1 requires a Host header (RFC 9112 §3.2); a request that came in as HTTP/2, or
         // a filter's own call to an absolute URI, carries the authority only in the URI.
         let needs_host = !req.headers().contains_key(http::header::HOST);
-        let mut host = None;
-        if let Some(auth) = req.uri().authority() {
-            if needs_host {
-                host = http::HeaderValue::from_str(auth.as_str()).ok();
-            }
-            let pq = req.uri().path_and_query().cloned();
-            let mut parts = http::uri::Parts::default();
-            parts.path_and_query =
-                Some(pq.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
-            if let Ok(uri) = http::Uri::from_parts(parts) {
-                *req.uri_mut() = uri;
-            }
-        }
+        let host = req
+            .uri()
+            .authority()
+            .filter(|_| needs_host)
+            .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok());
+        origin_form(req);
         if needs_host {
             if let Some(v) = host.or_else(|| http::HeaderValue::from_str(&addr.to_string()).ok()) {
                 req.headers_mut().insert(http::header::HOST, v);

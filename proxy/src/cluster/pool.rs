@@ -149,23 +149,39 @@ impl Pool {
         &self,
         req: http::Request<Body>,
     ) -> Result<http::Response<PooledBody>, PoolError> {
+        self.request_with(req, None).await
+    }
+
+    /// As [`Pool::request`], with the request's headers outside `req` (`req`'s own are then
+    /// ignored): a caller that may send the request again keeps them, and our HTTP/1.1 codec
+    /// encodes them from there, so no copy is made per attempt. hyper's paths (HTTP/2,
+    /// upgrades, chunked uploads) need them owned and get a copy.
+    pub async fn request_with(
+        &self,
+        mut req: http::Request<Body>,
+        headers: Option<&http::HeaderMap>,
+    ) -> Result<http::Response<PooledBody>, PoolError> {
         if self.inner.settings.http2 {
+            if let Some(h) = headers {
+                *req.headers_mut() = h.clone();
+            }
             self.request_h2(req).await
         } else {
-            self.request_h1(req).await
+            self.request_h1(req, headers).await
         }
     }
 
     async fn request_h1(
         &self,
         mut req: http::Request<Body>,
+        mut headers: Option<&http::HeaderMap>,
     ) -> Result<http::Response<PooledBody>, PoolError> {
-        let ours = h1::eligible(&req);
+        let ours = h1::eligible(&req, headers.unwrap_or(req.headers()));
         loop {
             let (conn, reused) = self.inner.checkout().await?;
             let mut tx = match conn {
                 IdleConn::Raw(conn) if ours => {
-                    match h1::send(conn, req, reused, &self.inner).await {
+                    match h1::send(conn, req, headers, reused, &self.inner).await {
                         Ok(resp) => return Ok(resp.map(|b| PooledBody(Kind::Own(b)))),
                         // A kept-alive connection the server had closed: send it again on
                         // another one.
@@ -179,6 +195,9 @@ impl Pool {
                 IdleConn::Raw(conn) => Box::pin(self.inner.handshake(conn)).await?,
                 IdleConn::Hyper(tx) => tx,
             };
+            if let Some(h) = headers.take() {
+                *req.headers_mut() = h.clone();
+            }
             match tx.try_send_request(req).await {
                 Ok(resp) => {
                     // An upgraded connection belongs to the tunnel now, never to the pool.

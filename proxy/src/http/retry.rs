@@ -687,16 +687,19 @@ pub async fn forward(
     }
 }
 
+/// One attempt. `headers`, when given, are the request's headers lent by the retry loop
+/// (`req`'s own are then ignored; see [`Cluster::send_at_with`]).
 async fn attempt(
     cluster: &Arc<Cluster>,
     host: Arc<Host>,
     req: Request<Body>,
+    headers: Option<&HeaderMap>,
     plan: &Plan<'_>,
 ) -> Result<Response<Body>, Failure> {
     let (per_try, high) = (plan.per_try, plan.policy.high_priority);
     let Some(idle) = plan.per_try_idle else {
         // No idle timer: the attempt's future and response body are passed through untouched.
-        let sent = cluster.send_at(host.clone(), req, high);
+        let sent = cluster.send_at_with(host.clone(), req, headers, high);
         let r = match per_try {
             Some(t) => match tokio::time::timeout(t, sent).await {
                 Ok(r) => r,
@@ -708,7 +711,10 @@ async fn attempt(
     };
     // Boxed: this state machine is several times the size of the plain path's, and every
     // request's router future would otherwise carry (and move) it.
-    Box::pin(attempt_with_idle(cluster, host, req, per_try, high, idle)).await
+    Box::pin(attempt_with_idle(
+        cluster, host, req, headers, per_try, high, idle,
+    ))
+    .await
 }
 
 /// [`attempt`] under `per_try_idle_timeout`.
@@ -716,6 +722,7 @@ async fn attempt_with_idle(
     cluster: &Arc<Cluster>,
     host: Arc<Host>,
     req: Request<Body>,
+    headers: Option<&HeaderMap>,
     per_try: Option<Duration>,
     high: bool,
     idle: Duration,
@@ -727,7 +734,7 @@ async fn attempt_with_idle(
         let p = idle::Progress::new();
         (req.map(|b| idle::watch(b, &p)), Some(p))
     };
-    let sent = cluster.send_at(host.clone(), req, high);
+    let sent = cluster.send_at_with(host.clone(), req, headers, high);
     let sent = idle::await_headers(sent, idle, progress.as_deref());
     let r = match per_try {
         Some(t) => match tokio::time::timeout(t, sent).await {
@@ -796,11 +803,18 @@ async fn run(
                 req.headers_mut()
                     .insert(ATTEMPT_COUNT.clone(), super::headers::number_header(1));
             }
-            return attempt(cluster, first, req, plan).await.map(|r| (r, 1));
+            return attempt(cluster, first, req, None, plan)
+                .await
+                .map(|r| (r, 1));
         }
     };
     let stats = &cluster.resilience.stats;
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // Every attempt needs the request's headers and a retry needs them again. On HTTP/1.1 they
+    // stay here and are lent to each attempt (our codec encodes them from the loan); a copy per
+    // attempt was most of what a configured-but-unused retry policy cost. HTTP/2 clusters (and
+    // a request without Host, which the cluster would have to add) get a copy per attempt.
+    let lend = !cluster.pool_settings.http2 && parts.headers.contains_key(http::header::HOST);
     let (mut next_body, tee) = if body.is_end_stream() {
         (Some(empty()), None)
     } else {
@@ -833,19 +847,22 @@ async fn run(
                 None => empty(),
             },
         };
-        let mut req = Request::new(body);
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = parts.uri.clone();
-        *req.version_mut() = parts.version;
-        *req.headers_mut() = parts.headers.clone();
         if plan.policy.request_attempt_count {
-            req.headers_mut().insert(
+            parts.headers.insert(
                 ATTEMPT_COUNT.clone(),
                 super::headers::number_header(retries as u64 + 1),
             );
         }
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        if !lend {
+            *req.headers_mut() = parts.headers.clone();
+        }
         *current = Some(host.clone());
-        let out = attempt(cluster, host.clone(), req, plan).await;
+        let lent = lend.then_some(&parts.headers);
+        let out = attempt(cluster, host.clone(), req, lent, plan).await;
         let retriable = match &out {
             Ok(resp) => retry.retriable_response(resp, &plan.extra_statuses),
             Err(f) => f.retriable(retry.on),
