@@ -6,7 +6,7 @@
 //! [`HttpService`] — the router.
 
 use crate::{Body, BoxFuture};
-use http::{Request, Response};
+use http::{HeaderMap, Request, Response};
 use std::any::Any;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,6 +20,18 @@ pub trait HttpFilter: Send + Sync + 'static {
 /// The end of a chain (the router), or any service a filter wants to wrap.
 pub trait HttpService: Send + Sync + 'static {
     fn call<'a>(&'a self, req: Request<Body>) -> BoxFuture<'a, Response<Body>>;
+
+    /// Whether a request for `host` and `path_and_query` with `headers` would find a route now
+    /// (the router answers from its current table, so the answer follows RDS updates); `None`:
+    /// this service cannot tell.
+    fn would_route(
+        &self,
+        _host: &str,
+        _path_and_query: &str,
+        _headers: &HeaderMap,
+    ) -> Option<bool> {
+        None
+    }
 }
 
 /// The rest of the chain after the current filter.
@@ -29,6 +41,18 @@ pub struct Next<'a> {
 }
 
 impl<'a> Next<'a> {
+    /// Asks the end of the chain whether it would route such a request (see
+    /// [`HttpService::would_route`]). A filter that re-routes a request (with [`ClearRouteCache`])
+    /// and has another way to send it can skip the re-routing pass when the answer is no.
+    pub fn would_route(
+        &self,
+        host: &str,
+        path_and_query: &str,
+        headers: &HeaderMap,
+    ) -> Option<bool> {
+        self.terminal.would_route(host, path_and_query, headers)
+    }
+
     pub fn run(self, req: Request<Body>) -> BoxFuture<'a, Response<Body>> {
         match self.filters.split_first() {
             Some((first, rest)) => first.call(

@@ -289,10 +289,13 @@ async fn http2_request_reaches_an_http1_upstream_with_a_host_header() {
             .trim()
             .to_string();
         let body = format!("host={host}");
-        let mut bytes = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len())
-            .into_bytes();
+        let mut bytes =
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
         bytes.extend_from_slice(body.as_bytes());
-        Reply { bytes, close: false }
+        Reply {
+            bytes,
+            close: false,
+        }
     })
     .await;
     let (_m, port) = start_mecha(&up).await;

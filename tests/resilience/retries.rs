@@ -238,7 +238,10 @@ async fn request_body_is_replayed_and_over_limit_is_not_retried() {
         admin,
         port,
         "",
-        &routes("              include_request_attempt_count: true\n", &route),
+        &routes(
+            "              include_request_attempt_count: true\n",
+            &route,
+        ),
         &static_cluster("a", &[up.addr], "ROUND_ROBIN", ""),
     );
     let _m = Mecha::start(&cfg, admin).await;
@@ -256,19 +259,33 @@ async fn request_body_is_replayed_and_over_limit_is_not_retried() {
     // A chunked upload (no length: it takes hyper's upstream path rather than our codec) is
     // replayed with the same headers on every attempt.
     ctl.script("a", vec![Act::Status(503), Act::Status(503), Act::Ok]);
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
     let chunked = "POST /chunked HTTP/1.1\r\nhost: x\r\nx-keep: 1\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
-    tokio::io::AsyncWriteExt::write_all(&mut s, chunked.as_bytes()).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, chunked.as_bytes())
+        .await
+        .unwrap();
     let mut raw = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut s, &mut raw).await.unwrap();
+    tokio::io::AsyncReadExt::read_to_end(&mut s, &mut raw)
+        .await
+        .unwrap();
     let raw = String::from_utf8_lossy(&raw);
     assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
     assert!(raw.contains("a body_len=11"), "{raw}");
     let log = ctl.take_log();
     let lens: Vec<usize> = log.iter().map(|s| s.body_len).collect();
-    assert_eq!(lens, vec![11, 11, 11], "every chunked attempt got the whole body");
+    assert_eq!(
+        lens,
+        vec![11, 11, 11],
+        "every chunked attempt got the whole body"
+    );
     let attempts: Vec<Option<u32>> = log.iter().map(|s| s.attempt).collect();
-    assert_eq!(attempts, vec![Some(1), Some(2), Some(3)], "and the request's headers");
+    assert_eq!(
+        attempts,
+        vec![Some(1), Some(2), Some(3)],
+        "and the request's headers"
+    );
 
     ctl.script("a", vec![Act::Status(503), Act::Ok]);
     let r = request(port, "POST", "/small", &[], vec![7u8; 1000]).await;

@@ -15,11 +15,11 @@
 use super::pool::UpstreamStream;
 use crate::cluster::pool::Inner;
 use bytes::{Bytes, BytesMut};
-use smallvec::SmallVec;
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use mecha_filters::{Body, BoxError};
+use smallvec::SmallVec;
 use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;

@@ -40,6 +40,20 @@ impl HttpService for Router {
     fn call<'a>(&'a self, req: Request<Body>) -> BoxFuture<'a, Response<Body>> {
         Box::pin(self.route(req))
     }
+
+    fn would_route(
+        &self,
+        host: &str,
+        path_and_query: &str,
+        headers: &http::HeaderMap,
+    ) -> Option<bool> {
+        Some(
+            self.routes
+                .load()
+                .route(host, path_and_query, headers)
+                .is_some(),
+        )
+    }
 }
 
 impl Router {
