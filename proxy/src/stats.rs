@@ -155,6 +155,7 @@ stat_struct!(ResilienceStats {
         upstream_rq_per_try_timeout,
         upstream_rq_per_try_idle_timeout,
         upstream_cx_overflow,
+        upstream_cx_pool_overflow,
         upstream_rq_pending_overflow
     ],
     gauges: [],

@@ -428,3 +428,57 @@ async fn route_priority_high_uses_the_high_thresholds() {
     assert_eq!(r.status, 200);
     assert_eq!(m.stat("cluster.a.upstream_rq_retry").await, Some(1));
 }
+
+#[tokio::test]
+async fn max_connection_pools_limits_the_hosts_with_connections() {
+    // Two hosts, one pool allowed: the first host's pool keeps its kept-alive connection (and
+    // so the unit); requests the balancer sends to the other host overflow.
+    let (a, b) = (Upstream::echo("a").await, Upstream::echo("b").await);
+    let (admin, port) = (free_port(), free_port());
+    let cb = "    circuit_breakers:\n      thresholds:\n      - { max_connection_pools: 1, track_remaining: true }\n";
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &routes(
+            "",
+            "              - match: { prefix: \"/\" }\n                route: { cluster: p }\n",
+        ),
+        &static_cluster("p", &[a.addr, b.addr], "ROUND_ROBIN", cb),
+    );
+    let m = Mecha::start(&cfg, admin).await;
+    assert_eq!(
+        m.stat("cluster.p.circuit_breakers.default.remaining_cx_pools")
+            .await,
+        Some(1)
+    );
+    let mut overloaded = 0;
+    for _ in 0..6 {
+        let r = request(port, "GET", "/", &[], vec![]).await;
+        match r.status {
+            200 => {}
+            503 => {
+                assert_eq!(r.header("x-envoy-overloaded"), Some("true"));
+                assert!(r.text().contains("overflow"), "{}", r.text());
+                overloaded += 1;
+            }
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert_eq!(overloaded, 3, "every request to the second host");
+    let mut hits = [a.hits(), b.hits()];
+    hits.sort();
+    assert_eq!(hits, [0, 3], "all answered by the host whose pool exists");
+    assert_eq!(m.stat("cluster.p.upstream_cx_pool_overflow").await, Some(3));
+    assert_eq!(
+        m.stat("cluster.p.circuit_breakers.default.cx_pool_open")
+            .await,
+        Some(1)
+    );
+    assert_eq!(
+        m.stat("cluster.p.circuit_breakers.default.remaining_cx_pools")
+            .await,
+        Some(0)
+    );
+    assert_eq!(m.stat("cluster.p.upstream_cx_total").await, Some(1));
+}

@@ -177,6 +177,8 @@ impl Cluster {
                 pending: breakers.pending.clone(),
                 cx_overflow: resilience.stats.upstream_cx_overflow.clone(),
                 pending_overflow: resilience.stats.upstream_rq_pending_overflow.clone(),
+                pools: breakers.pools.clone(),
+                pool_overflow: resilience.stats.upstream_cx_pool_overflow.clone(),
                 freed: tokio::sync::Notify::new(),
             });
             Self {
@@ -341,10 +343,10 @@ impl Cluster {
                 }
                 Ok(resp.map(|b| guarded_body(b, guard)))
             }
-            Err(pool::PoolError::Overflow(_)) => {
-                // The connection breaker refused: not the host's fault, so no outlier report.
+            Err(pool::PoolError::Overflow(what)) => {
+                // A connection breaker refused: not the host's fault, so no outlier report.
                 stats.upstream_rq_completed.inc();
-                Err(UpstreamError::Overflow("max_pending_requests".into()))
+                Err(UpstreamError::Overflow(what.into()))
             }
             Err(e) => {
                 host.rq_error

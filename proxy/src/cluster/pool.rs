@@ -45,14 +45,46 @@ pub struct PoolSettings {
 }
 
 /// The cluster-wide connection limits every host's pool enforces (`max_connections`,
-/// `max_pending_requests`).
+/// `max_pending_requests`, `max_connection_pools`).
 pub struct ConnLimits {
     pub connections: Arc<Resource>,
     pub pending: Arc<Resource>,
     pub cx_overflow: Counter,
     pub pending_overflow: Counter,
+    /// `max_connection_pools`: a host's pool counts while it has a connection open or opening.
+    pub pools: Arc<Resource>,
+    pub pool_overflow: Counter,
     /// Woken whenever a connection closes, so a pending request can try again.
     pub freed: Notify,
+}
+
+/// This pool's unit of `max_connection_pools`, held from its first connection opening to its
+/// last one closing (as Envoy counts a pool from creation until it is drained and removed).
+/// Touched only when a connection opens or closes, never per request.
+#[derive(Default)]
+struct PoolHold(Mutex<(u64, Option<Slot>)>);
+
+impl PoolHold {
+    /// Counts one more connection; false when the pool has none yet and no pool unit is left.
+    fn enter(&self, pools: &Arc<Resource>) -> bool {
+        let mut g = self.0.lock();
+        if g.1.is_none() {
+            match pools.try_acquire() {
+                Some(unit) => g.1 = Some(unit),
+                None => return false,
+            }
+        }
+        g.0 += 1;
+        true
+    }
+
+    fn leave(&self) {
+        let mut g = self.0.lock();
+        g.0 = g.0.saturating_sub(1);
+        if g.0 == 0 {
+            g.1 = None;
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +124,7 @@ pub(crate) struct Inner {
     cluster: Arc<ClusterStats>,
     host: Arc<ConnStats>,
     limits: Arc<ConnLimits>,
+    hold: Arc<PoolHold>,
     h1: http1::Builder,
     /// Idle HTTP/1.1 connections, most recently used last (reusing the warmest one first).
     idle: Mutex<Vec<Idle>>,
@@ -131,6 +164,7 @@ pub fn new_pool(
             cluster,
             host,
             limits,
+            hold: Arc::default(),
             h1: http1::Builder::new(),
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
@@ -423,8 +457,15 @@ impl Inner {
         }
     }
 
-    /// Opens one TCP connection to the host, holding the `max_connections` unit it was given.
-    async fn connect(&self, slot: Slot) -> Result<UpstreamStream, ConnectError> {
+    /// Opens one TCP connection to the host, holding the `max_connections` unit it was given
+    /// (and, for the pool's first connection, a `max_connection_pools` unit).
+    async fn connect(&self, slot: Slot) -> Result<UpstreamStream, PoolError> {
+        if !self.hold.enter(&self.limits.pools) {
+            self.limits.pool_overflow.inc();
+            drop(slot);
+            self.limits.freed.notify_waiters();
+            return Err(PoolError::Overflow("max_connection_pools"));
+        }
         self.cluster.upstream_cx_total.inc();
         self.host.cx_total.fetch_add(1, Ordering::Relaxed);
         let res = match tokio::time::timeout(
@@ -451,14 +492,16 @@ impl Inner {
                     host: self.host.clone(),
                     limits: self.limits.clone(),
                     slot: Some(slot),
+                    hold: Some(self.hold.clone()),
                 })
             }
             Err(e) => {
                 self.cluster.upstream_cx_connect_fail.inc();
                 self.host.cx_connect_fail.fetch_add(1, Ordering::Relaxed);
+                self.hold.leave();
                 drop(slot);
                 self.limits.freed.notify_waiters();
-                Err(e)
+                Err(e.into())
             }
         }
     }
@@ -553,6 +596,8 @@ pub struct UpstreamStream {
     limits: Arc<ConnLimits>,
     /// The `max_connections` unit this connection holds.
     slot: Option<Slot>,
+    /// Its pool's share of `max_connection_pools`.
+    hold: Option<Arc<PoolHold>>,
 }
 
 impl Drop for UpstreamStream {
@@ -560,6 +605,9 @@ impl Drop for UpstreamStream {
         self.cluster.upstream_cx_active.dec();
         self.cluster.upstream_cx_destroy.inc();
         self.host.cx_active.fetch_sub(1, Ordering::Relaxed);
+        if let Some(h) = self.hold.take() {
+            h.leave();
+        }
         // Release the unit before waking waiters; they arm `notified()` before checking the
         // counter, so this wake-up cannot be lost.
         self.slot.take();
