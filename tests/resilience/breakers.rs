@@ -482,3 +482,65 @@ async fn max_connection_pools_limits_the_hosts_with_connections() {
     );
     assert_eq!(m.stat("cluster.p.upstream_cx_total").await, Some(1));
 }
+
+#[tokio::test]
+async fn each_priority_has_its_own_connection_pools_and_limits() {
+    // DEFAULT and HIGH allow one connection and one pending request each. With one pool per
+    // priority (as Envoy), a DEFAULT and a HIGH request are in flight at once, and each
+    // priority queues and overflows on its own thresholds.
+    let ctl = Ctl::new();
+    let up = scripted("a", &ctl).await;
+    ctl.set_default("a", Act::Gate);
+    let (admin, port) = (free_port(), free_port());
+    let cb = "    circuit_breakers:\n      thresholds:\n      - { priority: DEFAULT, max_connections: 1, max_pending_requests: 1 }\n      - { priority: HIGH, max_connections: 1, max_pending_requests: 1 }\n";
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &routes(
+            "",
+            "              - match: { prefix: \"/hi\" }\n                route: { cluster: a, priority: HIGH }\n              - match: { prefix: \"/\" }\n                route: { cluster: a }\n",
+        ),
+        &static_cluster("a", &[up.addr], "ROUND_ROBIN", cb)
+            .replace("connect_timeout: 1s", "connect_timeout: 5s"),
+    );
+    let m = Mecha::start(&cfg, admin).await;
+    let send = |path: &'static str| {
+        tokio::spawn(async move { request(port, "GET", path, &[], vec![]).await })
+    };
+    let mut tasks = vec![send("/"), send("/hi")];
+    assert!(eventually(10, || async { ctl.in_flight.load(Ordering::SeqCst) == 2 }).await);
+    assert_eq!(
+        m.stat("cluster.a.circuit_breakers.default.cx_open").await,
+        Some(1)
+    );
+    assert_eq!(
+        m.stat("cluster.a.circuit_breakers.high.cx_open").await,
+        Some(1)
+    );
+    // One more of each waits for its priority's connection; a third of each overflows.
+    tasks.push(send("/"));
+    tasks.push(send("/hi"));
+    assert!(
+        eventually(10, || async {
+            m.stat("cluster.a.upstream_cx_overflow").await == Some(2)
+        })
+        .await
+    );
+    tasks.push(send("/"));
+    tasks.push(send("/hi"));
+    assert!(
+        eventually(10, || async {
+            m.stat("cluster.a.upstream_rq_pending_overflow").await == Some(2)
+        })
+        .await
+    );
+    ctl.open_gate();
+    let mut statuses = vec![];
+    for t in tasks {
+        statuses.push(t.await.unwrap().status);
+    }
+    assert_eq!(statuses, vec![200, 200, 200, 200, 503, 503]);
+    assert_eq!(m.stat("cluster.a.upstream_cx_total").await, Some(2));
+    assert_eq!(up.hits(), 4);
+}

@@ -151,9 +151,9 @@ impl Breaker {
 }
 
 /// DEFAULT and HIGH priority breakers of one cluster. A route's `priority` picks the breaker
-/// for its requests and retries (`max_requests`, `max_retries`, `retry_budget`); connections and
-/// pending requests are limited by DEFAULT's thresholds, since both priorities share the
-/// cluster's connection pools here (Envoy keeps one pool per priority).
+/// for its requests and retries (`max_requests`, `max_retries`, `retry_budget`) and, as each
+/// host keeps one connection pool per priority (as Envoy does), for its connections, pending
+/// requests and pools (`max_connections`, `max_pending_requests`, `max_connection_pools`).
 pub struct CircuitBreakers {
     pub default: Breaker,
     pub high: Breaker,

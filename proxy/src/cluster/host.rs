@@ -25,7 +25,10 @@ pub struct Host {
     pub rq_error: AtomicU64,
     pub cx: Arc<ConnStats>,
     pub health_flags: AtomicU32,
-    pub pool: Pool,
+    /// Connection pools by routing priority (DEFAULT, HIGH), as Envoy keeps them: each is
+    /// limited by its priority's `max_connections`, `max_pending_requests` and
+    /// `max_connection_pools`. A pool opens no connection until a request of its priority comes.
+    pub pools: [Pool; 2],
     /// Outlier-detection counters and ejection state (issue 4, `outlier.rs`).
     pub outlier: super::outlier::HostState,
 }

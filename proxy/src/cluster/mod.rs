@@ -105,8 +105,9 @@ pub struct Cluster {
     pub original_dst: Option<original_dst::OriginalDstHosts>,
     /// Circuit breakers, retry stats, outlier detection, health checks (issue 4).
     pub resilience: resilience::Resilience,
-    /// The connection breakers every host's connector enforces.
-    conn_limits: Arc<pool::ConnLimits>,
+    /// The connection breakers of each priority (DEFAULT, HIGH), enforced by the hosts' pools
+    /// of that priority.
+    conn_limits: [Arc<pool::ConnLimits>; 2],
     /// Background resolution (DNS clusters); aborted when the cluster is dropped.
     refresher: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -150,13 +151,14 @@ impl Cluster {
     /// tcp_proxy neither queues nor retries: it counts `upstream_cx_overflow` and closes the
     /// downstream connection, so `None` here means exactly that to the caller.
     pub fn try_tcp_connection(&self) -> Option<ConnectionSlot> {
-        let Some(slot) = self.conn_limits.connections.try_acquire() else {
-            self.conn_limits.cx_overflow.inc();
+        let limits = &self.conn_limits[0];
+        let Some(slot) = limits.connections.try_acquire() else {
+            limits.cx_overflow.inc();
             return None;
         };
         Some(ConnectionSlot {
             slot: Some(slot),
-            limits: self.conn_limits.clone(),
+            limits: limits.clone(),
         })
     }
 
@@ -171,16 +173,23 @@ impl Cluster {
         };
         let cluster = Arc::new_cyclic(|owner| {
             let resilience = resilience::Resilience::new(&cfg, store, owner.clone());
-            let breakers = &resilience.breakers.default;
-            let conn_limits = Arc::new(pool::ConnLimits {
-                connections: breakers.connections.clone(),
-                pending: breakers.pending.clone(),
-                cx_overflow: resilience.stats.upstream_cx_overflow.clone(),
-                pending_overflow: resilience.stats.upstream_rq_pending_overflow.clone(),
-                pools: breakers.pools.clone(),
-                pool_overflow: resilience.stats.upstream_cx_pool_overflow.clone(),
-                freed: tokio::sync::Notify::new(),
-            });
+            // As Envoy, each priority has its own connection pools, limited by its own
+            // thresholds; the overflow counters are the cluster's.
+            let limits = |breakers: &circuit_breaker::Breaker| {
+                Arc::new(pool::ConnLimits {
+                    connections: breakers.connections.clone(),
+                    pending: breakers.pending.clone(),
+                    cx_overflow: resilience.stats.upstream_cx_overflow.clone(),
+                    pending_overflow: resilience.stats.upstream_rq_pending_overflow.clone(),
+                    pools: breakers.pools.clone(),
+                    pool_overflow: resilience.stats.upstream_cx_pool_overflow.clone(),
+                    freed: tokio::sync::Notify::new(),
+                })
+            };
+            let conn_limits = [
+                limits(&resilience.breakers.default),
+                limits(&resilience.breakers.high),
+            ];
             Self {
                 name: cfg.name.clone(),
                 stats,
@@ -264,13 +273,15 @@ impl Cluster {
             rq_active: AtomicU64::new(0),
             rq_total: AtomicU64::new(0),
             rq_error: AtomicU64::new(0),
-            pool: pool::new_pool(
-                s.addr,
-                &self.pool_settings,
-                self.stats.clone(),
-                cx.clone(),
-                self.conn_limits.clone(),
-            ),
+            pools: self.conn_limits.clone().map(|limits| {
+                pool::new_pool(
+                    s.addr,
+                    &self.pool_settings,
+                    self.stats.clone(),
+                    cx.clone(),
+                    limits,
+                )
+            }),
             cx,
             health_flags: initial_flags.into(),
             outlier: Default::default(),
@@ -333,7 +344,7 @@ impl Cluster {
         };
         let outlier = self.resilience.outlier();
         let start = Instant::now();
-        match host.pool.request_with(req, headers).await {
+        match host.pools[high as usize].request_with(req, headers).await {
             Ok(resp) => {
                 stats.upstream_rq_time.record_duration_ms(start.elapsed());
                 stats.record_status(resp.status().as_u16());
