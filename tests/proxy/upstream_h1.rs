@@ -92,8 +92,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 async fn start_mecha(up: &RawUpstream) -> (Mecha, u16) {
     let (admin, port) = (free_port(), free_port());
-    let routes =
-        "              - match: { prefix: \"/\" }\n                route: { cluster: raw }\n";
+    let routes = "              - match: { prefix: \"/rw/\" }\n                route: { cluster: raw, prefix_rewrite: \"/\" }\n              - match: { prefix: \"/\" }\n                route: { cluster: raw }\n";
     let m = Mecha::start(
         &http_bootstrap(
             admin,
@@ -304,6 +303,13 @@ async fn http2_request_reaches_an_http1_upstream_with_a_host_header() {
         .unwrap();
     let r = send(&h2_client(), req).await.unwrap();
     assert_eq!(r.version, http::Version::HTTP_2);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), format!("host=127.0.0.1:{port}"));
+    // A path rewrite replaces the URI; the authority must still become the Host header.
+    let req = http::Request::get(format!("http://127.0.0.1:{port}/rw/h"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = send(&h2_client(), req).await.unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), format!("host=127.0.0.1:{port}"));
 }

@@ -314,8 +314,8 @@ impl Cluster {
     }
 
     /// As [`Cluster::send_at`], with the request's headers kept by the caller (for a retry) and
-    /// only lent for this attempt; `req`'s own headers are ignored. For HTTP/1.1 clusters, and
-    /// the lent headers must already carry `Host`.
+    /// only lent for this attempt; `req`'s own headers are ignored. The lent headers must
+    /// already carry `Host` (an HTTP/2 cluster takes a copy instead).
     pub async fn send_at_with(
         &self,
         host: Arc<Host>,
@@ -327,6 +327,14 @@ impl Cluster {
         let Some(rq_slot) = self.resilience.breakers.at(high).requests.try_acquire() else {
             self.resilience.stats.upstream_rq_pending_overflow.inc();
             return Err(UpstreamError::Overflow("max_requests".into()));
+        };
+        let headers = match headers {
+            // HTTP/2 needs the authority in the URI and no Host header: give it its own copy.
+            Some(h) if self.pool_settings.http2 => {
+                *req.headers_mut() = h.clone();
+                None
+            }
+            h => h,
         };
         if headers.is_none() {
             set_upstream_uri(&mut req, host.addr, self.pool_settings.http2);

@@ -167,6 +167,15 @@ impl Router {
         };
         vars.upstream = Some(host.addr);
 
+        // An HTTP/2 request carries its authority in the URI only (a path rewrite below drops
+        // it): the upstream gets it as Host unless a host rewrite says otherwise.
+        let uri_host = if req.headers().contains_key(http::header::HOST) {
+            None
+        } else {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        };
         // Path and host rewrites.
         if action.prefix_rewrite.is_some() || action.regex_rewrite.is_some() {
             let pq = req
@@ -188,14 +197,7 @@ impl Router {
                 .flatten(),
             HostRewrite::Header(h) => req.headers().get(h).cloned(),
         };
-        // An HTTP/2 request carries its authority in the URI only; the upstream gets it as Host.
-        let new_host = new_host.or_else(|| {
-            if req.headers().contains_key(http::header::HOST) {
-                return None;
-            }
-            let authority = req.uri().authority()?;
-            HeaderValue::from_str(authority.as_str()).ok()
-        });
+        let new_host = new_host.or(uri_host);
         let headers = req.headers_mut();
         if let Some(h) = new_host {
             headers.insert(http::header::HOST, h);
