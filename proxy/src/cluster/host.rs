@@ -25,10 +25,12 @@ pub struct Host {
     pub rq_error: AtomicU64,
     pub cx: Arc<ConnStats>,
     pub health_flags: AtomicU32,
-    /// Connection pools by routing priority (DEFAULT, HIGH), as Envoy keeps them: each is
-    /// limited by its priority's `max_connections`, `max_pending_requests` and
-    /// `max_connection_pools`. A pool opens no connection until a request of its priority comes.
-    pub pools: [Pool; 2],
+    /// The connection pool of DEFAULT-priority requests. As Envoy, each routing priority has its
+    /// own pools, limited by that priority's `max_connections`, `max_pending_requests` and
+    /// `max_connection_pools`.
+    pub pool: Pool,
+    /// The HIGH-priority pool, made by the first HIGH request (most hosts never see one).
+    pub high_pool: std::sync::OnceLock<Pool>,
     /// Outlier-detection counters and ejection state (issue 4, `outlier.rs`).
     pub outlier: super::outlier::HostState,
 }

@@ -273,19 +273,23 @@ impl Cluster {
             rq_active: AtomicU64::new(0),
             rq_total: AtomicU64::new(0),
             rq_error: AtomicU64::new(0),
-            pools: self.conn_limits.clone().map(|limits| {
-                pool::new_pool(
-                    s.addr,
-                    &self.pool_settings,
-                    self.stats.clone(),
-                    cx.clone(),
-                    limits,
-                )
-            }),
+            pool: self.new_pool(s.addr, &cx, false),
+            high_pool: std::sync::OnceLock::new(),
             cx,
             health_flags: initial_flags.into(),
             outlier: Default::default(),
         })
+    }
+
+    /// A host's connection pool for one routing priority (`high`), under that priority's limits.
+    fn new_pool(&self, addr: SocketAddr, cx: &Arc<ConnStats>, high: bool) -> pool::Pool {
+        pool::new_pool(
+            addr,
+            &self.pool_settings,
+            self.stats.clone(),
+            cx.clone(),
+            self.conn_limits[high as usize].clone(),
+        )
     }
 
     pub fn pick(&self, hash: Option<u64>) -> Option<Arc<Host>> {
@@ -352,7 +356,13 @@ impl Cluster {
         };
         let outlier = self.resilience.outlier();
         let start = Instant::now();
-        match host.pools[high as usize].request_with(req, headers).await {
+        let pool = match high {
+            false => &host.pool,
+            true => host
+                .high_pool
+                .get_or_init(|| self.new_pool(host.addr, &host.cx, true)),
+        };
+        match pool.request_with(req, headers).await {
             Ok(resp) => {
                 stats.upstream_rq_time.record_duration_ms(start.elapsed());
                 stats.record_status(resp.status().as_u16());
