@@ -2,24 +2,25 @@
 
 use crate::*;
 
+/// mecha with one listener whose routes are `route_lines` (under a `*` virtual host) in front of
+/// `cluster` (a cluster's YAML).
+async fn start(route_lines: &str, cluster: &str) -> (Mecha, u16) {
+    let (admin, port) = (free_port(), free_port());
+    let cfg = http_bootstrap(admin, port, "", &routes("", route_lines), cluster);
+    (Mecha::start(&cfg, admin).await, port)
+}
+
 #[tokio::test]
 async fn max_requests_overflows_at_exactly_the_threshold() {
     let ctl = Ctl::new();
     let up = scripted("a", &ctl).await;
     ctl.set_default("a", Act::Gate);
-    let (admin, port) = (free_port(), free_port());
     let cb = "    circuit_breakers:\n      thresholds:\n      - { priority: DEFAULT, max_requests: 5, track_remaining: true }\n";
-    let cfg = http_bootstrap(
-        admin,
-        port,
-        "",
-        &routes(
-            "",
-            "              - match: { prefix: \"/\" }\n                route: { cluster: a }\n",
-        ),
+    let (m, port) = start(
+        "              - match: { prefix: \"/\" }\n                route: { cluster: a }\n",
         &static_cluster("a", &[up.addr], "ROUND_ROBIN", cb),
-    );
-    let m = Mecha::start(&cfg, admin).await;
+    )
+    .await;
     assert_eq!(
         m.stat("cluster.a.circuit_breakers.default.remaining_rq")
             .await,
@@ -73,17 +74,9 @@ async fn max_requests_overflows_at_exactly_the_threshold() {
 async fn max_retries_overflow_returns_the_upstream_response() {
     let ctl = Ctl::new();
     let up = scripted("a", &ctl).await;
-    let (admin, port) = (free_port(), free_port());
     let cb = "    circuit_breakers:\n      thresholds:\n      - { max_retries: 1 }\n";
     let route = "              - match: { prefix: \"/\" }\n                route:\n                  cluster: a\n                  retry_policy: { retry_on: \"5xx\", num_retries: 1, retry_back_off: { base_interval: 0.001s } }\n";
-    let cfg = http_bootstrap(
-        admin,
-        port,
-        "",
-        &routes("", route),
-        &static_cluster("a", &[up.addr], "ROUND_ROBIN", cb),
-    );
-    let m = Mecha::start(&cfg, admin).await;
+    let (m, port) = start(route, &static_cluster("a", &[up.addr], "ROUND_ROBIN", cb)).await;
     // The first attempts fail; the one admitted retry waits at the gate while holding the slot.
     ctl.script("a", vec![Act::Status(503), Act::Gate]);
     let first = tokio::spawn(async move { request(port, "GET", "/", &[], vec![]).await });
@@ -126,19 +119,12 @@ async fn consecutive_5xx_ejects_and_the_host_returns() {
     let ctl = Ctl::new();
     let (bad, good) = (scripted("bad", &ctl).await, scripted("good", &ctl).await);
     ctl.set_default("bad", Act::Status(503));
-    let (admin, port) = (free_port(), free_port());
     let od = "    outlier_detection:\n      consecutive_5xx: 3\n      interval: 0.1s\n      base_ejection_time: 0.6s\n      max_ejection_percent: 50\n";
-    let cfg = http_bootstrap(
-        admin,
-        port,
-        "",
-        &routes(
-            "",
-            "              - match: { prefix: \"/\" }\n                route: { cluster: c }\n",
-        ),
+    let (m, port) = start(
+        "              - match: { prefix: \"/\" }\n                route: { cluster: c }\n",
         &static_cluster("c", &[bad.addr, good.addr], "ROUND_ROBIN", od),
-    );
-    let m = Mecha::start(&cfg, admin).await;
+    )
+    .await;
     for _ in 0..6 {
         request(port, "GET", "/", &[], vec![]).await;
     }
@@ -193,20 +179,13 @@ async fn max_connections_queue_pending_requests_and_overflow_past_max_pending() 
     let ctl = Ctl::new();
     let up = scripted("a", &ctl).await;
     ctl.set_default("a", Act::Gate);
-    let (admin, port) = (free_port(), free_port());
     let cb = "    circuit_breakers:\n      thresholds:\n      - { priority: DEFAULT, max_connections: 2, max_pending_requests: 3 }\n";
-    let cfg = http_bootstrap(
-        admin,
-        port,
-        "",
-        &routes(
-            "",
-            "              - match: { prefix: \"/\" }\n                route: { cluster: a }\n",
-        ),
+    let (m, port) = start(
+        "              - match: { prefix: \"/\" }\n                route: { cluster: a }\n",
         &static_cluster("a", &[up.addr], "ROUND_ROBIN", cb)
             .replace("connect_timeout: 1s", "connect_timeout: 5s"),
-    );
-    let m = Mecha::start(&cfg, admin).await;
+    )
+    .await;
     let tasks: Vec<_> = (0..10)
         .map(|_| tokio::spawn(async move { request(port, "GET", "/", &[], vec![]).await }))
         .collect();
@@ -246,17 +225,9 @@ async fn a_request_never_competes_with_its_own_previous_retry_for_max_retries() 
     // single request can therefore still use all of its num_retries, one at a time.
     let ctl = Ctl::new();
     let up = scripted("a", &ctl).await;
-    let (admin, port) = (free_port(), free_port());
     let cb = "    circuit_breakers:\n      thresholds:\n      - { max_retries: 1 }\n";
     let route = "              - match: { prefix: \"/\" }\n                route:\n                  cluster: a\n                  retry_policy: { retry_on: \"5xx\", num_retries: 3, retry_back_off: { base_interval: 0.001s } }\n";
-    let cfg = http_bootstrap(
-        admin,
-        port,
-        "",
-        &routes("", route),
-        &static_cluster("a", &[up.addr], "ROUND_ROBIN", cb),
-    );
-    let m = Mecha::start(&cfg, admin).await;
+    let (m, port) = start(route, &static_cluster("a", &[up.addr], "ROUND_ROBIN", cb)).await;
     ctl.script(
         "a",
         vec![
@@ -372,20 +343,12 @@ static_resources:
 async fn route_priority_high_uses_the_high_thresholds() {
     let ctl = Ctl::new();
     let up = scripted("a", &ctl).await;
-    let (admin, port) = (free_port(), free_port());
     let cb = "    circuit_breakers:\n      thresholds:\n      - { priority: DEFAULT, max_requests: 1 }\n      - { priority: HIGH, max_requests: 2, max_retries: 0 }\n";
     let retry = "retry_policy: { retry_on: \"5xx\", num_retries: 1, retry_back_off: { base_interval: 0.001s } }";
     let route = format!(
         "              - match: {{ prefix: \"/hi\" }}\n                route: {{ cluster: a, priority: HIGH, {retry} }}\n              - match: {{ prefix: \"/\" }}\n                route: {{ cluster: a, {retry} }}\n"
     );
-    let cfg = http_bootstrap(
-        admin,
-        port,
-        "",
-        &routes("", &route),
-        &static_cluster("a", &[up.addr], "ROUND_ROBIN", cb),
-    );
-    let m = Mecha::start(&cfg, admin).await;
+    let (m, port) = start(&route, &static_cluster("a", &[up.addr], "ROUND_ROBIN", cb)).await;
     ctl.set_default("a", Act::Gate);
     let spawn = |path: &'static str| {
         tokio::spawn(async move { request(port, "GET", path, &[], vec![]).await })
@@ -434,19 +397,12 @@ async fn max_connection_pools_limits_the_hosts_with_connections() {
     // Two hosts, one pool allowed: the first host's pool keeps its kept-alive connection (and
     // so the unit); requests the balancer sends to the other host overflow.
     let (a, b) = (Upstream::echo("a").await, Upstream::echo("b").await);
-    let (admin, port) = (free_port(), free_port());
     let cb = "    circuit_breakers:\n      thresholds:\n      - { max_connection_pools: 1, track_remaining: true }\n";
-    let cfg = http_bootstrap(
-        admin,
-        port,
-        "",
-        &routes(
-            "",
-            "              - match: { prefix: \"/\" }\n                route: { cluster: p }\n",
-        ),
+    let (m, port) = start(
+        "              - match: { prefix: \"/\" }\n                route: { cluster: p }\n",
         &static_cluster("p", &[a.addr, b.addr], "ROUND_ROBIN", cb),
-    );
-    let m = Mecha::start(&cfg, admin).await;
+    )
+    .await;
     assert_eq!(
         m.stat("cluster.p.circuit_breakers.default.remaining_cx_pools")
             .await,
@@ -491,20 +447,9 @@ async fn each_priority_has_its_own_connection_pools_and_limits() {
     let ctl = Ctl::new();
     let up = scripted("a", &ctl).await;
     ctl.set_default("a", Act::Gate);
-    let (admin, port) = (free_port(), free_port());
     let cb = "    circuit_breakers:\n      thresholds:\n      - { priority: DEFAULT, max_connections: 1, max_pending_requests: 1 }\n      - { priority: HIGH, max_connections: 1, max_pending_requests: 1 }\n";
-    let cfg = http_bootstrap(
-        admin,
-        port,
-        "",
-        &routes(
-            "",
-            "              - match: { prefix: \"/hi\" }\n                route: { cluster: a, priority: HIGH }\n              - match: { prefix: \"/\" }\n                route: { cluster: a }\n",
-        ),
-        &static_cluster("a", &[up.addr], "ROUND_ROBIN", cb)
-            .replace("connect_timeout: 1s", "connect_timeout: 5s"),
-    );
-    let m = Mecha::start(&cfg, admin).await;
+    let (m, port) = start("              - match: { prefix: \"/hi\" }\n                route: { cluster: a, priority: HIGH }\n              - match: { prefix: \"/\" }\n                route: { cluster: a }\n", &static_cluster("a", &[up.addr], "ROUND_ROBIN", cb)
+            .replace("connect_timeout: 1s", "connect_timeout: 5s")).await;
     let send = |path: &'static str| {
         tokio::spawn(async move { request(port, "GET", path, &[], vec![]).await })
     };
