@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod drain;
 pub mod filter_chain_match;
 pub mod http;
+mod http1;
 pub mod listener;
 pub mod listener_filters;
 pub mod original_dst;

@@ -4,6 +4,7 @@
 mod common;
 
 mod admin;
+mod downstream_h1;
 mod drain;
 mod failures;
 mod filters;

@@ -13,6 +13,7 @@
 //! asked to close.
 
 use super::pool::UpstreamStream;
+use crate::http1::{last_token, parse_length};
 use crate::cluster::pool::Inner;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
@@ -324,7 +325,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, H1
         fields.push((name, start, start + value.len()));
     }
     let head = buf.split_to(n).freeze();
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    // Room for what the router and connection manager add (server, via, x-envoy-*).
+    let mut headers = HeaderMap::with_capacity(fields.len() + 4);
     for (name, start, end) in fields {
         // SAFETY: httparse accepted these bytes as a field value, and it accepts exactly what
         // `HeaderValue` allows (HTAB, SP, visible ASCII, obs-text; no CR, LF or other controls),
@@ -365,20 +367,6 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, H1
         framing,
         keep_alive,
     }))
-}
-
-fn parse_length(v: &[u8]) -> Option<u64> {
-    let v = v.trim_ascii();
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    v.iter().try_fold(0u64, |acc, &d| {
-        acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
-}
-
-fn last_token(v: &[u8]) -> &[u8] {
-    v.rsplit(|&b| b == b',').next().unwrap_or(v).trim_ascii()
 }
 
 fn into_response(

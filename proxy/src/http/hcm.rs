@@ -2,6 +2,7 @@
 //! prepares each request as Envoy does (hop-by-hop headers, `x-forwarded-*`, `x-request-id`),
 //! selects the route, and runs the HTTP filter chain that ends in the router.
 
+use super::h1_server::{Exit, H1Conn};
 use super::headers::{strip_hop_by_hop, upgrade_type, uuid_v4_header};
 use super::idle::StreamTimeouts;
 use super::router::SelectedRoute;
@@ -18,6 +19,7 @@ use mecha_config::{CodecType, HttpConnectionManager};
 use mecha_filters::{local_reply, Body, FilterChain, RequestInfo};
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -43,8 +45,8 @@ pub struct Hcm {
     pub routes: Arc<ArcSwap<RouteTable>>,
     pub chain: FilterChain,
     codec: CodecType,
-    max_headers_bytes: usize,
-    max_headers_count: Option<usize>,
+    pub(super) max_headers_bytes: usize,
+    pub(super) max_headers_count: Option<usize>,
     use_remote_address: bool,
     skip_xff_append: bool,
     xff_num_trusted_hops: usize,
@@ -117,6 +119,8 @@ impl Hcm {
     }
 
     /// Serves one downstream connection until it closes, idles out, or the server drains.
+    /// HTTP/1.1 starts in our own codec (`h1_server.rs`), which hands the connection to hyper
+    /// for anything it does not serve itself; HTTP/2 goes to hyper from the start.
     pub async fn serve<IO>(self: Arc<Self>, io: IO, info: ConnInfo, drain: Drain)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -125,6 +129,53 @@ impl Hcm {
         self.stats.downstream_cx_active.inc();
         let activity = Arc::new(Activity::default());
         activity.epoch();
+        let mut sup = Supervisor::new(&self, &drain);
+        if self.codec == CodecType::HTTP2 {
+            self.serve_hyper(io, info, &activity, &mut sup).await;
+        } else {
+            let mut conn = H1Conn::new(io);
+            let stop = AtomicBool::new(false);
+            let exit = {
+                let serving = conn.serve(&self, info, &stop, &activity);
+                tokio::pin!(serving);
+                loop {
+                    let event = std::future::poll_fn(|cx| {
+                        if sup.shutting_down {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                        if let Poll::Ready(exit) = serving.as_mut().poll(cx) {
+                            return Poll::Ready(Event::Closed(exit));
+                        }
+                        sup.poll_side(cx, &self, &activity).map(Event::Side)
+                    })
+                    .await;
+                    match event {
+                        Event::Closed(exit) => break Some(exit),
+                        Event::Side(Side::Abort) => break None,
+                        // Seen at the next poll, which comes right away.
+                        Event::Side(Side::Shutdown) => {}
+                    }
+                }
+            };
+            if let Some(Exit::Handoff) = exit {
+                self.serve_hyper(conn.into_rewind(), info, &activity, &mut sup)
+                    .await;
+            }
+        }
+        self.stats.downstream_cx_active.dec();
+        self.stats.downstream_cx_destroy.inc();
+    }
+
+    /// Serves the rest of a connection with hyper (HTTP/2, upgrades, everything unusual).
+    async fn serve_hyper<IO>(
+        self: &Arc<Self>,
+        io: IO,
+        info: ConnInfo,
+        activity: &Arc<Activity>,
+        sup: &mut Supervisor,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -169,74 +220,32 @@ impl Hcm {
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
-        let started = Instant::now();
-        let mut draining: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
-            drain.signaled();
-        let mut deadline = self
-            .next_deadline(&activity, started)
-            .map(|d| Box::pin(tokio::time::sleep_until(d.into())));
-        // The drain signal and the idle/duration deadline are polled only after their own
-        // wake-ups, not on every wake-up of the connection (which happen several times per
-        // request).
-        let side = Arc::new(SideWaker::default());
-        let mut shutting_down = false;
+        if sup.shutting_down {
+            conn.as_mut().graceful_shutdown();
+        }
+        sup.side.woken.store(true, Ordering::Release);
         loop {
             let event = std::future::poll_fn(|cx| {
                 if let Poll::Ready(res) = conn.as_mut().poll(cx) {
-                    return Poll::Ready(ConnEvent::Closed(res));
+                    return Poll::Ready(Event::Closed(res));
                 }
-                side.task.register(cx.waker());
-                if side.woken.swap(false, Ordering::AcqRel) {
-                    let waker = Waker::from(side.clone());
-                    let mut scx = Context::from_waker(&waker);
-                    if draining.as_mut().poll(&mut scx).is_ready() {
-                        return Poll::Ready(ConnEvent::Drain);
-                    }
-                    if let (Some(d), false) = (deadline.as_mut(), shutting_down) {
-                        if d.as_mut().poll(&mut scx).is_ready() {
-                            return Poll::Ready(ConnEvent::Deadline);
-                        }
-                    }
-                }
-                Poll::Pending
+                sup.poll_side(cx, self, activity).map(Event::Side)
             })
             .await;
             match event {
-                ConnEvent::Closed(res) => {
-                    if let Err(e) = res {
-                        tracing::debug!(error = %e, remote = %info.remote, "downstream connection error");
-                    }
+                Event::Closed(Err(e)) => {
+                    tracing::debug!(error = %e, remote = %info.remote, "downstream connection error");
                     break;
                 }
-                ConnEvent::Drain => {
-                    if shutting_down {
-                        // The drain timeout passed with requests still in flight.
-                        break;
-                    }
-                    shutting_down = true;
-                    conn.as_mut().graceful_shutdown();
-                    draining = Box::pin(tokio::time::sleep(self.drain_timeout));
-                }
-                ConnEvent::Deadline => {
-                    if self.expired(&activity, started) {
-                        self.stats.downstream_cx_idle_timeout.inc();
-                        shutting_down = true;
-                        conn.as_mut().graceful_shutdown();
-                    } else if let (Some(d), Some(next)) =
-                        (deadline.as_mut(), self.next_deadline(&activity, started))
-                    {
-                        d.as_mut().reset(next.into());
-                    }
-                }
+                Event::Closed(Ok(())) | Event::Side(Side::Abort) => break,
+                Event::Side(Side::Shutdown) => conn.as_mut().graceful_shutdown(),
             }
-            side.woken.store(true, Ordering::Release);
         }
-        self.stats.downstream_cx_active.dec();
-        self.stats.downstream_cx_destroy.inc();
     }
 
-    fn next_deadline(&self, a: &Activity, started: Instant) -> Option<Instant> {
-        let idle = self.idle_timeout.map(|t| a.last() + t);
+    /// The next idle or max-duration deadline, for a connection last active at `last`.
+    fn next_deadline_at(&self, last: Instant, started: Instant) -> Option<Instant> {
+        let idle = self.idle_timeout.map(|t| last + t);
         let max = self.max_connection_duration.map(|d| started + d);
         match (idle, max) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -257,6 +266,24 @@ impl Hcm {
 
     /// Handles one request end to end; never fails (errors become local replies).
     pub async fn handle(&self, req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
+        let req = self.accept(req);
+        self.respond(req, info).await
+    }
+
+    /// [`Hcm::accept`] for a body that is boxed already. Not generic, so an async caller does
+    /// not meet rustc's higher-ranked `Into<BoxError>` limitation (rust-lang/rust#102211).
+    pub(super) fn accept_boxed(&self, req: Request<Body>) -> Accepted {
+        self.accept(req)
+    }
+
+    /// Counts a request and boxes its body (with stream timers configured, watching its
+    /// progress). Generic over the codec's body type up to here only, so the request's future
+    /// is one type whichever codec read it.
+    pub(super) fn accept<B>(&self, req: Request<B>) -> Accepted
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<mecha_filters::BoxError>,
+    {
         let start = Instant::now();
         let stats = &self.stats;
         stats.downstream_rq_total.inc();
@@ -266,8 +293,24 @@ impl Hcm {
             _ => stats.downstream_rq_http1_total.inc(),
         }
         let version = req.version();
-        // Boxes the body; with stream timers configured, also follows the request's progress.
-        let (mut req, progress) = self.timeouts.watch_request(req);
+        let (req, progress) = self.timeouts.watch_request(req);
+        Accepted {
+            req,
+            progress,
+            version,
+            start,
+        }
+    }
+
+    /// Handles one request end to end; never fails (errors become local replies).
+    pub(super) async fn respond(&self, accepted: Accepted, info: ConnInfo) -> Response<Body> {
+        let Accepted {
+            mut req,
+            progress,
+            version,
+            start,
+        } = accepted;
+        let stats = &self.stats;
         let mut resp = match self.prepare(&mut req, info) {
             Err(local) => local,
             Ok(()) => {
@@ -382,10 +425,90 @@ pub fn authority(req: &Request<Body>) -> &str {
         .unwrap_or("")
 }
 
-enum ConnEvent {
-    Closed(Result<(), Box<dyn std::error::Error + Send + Sync>>),
-    Drain,
-    Deadline,
+/// A request counted and with its body boxed, ready for the chain.
+pub(super) struct Accepted {
+    req: Request<Body>,
+    progress: Option<Arc<super::idle::Progress>>,
+    version: http::Version,
+    start: Instant,
+}
+
+/// Watches a connection on behalf of the connection manager: the server's drain signal and the
+/// idle / max-duration deadline become a graceful shutdown of the connection, and a drain that
+/// outlasts `drain_timeout` ends it. It outlives a hand-off from our codec to hyper.
+struct Supervisor {
+    draining: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Set once the drain signal came; `draining` is then the drain timeout.
+    drain_started: bool,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Set once the connection was asked to shut down (drain or deadline).
+    shutting_down: bool,
+    started: Instant,
+    side: Arc<SideWaker>,
+}
+
+enum Event<T> {
+    Closed(T),
+    Side(Side),
+}
+
+impl Supervisor {
+    fn new(hcm: &Hcm, drain: &Drain) -> Self {
+        let started = Instant::now();
+        Self {
+            draining: drain.signaled(),
+            drain_started: false,
+            deadline: hcm
+                .next_deadline_at(started, started)
+                .map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
+            shutting_down: false,
+            started,
+            side: Arc::new(SideWaker::default()),
+        }
+    }
+
+    /// Polls the drain signal and the deadline, after their own wake-ups only (not on every
+    /// wake-up of the connection, which happen several times per request). Ready when the
+    /// connection must shut down gracefully, or be dropped.
+    fn poll_side(&mut self, cx: &mut Context<'_>, hcm: &Hcm, activity: &Activity) -> Poll<Side> {
+        self.side.task.register(cx.waker());
+        while self.side.woken.swap(false, Ordering::AcqRel) {
+            let waker = Waker::from(self.side.clone());
+            let mut scx = Context::from_waker(&waker);
+            if self.draining.as_mut().poll(&mut scx).is_ready() {
+                if self.drain_started {
+                    // The drain timeout passed with requests still in flight.
+                    return Poll::Ready(Side::Abort);
+                }
+                self.drain_started = true;
+                self.shutting_down = true;
+                self.draining = Box::pin(tokio::time::sleep(hcm.drain_timeout));
+                self.side.woken.store(true, Ordering::Release);
+                return Poll::Ready(Side::Shutdown);
+            }
+            if let (Some(d), false) = (self.deadline.as_mut(), self.shutting_down) {
+                if d.as_mut().poll(&mut scx).is_ready() {
+                    if hcm.expired(activity, self.started) {
+                        hcm.stats.downstream_cx_idle_timeout.inc();
+                        self.shutting_down = true;
+                        return Poll::Ready(Side::Shutdown);
+                    }
+                    if let Some(next) = hcm.next_deadline_at(activity.last(), self.started) {
+                        d.as_mut().reset(next.into());
+                        self.side.woken.store(true, Ordering::Release);
+                    }
+                }
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// What the supervisor asks of the connection.
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    Shutdown,
+    Abort,
 }
 
 /// Wakes the connection task on behalf of its side futures (drain, deadline) and records that
@@ -416,19 +539,19 @@ impl std::task::Wake for SideWaker {
 
 /// Per-connection activity: in-flight requests and the time the last one ended.
 #[derive(Default)]
-struct Activity {
+pub(super) struct Activity {
     active: AtomicUsize,
     last_ms: AtomicU64,
     epoch: std::sync::OnceLock<Instant>,
 }
 
-struct ActivityGuard(Arc<Activity>);
+pub(super) struct ActivityGuard(Arc<Activity>);
 
 impl Activity {
     fn epoch(&self) -> Instant {
         *self.epoch.get_or_init(Instant::now)
     }
-    fn begin(self: &Arc<Self>) -> ActivityGuard {
+    pub(super) fn begin(self: &Arc<Self>) -> ActivityGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
         ActivityGuard(self.clone())
     }

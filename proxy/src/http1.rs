@@ -1,0 +1,85 @@
+//! HTTP/1.1 syntax shared by our two codecs: the downstream server (`http/h1_server.rs`) and the
+//! upstream client (`cluster/h1.rs`).
+
+use std::cell::RefCell;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A `content-length` value: digits only (RFC 9110 §8.6), no sign, no overflow.
+pub(crate) fn parse_length(v: &[u8]) -> Option<u64> {
+    let v = v.trim_ascii();
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    v.iter().try_fold(0u64, |acc, &d| {
+        acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+/// The last element of a comma-separated list (the transfer coding that frames the message).
+pub(crate) fn last_token(v: &[u8]) -> &[u8] {
+    v.rsplit(|&b| b == b',').next().unwrap_or(v).trim_ascii()
+}
+
+/// True when a comma-separated header value lists `token` (case-insensitively).
+pub(crate) fn has_token(v: &[u8], token: &[u8]) -> bool {
+    v.split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+thread_local! {
+    /// The formatted `date` of the current second, per worker thread: formatting it for every
+    /// response would cost more than the rest of the head.
+    static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+}
+
+/// Appends a `date: <IMF-fixdate>\r\n` field for now.
+pub(crate) fn append_date(out: &mut Vec<u8>) {
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != secs {
+            let text = httpdate::fmt_http_date(now);
+            // IMF-fixdate is always 29 bytes; anything else would be a bug in httpdate.
+            if text.len() == 29 {
+                d.1.copy_from_slice(text.as_bytes());
+                d.0 = secs;
+            }
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(&d.1);
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths() {
+        assert_eq!(parse_length(b" 42 "), Some(42));
+        assert_eq!(parse_length(b"+1"), None);
+        assert_eq!(parse_length(b""), None);
+        assert_eq!(parse_length(b"99999999999999999999"), None);
+    }
+
+    #[test]
+    fn tokens() {
+        assert_eq!(last_token(b"gzip, chunked"), b"chunked");
+        assert!(has_token(b"keep-alive, Close", b"close"));
+        assert!(!has_token(b"closed", b"close"));
+    }
+
+    #[test]
+    fn date_is_an_imf_fixdate() {
+        let mut out = Vec::new();
+        append_date(&mut out);
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.starts_with("date: ") && s.ends_with(" GMT\r\n"), "{s}");
+        assert!(httpdate::parse_http_date(&s[6..s.len() - 2]).is_ok());
+    }
+}
