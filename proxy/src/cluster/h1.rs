@@ -13,7 +13,7 @@
 //! asked to close.
 
 use super::pool::UpstreamStream;
-use crate::http1::{last_token, parse_length};
+use crate::http1::{header_map, last_token, parse_length, recycle};
 use crate::cluster::pool::Inner;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
@@ -163,7 +163,10 @@ pub(crate) async fn send(
     }
 
     match read_head(&mut conn, parts.method == Method::HEAD).await {
-        Ok(head) => Ok(into_response(conn, head, pool, true)),
+        Ok(head) => {
+            recycle(parts.headers);
+            Ok(into_response(conn, head, pool, true))
+        }
         Err(e) => {
             let nothing_back = matches!(e, H1Error::Closed)
                 || matches!(&e, H1Error::Io(io) if io.kind() == io::ErrorKind::ConnectionReset);
@@ -326,7 +329,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, H1
     }
     let head = buf.split_to(n).freeze();
     // Room for what the router and connection manager add (server, via, x-envoy-*).
-    let mut headers = HeaderMap::with_capacity(fields.len() + 4);
+    let mut headers = header_map(fields.len() + 4);
     for (name, start, end) in fields {
         // SAFETY: httparse accepted these bytes as a field value, and it accepts exactly what
         // `HeaderValue` allows (HTAB, SP, visible ASCII, obs-text; no CR, LF or other controls),

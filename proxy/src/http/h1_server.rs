@@ -19,7 +19,7 @@
 //! draining connection manager, closes the connection after the response.
 
 use super::hcm::{Activity, ConnInfo, Hcm};
-use crate::http1::{append_date, has_token, parse_length};
+use crate::http1::{append_date, has_token, header_map, parse_length, recycle};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
@@ -198,8 +198,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> H1Conn<IO> {
         keep_alive: bool,
         te_trailers: bool,
     ) -> bool {
-        let (parts, mut body) = resp.into_parts();
+        let (mut parts, mut body) = resp.into_parts();
         let framing = encode_head(&mut self.wbuf, &parts, &body, head_request, keep_alive);
+        recycle(std::mem::take(&mut parts.headers));
         let mut remaining = match framing {
             Framing::None => return self.flush().await.is_ok(),
             Framing::Length(n) => n,
@@ -412,7 +413,7 @@ fn parse_request(buf: &mut BytesMut, max_head: usize, max_headers: usize) -> Par
     };
     // Room for what the connection manager and router add (x-forwarded-*, x-request-id,
     // x-envoy-*), so those inserts do not rehash the map.
-    let mut headers = HeaderMap::with_capacity(fields.len() + 8);
+    let mut headers = header_map(fields.len() + 8);
     for (name, start, end) in fields {
         // SAFETY: httparse accepted these bytes as a field value, and it accepts exactly what
         // `HeaderValue` allows (HTAB, SP, visible ASCII, obs-text; no CR, LF or other controls).

@@ -19,18 +19,36 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // (`connection: keep-alive`, `transfer-encoding: chunked`).
     let mut present = 0u8;
     for k in headers.keys() {
-        present |= match k.as_str() {
-            "connection" => 1,
-            "keep-alive" => 1 << 1,
-            "proxy-connection" => 1 << 2,
-            "transfer-encoding" => 1 << 3,
-            "upgrade" => 1 << 4,
-            "te" => 1 << 5,
-            _ => 0,
+        // Standard names compare by their tag; only the two non-standard ones by bytes.
+        present |= if k == header::CONNECTION {
+            1
+        } else if k == header::TRANSFER_ENCODING {
+            1 << 3
+        } else if k == header::UPGRADE {
+            1 << 4
+        } else if k == header::TE {
+            1 << 5
+        } else if k == HOP_BY_HOP[1] {
+            1 << 1
+        } else if k == HOP_BY_HOP[2] {
+            1 << 2
+        } else {
+            0
         };
     }
     if present == 0 && !keep_upgrade {
         return;
+    }
+    if present == 1 && !keep_upgrade {
+        // The usual case, `connection: keep-alive` or `close` alone: nothing it nominates.
+        let plain = headers.get_all(header::CONNECTION).iter().all(|v| {
+            let v = v.as_bytes();
+            v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
+        });
+        if plain {
+            headers.remove(header::CONNECTION);
+            return;
+        }
     }
     const CONNECTION: u8 = 1;
     const TE: u8 = 1 << 5;
