@@ -29,7 +29,8 @@ pub(crate) fn header_map(n: usize) -> HeaderMap {
 
 /// Takes back the map of a message that is done with it (see [`header_map`]).
 pub(crate) fn recycle(mut map: HeaderMap) {
-    if map.capacity() > SPARE_MAX_CAPACITY {
+    // An empty map without room (a message whose headers were moved out) is not worth keeping.
+    if map.capacity() == 0 || map.capacity() > SPARE_MAX_CAPACITY {
         return;
     }
     map.clear();
@@ -61,6 +62,15 @@ pub(crate) fn last_token(v: &[u8]) -> &[u8] {
 pub(crate) fn has_token(v: &[u8], token: &[u8]) -> bool {
     v.split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// A map handed to [`recycle`] when dropped: for headers kept across awaits with several exits.
+pub(crate) struct RecycleOnDrop(pub(crate) HeaderMap);
+
+impl Drop for RecycleOnDrop {
+    fn drop(&mut self) {
+        recycle(std::mem::take(&mut self.0));
+    }
 }
 
 thread_local! {

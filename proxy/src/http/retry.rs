@@ -658,47 +658,20 @@ pub async fn forward(
 ) -> Result<Response<Body>, Response<Body>> {
     let grpc = is_grpc(req.headers());
     let mut current: Option<Arc<Host>> = None;
-    let result = match plan.retry.as_deref() {
-        Some(retry) if !upgrade => {
-            // Boxed: the retry loop's state machine is over a kilobyte bigger than one
-            // attempt's, and requests whose route has no retry policy should not carry (and move
-            // on every await) that space.
-            let attempts = Box::pin(retry_loop(
-                &plan,
-                retry,
-                cluster,
-                first,
-                hash,
-                req,
-                &mut current,
-            ));
-            match plan.timeout {
-                Some(t) => tokio::time::timeout(t, attempts).await.ok(),
-                None => Some(attempts.await),
+    let attempts = run(&plan, cluster, first, hash, req, upgrade, &mut current);
+    let result = match plan.timeout {
+        Some(t) => match tokio::time::timeout(t, attempts).await {
+            Ok(r) => r,
+            Err(_) => {
+                // The attempt in flight was dropped with the future: its upstream stream is reset.
+                cluster.stats.upstream_rq_timeout.inc();
+                if let (Some(h), Some(d)) = (&current, cluster.resilience.outlier()) {
+                    d.report(h, Outcome::Timeout);
+                }
+                return Err(timeout_reply(grpc));
             }
-        }
-        _ => {
-            current = Some(first.clone());
-            let mut req = req;
-            if plan.policy.request_attempt_count {
-                req.headers_mut()
-                    .insert(ATTEMPT_COUNT.clone(), super::headers::number_header(1));
-            }
-            let once = attempt(cluster, first, req, None, &plan);
-            let once = match plan.timeout {
-                Some(t) => tokio::time::timeout(t, once).await.ok(),
-                None => Some(once.await),
-            };
-            once.map(|r| r.map(|resp| (resp, 1)))
-        }
-    };
-    let Some(result) = result else {
-        // The attempt in flight was dropped with the future: its upstream stream is reset.
-        cluster.stats.upstream_rq_timeout.inc();
-        if let (Some(h), Some(d)) = (&current, cluster.resilience.outlier()) {
-            d.report(h, Outcome::Timeout);
-        }
-        return Err(timeout_reply(grpc));
+        },
+        None => attempts.await,
     };
     match result {
         Ok((mut resp, n)) => {
@@ -811,18 +784,30 @@ fn per_try_idle_timed_out(cluster: &Cluster, host: &Arc<Host>) {
     }
 }
 
-/// The attempts of a request whose route has a retry policy: the first, then retries while the
-/// policy allows them.
 #[allow(clippy::too_many_arguments)]
-async fn retry_loop(
+async fn run(
     plan: &Plan<'_>,
-    retry: &RetryConfig,
     cluster: &Arc<Cluster>,
     first: Arc<Host>,
     hash: Option<u64>,
     req: Request<Body>,
+    upgrade: bool,
     current: &mut Option<Arc<Host>>,
 ) -> Result<(Response<Body>, u32), Failure> {
+    let retry = match &plan.retry {
+        Some(r) if !upgrade => r.as_ref(),
+        _ => {
+            *current = Some(first.clone());
+            let mut req = req;
+            if plan.policy.request_attempt_count {
+                req.headers_mut()
+                    .insert(ATTEMPT_COUNT.clone(), super::headers::number_header(1));
+            }
+            return attempt(cluster, first, req, None, plan)
+                .await
+                .map(|r| (r, 1));
+        }
+    };
     let stats = &cluster.resilience.stats;
     let (mut parts, body) = req.into_parts();
     // Every attempt needs the request's headers and a retry needs them again. On HTTP/1.1 they
@@ -830,6 +815,8 @@ async fn retry_loop(
     // attempt was most of what a configured-but-unused retry policy cost. HTTP/2 clusters (and
     // a request without Host, which the cluster would have to add) get a copy per attempt.
     let lend = !cluster.pool_settings.http2 && parts.headers.contains_key(http::header::HOST);
+    // The headers stay here for every attempt, and their map is recycled when the loop ends.
+    let mut headers = crate::http1::RecycleOnDrop(std::mem::take(&mut parts.headers));
     let (mut next_body, tee) = if body.is_end_stream() {
         (Some(empty()), None)
     } else {
@@ -863,7 +850,7 @@ async fn retry_loop(
             },
         };
         if plan.policy.request_attempt_count {
-            parts.headers.insert(
+            headers.0.insert(
                 ATTEMPT_COUNT.clone(),
                 super::headers::number_header(retries as u64 + 1),
             );
@@ -873,10 +860,10 @@ async fn retry_loop(
         *req.uri_mut() = parts.uri.clone();
         *req.version_mut() = parts.version;
         if !lend {
-            *req.headers_mut() = parts.headers.clone();
+            *req.headers_mut() = headers.0.clone();
         }
         *current = Some(host.clone());
-        let lent = lend.then_some(&parts.headers);
+        let lent = lend.then_some(&headers.0);
         let out = attempt(cluster, host.clone(), req, lent, plan).await;
         let retriable = match &out {
             Ok(resp) => retry.retriable_response(resp, &plan.extra_statuses),

@@ -185,18 +185,26 @@ impl StateStore for RedisStore {
     fn get(&self, key: String) -> BoxFuture<'_, StoreResult<Option<StateItem>>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let (fields, pttl): (std::collections::HashMap<String, Vec<u8>>, i64) = redis::pipe()
-                .hgetall(&key)
-                .pttl(&key)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_err)?;
-            let (Some(data), Some(version)) = (fields.get("data"), fields.get("version")) else {
+            // HMGET of the two fields Dapr's layout has, rather than HGETALL: the same answer for
+            // that layout without a map of owned field names per read.
+            let ((data, version), pttl): ((Option<Vec<u8>>, Option<Vec<u8>>), i64) =
+                redis::pipe()
+                    .cmd("HMGET")
+                    .arg(&key)
+                    .arg("data")
+                    .arg("version")
+                    .cmd("PTTL")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(redis_err)?;
+            let (Some(data), Some(version)) = (data, version) else {
                 return Ok(None);
             };
             Ok(Some(StateItem {
-                value: bytes::Bytes::copy_from_slice(data),
-                etag: String::from_utf8_lossy(version).into_owned(),
+                value: bytes::Bytes::from(data),
+                etag: String::from_utf8(version)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
                 expires_unix_ms: (pttl > 0).then(|| now_unix_ms() + pttl as u64),
             }))
         })
