@@ -139,6 +139,23 @@ pub struct RequestInfo {
     pub route_name: Arc<str>,
     /// Per-filter config of the selected route (route overrides virtual host).
     pub per_filter: PerFilterConfig,
+    /// The route the connection manager selected, for the router.
+    pub route: RouteHandle,
+}
+
+/// The connection manager's route selection, opaque here (the route type is the proxy's). It
+/// rides in [`RequestInfo`] rather than in an extension of its own: one extension insert fewer
+/// per request.
+#[derive(Clone, Default)]
+pub struct RouteHandle(pub Option<Arc<dyn Any + Send + Sync>>);
+
+impl std::fmt::Debug for RouteHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            Some(_) => "RouteHandle(Some(..))",
+            None => "RouteHandle(None)",
+        })
+    }
 }
 
 /// Per-route filter configs, keyed by the filter's `name` in `http_filters[]`, parsed once at

@@ -24,7 +24,7 @@ pub mod upstream;
 pub use body::{empty, full, local_reply, Body, BoxError};
 pub use chain::{
     ClearRouteCache, FilterChain, HandBackIfNoRoute, HttpFilter, HttpService, Next, NoRoute,
-    PerFilterConfig, RequestInfo, Unrouted,
+    PerFilterConfig, RequestInfo, RouteHandle, Unrouted,
 };
 pub use network::{ConnectionInfo, NetworkAction, NetworkFilter};
 pub use registry::{FactoryContext, HttpFilterFactory, NetworkFilterFactory, Registry};

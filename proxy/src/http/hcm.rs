@@ -5,7 +5,6 @@
 use super::h1_server::{Exit, H1Conn};
 use super::headers::{strip_hop_by_hop, upgrade_type, uuid_v4_header};
 use super::idle::StreamTimeouts;
-use super::router::SelectedRoute;
 use crate::drain::Drain;
 use crate::route::RouteTable;
 use crate::stats::HttpStats;
@@ -16,7 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use mecha_config::{CodecType, HttpConnectionManager};
-use mecha_filters::{local_reply, Body, FilterChain, RequestInfo};
+use mecha_filters::{local_reply, Body, FilterChain, RequestInfo, RouteHandle};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -63,6 +62,8 @@ pub struct Hcm {
     drain_timeout: Duration,
     /// `stream_idle_timeout` and `request_timeout` (see `idle.rs`).
     timeouts: StreamTimeouts,
+    /// The route name of requests whose route has none (shared, not allocated per request).
+    no_name: Arc<str>,
 }
 
 impl Hcm {
@@ -115,6 +116,7 @@ impl Hcm {
                 .map(|d| d.0)
                 .unwrap_or(Duration::from_secs(5)),
             timeouts: StreamTimeouts::new(cfg),
+            no_name: Arc::from(""),
         }
     }
 
@@ -381,15 +383,15 @@ impl Hcm {
         let route_name = route
             .as_ref()
             .map(|r| r.name.clone())
-            .unwrap_or_else(|| "".into());
+            .unwrap_or_else(|| self.no_name.clone());
         let client = self.trusted_client(req.headers(), info.remote);
         req.extensions_mut().insert(RequestInfo {
             downstream_remote: client,
             downstream_local: info.local,
             route_name,
             per_filter,
+            route: RouteHandle(route.map(|r| r as Arc<dyn std::any::Any + Send + Sync>)),
         });
-        req.extensions_mut().insert(SelectedRoute(route));
         Ok(())
     }
 }

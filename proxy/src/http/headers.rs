@@ -125,7 +125,9 @@ pub fn uuid_v4() -> String {
 
 /// [`uuid_v4`] as a header value, formatted on the stack (one allocation: the value's bytes).
 pub fn uuid_v4_header() -> HeaderValue {
-    HeaderValue::from_bytes(&uuid_v4_bytes()).unwrap_or(HeaderValue::from_static(""))
+    let bytes = bytes::Bytes::copy_from_slice(&uuid_v4_bytes());
+    // SAFETY: lowercase hex digits and dashes only, all valid in a header value.
+    unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
 }
 
 /// A decimal header value. Small values (service times in ms, attempt counts) come from a

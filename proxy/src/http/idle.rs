@@ -18,7 +18,7 @@
 //! that is only re-armed when it fires early (activity moved its deadline), so a busy stream
 //! touches the timer wheel about once per timeout period rather than once per frame.
 
-use super::router::SelectedRoute;
+use super::router::selected_route;
 use crate::route::Action;
 use crate::stats::HttpStats;
 use bytes::Bytes;
@@ -289,11 +289,8 @@ pub struct StreamTimeouts {
 /// The route's `idle_timeout`: `None` = not set (the connection manager's applies),
 /// `Some(None)` = `0s` (no stream idle timer on this route).
 fn route_idle(req: &Request<Body>) -> Option<Option<Duration>> {
-    match req.extensions().get::<SelectedRoute>() {
-        Some(SelectedRoute(Some(r))) => match &r.action {
-            Action::Route(a) => a.idle_timeout,
-            _ => None,
-        },
+    match &selected_route(req)?.action {
+        Action::Route(a) => a.idle_timeout,
         _ => None,
     }
 }

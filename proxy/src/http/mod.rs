@@ -10,4 +10,4 @@ pub mod router;
 pub mod upgrade;
 
 pub use hcm::{ConnInfo, Hcm};
-pub use router::{Router, SelectedRoute};
+pub use router::Router;

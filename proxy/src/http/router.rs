@@ -23,9 +23,15 @@ use std::time::Instant;
 static EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 static UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 
-/// The route chosen by the connection manager, carried in the request's extensions.
-#[derive(Clone)]
-pub struct SelectedRoute(pub Option<Arc<RouteEntry>>);
+/// The route the connection manager chose for `req` (carried in its [`RequestInfo`]).
+pub(crate) fn selected_route(req: &Request<Body>) -> Option<&RouteEntry> {
+    req.extensions()
+        .get::<RequestInfo>()?
+        .route
+        .0
+        .as_ref()?
+        .downcast_ref::<RouteEntry>()
+}
 
 pub struct Router {
     /// The connection manager's route table (for re-selection after `ClearRouteCache`).
@@ -59,7 +65,6 @@ impl HttpService for Router {
 impl Router {
     async fn route(&self, mut req: Request<Body>) -> Response<Body> {
         self.stats.rq_total.inc();
-        let selected = req.extensions_mut().remove::<SelectedRoute>();
         let selected = if req.extensions_mut().remove::<ClearRouteCache>().is_some() {
             let table = self.routes.load();
             let path = req
@@ -67,14 +72,15 @@ impl Router {
                 .path_and_query()
                 .map(|p| p.as_str())
                 .unwrap_or("/");
-            Some(SelectedRoute(
-                table.route(authority(&req), path, req.headers()).cloned(),
-            ))
+            table.route(authority(&req), path, req.headers()).cloned()
         } else {
-            selected
+            req.extensions()
+                .get::<RequestInfo>()
+                .and_then(|i| i.route.0.clone())
+                .and_then(|r| r.downcast::<RouteEntry>().ok())
         };
         let route = match selected {
-            Some(SelectedRoute(Some(r))) => r,
+            Some(r) => r,
             _ => {
                 if req.extensions_mut().remove::<HandBackIfNoRoute>().is_some() {
                     let mut resp = Response::new(empty());
