@@ -125,6 +125,11 @@ async fn closed(s: &mut TcpStream) -> bool {
 }
 
 async fn start(up: &Upstream) -> (Mecha, u16) {
+    start_at(up.addr).await
+}
+
+/// mecha with one route to the upstream at `addr`.
+async fn start_at(addr: std::net::SocketAddr) -> (Mecha, u16) {
     let (admin, port) = (free_port(), free_port());
     let m = Mecha::start(
         &http_bootstrap(
@@ -132,7 +137,7 @@ async fn start(up: &Upstream) -> (Mecha, u16) {
             port,
             "",
             &vhost_routes("              - match: { prefix: \"/\" }\n                route: { cluster: up }\n"),
-            &static_cluster("up", &[up.addr], "ROUND_ROBIN", ""),
+            &static_cluster("up", &[addr], "ROUND_ROBIN", ""),
         ),
         admin,
     )
@@ -246,19 +251,7 @@ async fn chunked_upstream() -> std::net::SocketAddr {
 
 #[tokio::test]
 async fn a_response_of_unknown_length_is_sent_chunked() {
-    let addr = chunked_upstream().await;
-    let (admin, port) = (free_port(), free_port());
-    let _m = Mecha::start(
-        &http_bootstrap(
-            admin,
-            port,
-            "",
-            &vhost_routes("              - match: { prefix: \"/\" }\n                route: { cluster: up }\n"),
-            &static_cluster("up", &[addr], "ROUND_ROBIN", ""),
-        ),
-        admin,
-    )
-    .await;
+    let (_m, port) = start_at(chunked_upstream().await).await;
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let mut buf = Vec::new();
     for _ in 0..2 {

@@ -13,14 +13,13 @@
 //! asked to close.
 
 use super::pool::UpstreamStream;
-use crate::http1::{header_map, last_token, parse_length, recycle};
+use crate::http1::{fields_map, last_token, offsets, parse_length, recycle, Fields};
 use crate::cluster::pool::Inner;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use mecha_filters::{Body, BoxError};
-use smallvec::SmallVec;
 use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
@@ -297,10 +296,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, H1
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut encoded = false;
-    // Offsets of the values inside the head, so the values can share the head's bytes. On the
-    // stack for typical responses: a heap vector per response showed up in the profile.
-    let base = buf.as_ptr() as usize;
-    let mut fields: SmallVec<[(HeaderName, usize, usize); 16]> = SmallVec::new();
+    let mut fields = Fields::new();
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| H1Error::Protocol("invalid response header name"))?;
@@ -324,19 +320,12 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, H1
                 }
             }
         }
-        let start = value.as_ptr() as usize - base;
-        fields.push((name, start, start + value.len()));
+        let (start, end) = offsets(buf, value);
+        fields.push((name, start, end));
     }
     let head = buf.split_to(n).freeze();
     // Room for what the router and connection manager add (server, via, x-envoy-*).
-    let mut headers = header_map(fields.len() + 4);
-    for (name, start, end) in fields {
-        // SAFETY: httparse accepted these bytes as a field value, and it accepts exactly what
-        // `HeaderValue` allows (HTAB, SP, visible ASCII, obs-text; no CR, LF or other controls),
-        // so validating them a second time byte by byte would only cost time.
-        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(head.slice(start..end)) };
-        headers.append(name, value);
-    }
+    let headers = fields_map(&head, fields, 4);
     let framing = if head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT

@@ -19,13 +19,12 @@
 //! draining connection manager, closes the connection after the response.
 
 use super::hcm::{Activity, ConnInfo, Hcm};
-use crate::http1::{append_date, has_token, header_map, parse_length, recycle};
+use crate::http1::{append_date, fields_map, has_token, offsets, parse_length, recycle, Fields};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TE, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use mecha_filters::Body;
-use smallvec::SmallVec;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
@@ -73,8 +72,9 @@ struct Parsed {
     te_trailers: bool,
 }
 
+#[allow(clippy::large_enum_variant)] // returned by value once per request; a box would cost more
 enum Parse {
-    Request(Box<Parsed>),
+    Request(Parsed),
     /// Needs more bytes.
     Partial,
     /// Not ours: hyper serves the connection from here.
@@ -144,7 +144,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> H1Conn<IO> {
                 body_len,
                 keep_alive,
                 te_trailers,
-            } = *parsed;
+            } = parsed;
             let body = if body_len == 0 {
                 mecha_filters::empty()
             } else {
@@ -374,8 +374,7 @@ fn parse_request(buf: &mut BytesMut, max_head: usize, max_headers: usize) -> Par
     let mut length: Option<u64> = None;
     let mut keep_alive = true;
     let mut te_trailers = false;
-    let base = buf.as_ptr() as usize;
-    let mut fields: SmallVec<[(HeaderName, usize, usize); 20]> = SmallVec::new();
+    let mut fields = Fields::new();
     for h in req.headers.iter() {
         let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
             return Parse::Handoff;
@@ -395,8 +394,8 @@ fn parse_request(buf: &mut BytesMut, max_head: usize, max_headers: usize) -> Par
         } else if name == TE {
             te_trailers |= has_token(value, b"trailers");
         }
-        let start = value.as_ptr() as usize - base;
-        fields.push((name, start, start + value.len()));
+        let (start, end) = offsets(buf, value);
+        fields.push((name, start, end));
     }
     let body_len = length.unwrap_or(0);
     // A body that did not arrive with its head streams through hyper: waiting for it here would
@@ -404,8 +403,7 @@ fn parse_request(buf: &mut BytesMut, max_head: usize, max_headers: usize) -> Par
     if body_len > MAX_INLINE_BODY || (buf.len() as u64) < n as u64 + body_len {
         return Parse::Handoff;
     }
-    let path_start = path.as_ptr() as usize - base;
-    let path_end = path_start + path.len();
+    let (path_start, path_end) = offsets(buf, path.as_bytes());
 
     let head = buf.split_to(n).freeze();
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path_start..path_end)) else {
@@ -413,23 +411,17 @@ fn parse_request(buf: &mut BytesMut, max_head: usize, max_headers: usize) -> Par
     };
     // Room for what the connection manager and router add (x-forwarded-*, x-request-id,
     // x-envoy-*), so those inserts do not rehash the map.
-    let mut headers = header_map(fields.len() + 8);
-    for (name, start, end) in fields {
-        // SAFETY: httparse accepted these bytes as a field value, and it accepts exactly what
-        // `HeaderValue` allows (HTAB, SP, visible ASCII, obs-text; no CR, LF or other controls).
-        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(head.slice(start..end)) };
-        headers.append(name, value);
-    }
+    let headers = fields_map(&head, fields, 8);
     let mut req = Request::new(());
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
-    Parse::Request(Box::new(Parsed {
+    Parse::Request(Parsed {
         req,
         body_len: body_len as usize,
         keep_alive,
         te_trailers,
-    }))
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -606,6 +598,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     fn parse(text: &str) -> Parse {
         let mut buf = BytesMut::from(text.as_bytes());
