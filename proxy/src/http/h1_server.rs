@@ -155,8 +155,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> H1Conn<IO> {
 
             let guard = activity.begin();
             let resp = {
-                let handling = hcm.respond(req, info);
-                tokio::pin!(handling);
+                // Built where it is pinned: a `let` first would move the ~2 KiB future once more.
+                let mut handling = std::pin::pin!(hcm.respond(req, info));
                 poll_fn(|cx| {
                     if let Poll::Ready(resp) = handling.as_mut().poll(cx) {
                         return Poll::Ready(Some(resp));

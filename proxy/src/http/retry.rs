@@ -29,6 +29,7 @@ use mecha_filters::{empty, full, local_reply, Body, BoxError, UpstreamError};
 use parking_lot::Mutex;
 use regex::Regex;
 use std::borrow::Cow;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -658,20 +659,23 @@ pub async fn forward(
 ) -> Result<Response<Body>, Response<Body>> {
     let grpc = is_grpc(req.headers());
     let mut current: Option<Arc<Host>> = None;
-    let attempts = run(&plan, cluster, first, hash, req, upgrade, &mut current);
-    let result = match plan.timeout {
-        Some(t) => match tokio::time::timeout(t, attempts).await {
-            Ok(r) => r,
-            Err(_) => {
-                // The attempt in flight was dropped with the future: its upstream stream is reset.
-                cluster.stats.upstream_rq_timeout.inc();
-                if let (Some(h), Some(d)) = (&current, cluster.resilience.outlier()) {
-                    d.report(h, Outcome::Timeout);
-                }
-                return Err(timeout_reply(grpc));
-            }
-        },
-        None => attempts.await,
+    // The attempts and the route timer are polled side by side where the attempts are pinned:
+    // wrapping their (kilobytes big) future in a `Timeout` would move it one more time.
+    let result = {
+        let mut attempts =
+            std::pin::pin!(run(&plan, cluster, first, hash, req, upgrade, &mut current));
+        match plan.timeout {
+            Some(t) => within(t, attempts.as_mut()).await,
+            None => Some(attempts.await),
+        }
+    };
+    let Some(result) = result else {
+        // The attempt in flight was dropped with the future: its upstream stream is reset.
+        cluster.stats.upstream_rq_timeout.inc();
+        if let (Some(h), Some(d)) = (&current, cluster.resilience.outlier()) {
+            d.report(h, Outcome::Timeout);
+        }
+        return Err(timeout_reply(grpc));
     };
     match result {
         Ok((mut resp, n)) => {
@@ -687,6 +691,18 @@ pub async fn forward(
     }
 }
 
+/// `fut`'s output, or None when `t` passed first.
+async fn within<F: Future>(t: Duration, mut fut: Pin<&mut F>) -> Option<F::Output> {
+    let mut timer = std::pin::pin!(tokio::time::sleep(t));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
+}
+
 /// One attempt. `headers`, when given, are the request's headers lent by the retry loop
 /// (`req`'s own are then ignored; see [`Cluster::send_at_with`]).
 async fn attempt(
@@ -699,11 +715,11 @@ async fn attempt(
     let (per_try, high) = (plan.per_try, plan.policy.high_priority);
     let Some(idle) = plan.per_try_idle else {
         // No idle timer: the attempt's future and response body are passed through untouched.
-        let sent = cluster.send_at_with(host.clone(), req, headers, high);
+        let mut sent = std::pin::pin!(cluster.send_at_with(host.clone(), req, headers, high));
         let r = match per_try {
-            Some(t) => match tokio::time::timeout(t, sent).await {
-                Ok(r) => r,
-                Err(_) => return Err(per_try_timed_out(cluster, &host)),
+            Some(t) => match within(t, sent.as_mut()).await {
+                Some(r) => r,
+                None => return Err(per_try_timed_out(cluster, &host)),
             },
             None => sent.await,
         };
