@@ -325,7 +325,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, H1
     }
     let head = buf.split_to(n).freeze();
     // Room for what the router and connection manager add (server, via, x-envoy-*).
-    let headers = fields_map(&head, fields, 4);
+    let headers = fields_map(&head, &mut fields, 4);
     let framing = if head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT

@@ -411,7 +411,7 @@ fn parse_request(buf: &mut BytesMut, max_head: usize, max_headers: usize) -> Par
     };
     // Room for what the connection manager and router add (x-forwarded-*, x-request-id,
     // x-envoy-*), so those inserts do not rehash the map.
-    let headers = fields_map(&head, fields, 8);
+    let headers = fields_map(&head, &mut fields, 8);
     let mut req = Request::new(());
     *req.method_mut() = method;
     *req.uri_mut() = uri;
