@@ -456,7 +456,7 @@ impl RuntimeApiFilter {
 
 impl HttpFilter for RuntimeApiFilter {
     fn call<'a>(&'a self, req: Request<Body>, next: Next<'a>) -> BoxFuture<'a, Response<Body>> {
-        Box::pin(async move {
+        mecha_filters::boxed_in_place(|| async move {
             let path = req.uri().path();
             let is_grpc = req
                 .headers()

@@ -137,7 +137,7 @@ fn hit(p: f64) -> bool {
 
 impl HttpFilter for Fault {
     fn call<'a>(&'a self, req: Request<Body>, next: Next<'a>) -> BoxFuture<'a, Response<Body>> {
-        Box::pin(async move {
+        crate::boxed_in_place(|| async move {
             let per_route = req
                 .extensions()
                 .get::<RequestInfo>()

@@ -287,7 +287,7 @@ pub struct LocalRateLimit {
 
 impl HttpFilter for LocalRateLimit {
     fn call<'a>(&'a self, req: Request<Body>, next: Next<'a>) -> BoxFuture<'a, Response<Body>> {
-        Box::pin(async move {
+        crate::boxed_in_place(|| async move {
             // A route's own config (with its own bucket) replaces the filter's.
             let route = req
                 .extensions()

@@ -44,7 +44,7 @@ pub struct Router {
 
 impl HttpService for Router {
     fn call<'a>(&'a self, req: Request<Body>) -> BoxFuture<'a, Response<Body>> {
-        Box::pin(self.route(req))
+        mecha_filters::boxed_in_place(|| self.route(req))
     }
 
     fn would_route(
