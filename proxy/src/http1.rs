@@ -60,6 +60,16 @@ pub(crate) fn last_token(v: &[u8]) -> &[u8] {
     v.rsplit(|&b| b == b',').next().unwrap_or(v).trim_ascii()
 }
 
+/// A `connection` value that only says keep-alive or close (nominates no other header). Both
+/// codecs read it for the connection's persistence and leave it out of the header map: it is
+/// hop-by-hop, and the proxy would only remove it again (`strip_hop_by_hop`).
+pub(crate) fn plain_connection(v: &[u8]) -> bool {
+    v.split(|&b| b == b',').all(|t| {
+        let t = t.trim_ascii();
+        t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close")
+    })
+}
+
 /// True when a comma-separated header value lists `token` (case-insensitively).
 pub(crate) fn has_token(v: &[u8], token: &[u8]) -> bool {
     v.split(|&b| b == b',')
@@ -145,6 +155,10 @@ mod tests {
         assert_eq!(last_token(b"gzip, chunked"), b"chunked");
         assert!(has_token(b"keep-alive, Close", b"close"));
         assert!(!has_token(b"closed", b"close"));
+        assert!(plain_connection(b"Keep-Alive"));
+        assert!(plain_connection(b"close, keep-alive"));
+        assert!(!plain_connection(b"keep-alive, x-private"));
+        assert!(!plain_connection(b"upgrade"));
     }
 
     #[test]

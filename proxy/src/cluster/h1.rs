@@ -13,7 +13,9 @@
 //! asked to close.
 
 use super::pool::UpstreamStream;
-use crate::http1::{fields_map, last_token, offsets, parse_length, recycle, Fields};
+use crate::http1::{
+    fields_map, last_token, offsets, parse_length, plain_connection, recycle, Fields,
+};
 use crate::cluster::pool::Inner;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
@@ -318,6 +320,9 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, H1
                 } else if t.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
                     keep_alive = true;
                 }
+            }
+            if plain_connection(value) {
+                continue;
             }
         }
         let (start, end) = offsets(buf, value);

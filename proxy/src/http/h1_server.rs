@@ -19,7 +19,9 @@
 //! draining connection manager, closes the connection after the response.
 
 use super::hcm::{Activity, ConnInfo, Hcm};
-use crate::http1::{append_date, fields_map, has_token, offsets, parse_length, recycle, Fields};
+use crate::http1::{
+    append_date, fields_map, has_token, offsets, parse_length, plain_connection, recycle, Fields,
+};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri};
@@ -390,6 +392,9 @@ fn parse_request(buf: &mut BytesMut, max_head: usize, max_headers: usize) -> Par
         } else if name == CONNECTION {
             if has_token(value, b"close") {
                 keep_alive = false;
+            }
+            if plain_connection(value) {
+                continue;
             }
         } else if name == TE {
             te_trailers |= has_token(value, b"trailers");
