@@ -100,6 +100,21 @@ pub(crate) fn fields_map(head: &Bytes, fields: &mut Fields, extra: usize) -> Hea
     map
 }
 
+/// Appends `name: value\r\n`.
+pub(crate) fn encode_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends every field of `fields`.
+pub(crate) fn encode_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
+    for (name, value) in fields {
+        encode_field(out, name, value);
+    }
+}
+
 /// A map handed to [`recycle`] when dropped: for headers kept across awaits with several exits.
 pub(crate) struct RecycleOnDrop(pub(crate) HeaderMap);
 

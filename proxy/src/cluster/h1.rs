@@ -14,7 +14,8 @@
 
 use super::pool::UpstreamStream;
 use crate::http1::{
-    fields_map, last_token, offsets, parse_length, plain_connection, recycle, Fields,
+    encode_fields, fields_map, last_token, offsets, parse_length, plain_connection, recycle,
+    Fields,
 };
 use crate::cluster::pool::Inner;
 use bytes::{Bytes, BytesMut};
@@ -204,12 +205,7 @@ fn encode_head(
         .unwrap_or("/");
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    encode_fields(out, headers);
     if !headers.contains_key(CONTENT_LENGTH) {
         // As hyper's client does: a known-length body gets its length; an empty body of a
         // method that normally carries one says so explicitly.

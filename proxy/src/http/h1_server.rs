@@ -20,11 +20,12 @@
 
 use super::hcm::{Activity, ConnInfo, Hcm};
 use crate::http1::{
-    append_date, fields_map, has_token, offsets, parse_length, plain_connection, recycle, Fields,
+    append_date, encode_field, encode_fields, fields_map, has_token, offsets, parse_length,
+    plain_connection, recycle, Fields,
 };
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TE, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderName, Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use mecha_filters::Body;
 use std::future::{poll_fn, Future};
@@ -474,10 +475,7 @@ fn encode_head(
         } else if name == DATE {
             has_date = true;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        encode_field(out, name, value);
     }
     if !has_date {
         append_date(out);
@@ -510,15 +508,6 @@ fn encode_head(
     }
     out.extend_from_slice(b"\r\n");
     framing
-}
-
-fn encode_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
-    for (name, value) in fields {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
 }
 
 /// `n` in lowercase hex, written into the end of `buf`.
