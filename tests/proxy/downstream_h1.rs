@@ -67,11 +67,9 @@ async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>, head_request: bool)
                 }
                 fill(s, buf).await;
             };
-            let size = usize::from_str_radix(
-                std::str::from_utf8(&buf[..line_end]).unwrap().trim(),
-                16,
-            )
-            .expect("chunk size");
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&buf[..line_end]).unwrap().trim(), 16)
+                    .expect("chunk size");
             buf.drain(..line_end + 2);
             if size == 0 {
                 // No trailers were asked for: the empty line ends the message.
@@ -107,7 +105,11 @@ async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) {
         .await
         .expect("response in time")
         .expect("read");
-    assert!(n > 0, "connection closed early; have {:?}", String::from_utf8_lossy(buf));
+    assert!(
+        n > 0,
+        "connection closed early; have {:?}",
+        String::from_utf8_lossy(buf)
+    );
     buf.extend_from_slice(&chunk[..n]);
 }
 
@@ -187,7 +189,10 @@ async fn a_request_written_one_byte_at_a_time() {
     let mut buf = Vec::new();
     let r = read_response(&mut s, &mut buf, false).await;
     let j = r.json();
-    assert_eq!((r.status, j["method"].as_str(), j["body_len"].as_u64()), (200, Some("PUT"), Some(10)));
+    assert_eq!(
+        (r.status, j["method"].as_str(), j["body_len"].as_u64()),
+        (200, Some("PUT"), Some(10))
+    );
     assert_eq!(j["headers"]["x-long"][0], "abcdefghijklmnopqrstuvwxyz");
 }
 
@@ -202,7 +207,10 @@ async fn connection_close_is_honoured_and_announced() {
     let mut buf = Vec::new();
     let r = read_response(&mut s, &mut buf, false).await;
     assert_eq!((r.status, r.header("connection")), (200, Some("close")));
-    assert!(closed(&mut s).await, "the connection closes after the response");
+    assert!(
+        closed(&mut s).await,
+        "the connection closes after the response"
+    );
 }
 
 #[tokio::test]
@@ -210,13 +218,17 @@ async fn head_has_no_body_and_the_connection_goes_on() {
     let up = Upstream::echo("up").await;
     let (_m, port) = start(&up).await;
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(b"HEAD /h HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"HEAD /h HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     let r = read_response(&mut s, &mut buf, true).await;
     assert_eq!(r.status, 200);
     let len: usize = r.header("content-length").unwrap().parse().unwrap();
     assert!(len > 0, "HEAD keeps the representation's length");
-    s.write_all(b"GET /after HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /after HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
     let r = read_response(&mut s, &mut buf, false).await;
     assert_eq!(r.json()["path"], "/after");
 }
@@ -255,13 +267,17 @@ async fn a_response_of_unknown_length_is_sent_chunked() {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let mut buf = Vec::new();
     for _ in 0..2 {
-        s.write_all(b"GET /s HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        s.write_all(b"GET /s HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
         let r = read_response(&mut s, &mut buf, false).await;
         assert_eq!(r.header("transfer-encoding"), Some("chunked"));
         assert_eq!(r.body, b"part0;part1;part2;");
     }
     // With `te: trailers` the client gets the upstream's trailers.
-    s.write_all(b"GET /s HTTP/1.1\r\nhost: x\r\nte: trailers\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /s HTTP/1.1\r\nhost: x\r\nte: trailers\r\n\r\n")
+        .await
+        .unwrap();
     while find(&buf, b"0\r\nx-trailer").is_none() || !buf.ends_with(b"\r\n\r\n") {
         fill(&mut s, &mut buf).await;
     }
@@ -275,8 +291,13 @@ async fn unusual_requests_are_handed_to_hyper_mid_connection() {
     let (_m, port) = start(&up).await;
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let mut buf = Vec::new();
-    s.write_all(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
-    assert_eq!(read_response(&mut s, &mut buf, false).await.json()["path"], "/first");
+    s.write_all(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_response(&mut s, &mut buf, false).await.json()["path"],
+        "/first"
+    );
     // A chunked upload (not ours), pipelined with an ordinary request behind it.
     s.write_all(
         b"POST /upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\nGET /last HTTP/1.1\r\nhost: x\r\n\r\n",
@@ -285,19 +306,33 @@ async fn unusual_requests_are_handed_to_hyper_mid_connection() {
     .unwrap();
     let r = read_response(&mut s, &mut buf, false).await;
     let j = r.json();
-    assert_eq!((j["path"].as_str(), j["body_len"].as_u64()), (Some("/upload"), Some(7)));
-    assert_eq!(read_response(&mut s, &mut buf, false).await.json()["path"], "/last");
+    assert_eq!(
+        (j["path"].as_str(), j["body_len"].as_u64()),
+        (Some("/upload"), Some(7))
+    );
+    assert_eq!(
+        read_response(&mut s, &mut buf, false).await.json()["path"],
+        "/last"
+    );
     // A body larger than the codec reads up front streams through too.
     let big = vec![b'z'; 200 * 1024];
-    s.write_all(format!("POST /big HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n", big.len()).as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!(
+            "POST /big HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+            big.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
     s.write_all(&big).await.unwrap();
     let j = read_response(&mut s, &mut buf, false).await.json();
     assert_eq!(j["body_len"].as_u64(), Some(big.len() as u64));
     // HTTP/1.0 is hyper's from the start, and still answered.
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(b"GET /old HTTP/1.0\r\nhost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /old HTTP/1.0\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut all = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut all))
         .await
@@ -329,7 +364,9 @@ async fn a_client_hanging_up_cancels_its_request_upstream() {
     .await;
     let (m, port) = start(&up).await;
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(b"GET /hang HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /hang HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
     // Wait until the request reached the upstream, then hang up.
     for _ in 0..100 {
         if up.hits() == 1 {

@@ -13,11 +13,10 @@
 //! asked to close.
 
 use super::pool::UpstreamStream;
-use crate::http1::{
-    encode_fields, fields_map, last_token, offsets, parse_length, plain_connection, recycle,
-    Fields,
-};
 use crate::cluster::pool::Inner;
+use crate::http1::{
+    encode_fields, fields_map, last_token, offsets, parse_length, plain_connection, recycle, Fields,
+};
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};

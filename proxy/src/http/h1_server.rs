@@ -247,7 +247,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> H1Conn<IO> {
                     }
                     let complete = chunked || remaining == 0;
                     if !complete {
-                        tracing::debug!(missing = remaining, "response body shorter than its content-length");
+                        tracing::debug!(
+                            missing = remaining,
+                            "response body shorter than its content-length"
+                        );
                     }
                     return self.flush().await.is_ok() && complete;
                 }
@@ -631,7 +634,10 @@ mod tests {
         ] {
             let mut buf = BytesMut::from(text.as_bytes());
             assert!(
-                matches!(parse_request(&mut buf, 60 * 1024, MAX_HEADERS), Parse::Handoff),
+                matches!(
+                    parse_request(&mut buf, 60 * 1024, MAX_HEADERS),
+                    Parse::Handoff
+                ),
                 "{text:?}"
             );
             assert_eq!(&buf[..], text.as_bytes(), "consumed: {text:?}");
@@ -640,51 +646,82 @@ mod tests {
 
     #[test]
     fn partial_heads_wait_and_oversized_ones_go_to_hyper() {
-        assert!(matches!(parse("GET / HTTP/1.1\r\nHost: x\r\n"), Parse::Partial));
+        assert!(matches!(
+            parse("GET / HTTP/1.1\r\nHost: x\r\n"),
+            Parse::Partial
+        ));
         let mut buf = BytesMut::from("GET / HTTP/1.1\r\nHost: xxxxxxxx\r\n\r\n".as_bytes());
-        assert!(matches!(parse_request(&mut buf, 16, MAX_HEADERS), Parse::Handoff));
+        assert!(matches!(
+            parse_request(&mut buf, 16, MAX_HEADERS),
+            Parse::Handoff
+        ));
         let mut buf = BytesMut::from("GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n".as_bytes());
         assert!(matches!(parse_request(&mut buf, 1024, 1), Parse::Handoff));
     }
 
     #[test]
     fn response_heads() {
-        let head = |status: u16, headers: &[(&str, &str)], body: Body, head_req: bool, keep: bool| {
-            let mut resp = Response::new(body);
-            *resp.status_mut() = StatusCode::from_u16(status).unwrap();
-            for (k, v) in headers {
-                resp.headers_mut().append(
-                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                    HeaderValue::from_str(v).unwrap(),
-                );
-            }
-            let (parts, body) = resp.into_parts();
-            let mut out = Vec::new();
-            let framing = encode_head(&mut out, &parts, &body, head_req, keep);
-            (String::from_utf8(out).unwrap(), framing)
-        };
-        let (text, f) = head(200, &[("x-a", "1")], mecha_filters::full("hello"), false, true);
-        assert!(text.starts_with("HTTP/1.1 200 OK\r\nx-a: 1\r\ndate: "), "{text}");
+        let head =
+            |status: u16, headers: &[(&str, &str)], body: Body, head_req: bool, keep: bool| {
+                let mut resp = Response::new(body);
+                *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+                for (k, v) in headers {
+                    resp.headers_mut().append(
+                        HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                        HeaderValue::from_str(v).unwrap(),
+                    );
+                }
+                let (parts, body) = resp.into_parts();
+                let mut out = Vec::new();
+                let framing = encode_head(&mut out, &parts, &body, head_req, keep);
+                (String::from_utf8(out).unwrap(), framing)
+            };
+        let (text, f) = head(
+            200,
+            &[("x-a", "1")],
+            mecha_filters::full("hello"),
+            false,
+            true,
+        );
+        assert!(
+            text.starts_with("HTTP/1.1 200 OK\r\nx-a: 1\r\ndate: "),
+            "{text}"
+        );
         assert!(text.ends_with("content-length: 5\r\n\r\n"), "{text}");
         assert_eq!(f, Framing::Length(5));
 
-        let (text, f) = head(204, &[("content-length", "0")], mecha_filters::empty(), false, false);
+        let (text, f) = head(
+            204,
+            &[("content-length", "0")],
+            mecha_filters::empty(),
+            false,
+            false,
+        );
         assert!(!text.contains("content-length"), "{text}");
         assert!(text.ends_with("connection: close\r\n\r\n"), "{text}");
         assert_eq!(f, Framing::None);
 
-        let (text, f) = head(200, &[("content-length", "10")], mecha_filters::empty(), true, true);
+        let (text, f) = head(
+            200,
+            &[("content-length", "10")],
+            mecha_filters::empty(),
+            true,
+            true,
+        );
         assert!(text.contains("content-length: 10\r\n"), "{text}");
         assert_eq!(f, Framing::None);
 
         let stream = http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(
-            futures_util::stream::iter(vec![Ok::<_, mecha_filters::BoxError>(http_body::Frame::data(
-                Bytes::from_static(b"x"),
-            ))]),
+            futures_util::stream::iter(vec![Ok::<_, mecha_filters::BoxError>(
+                http_body::Frame::data(Bytes::from_static(b"x")),
+            )]),
         ));
         let (text, f) = head(
             200,
-            &[("transfer-encoding", "chunked"), ("connection", "keep-alive")],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("connection", "keep-alive"),
+            ],
             stream,
             false,
             true,

@@ -187,17 +187,16 @@ impl StateStore for RedisStore {
             let mut conn = self.conn.clone();
             // HMGET of the two fields Dapr's layout has, rather than HGETALL: the same answer for
             // that layout without a map of owned field names per read.
-            let ((data, version), pttl): ((Option<Vec<u8>>, Option<Vec<u8>>), i64) =
-                redis::pipe()
-                    .cmd("HMGET")
-                    .arg(&key)
-                    .arg("data")
-                    .arg("version")
-                    .cmd("PTTL")
-                    .arg(&key)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(redis_err)?;
+            let ((data, version), pttl): ((Option<Vec<u8>>, Option<Vec<u8>>), i64) = redis::pipe()
+                .cmd("HMGET")
+                .arg(&key)
+                .arg("data")
+                .arg("version")
+                .cmd("PTTL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err)?;
             let (Some(data), Some(version)) = (data, version) else {
                 return Ok(None);
             };
