@@ -154,7 +154,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> H1Conn<IO> {
                 mecha_filters::full(self.rbuf.split_to(body_len).freeze())
             };
             let head_request = req.method() == Method::HEAD;
-            let req = hcm.accept_boxed(req.map(|()| body));
+            let req = hcm.accept(req.map(|()| body));
 
             let guard = activity.begin();
             let resp = {

@@ -272,12 +272,6 @@ impl Hcm {
         self.respond(req, info).await
     }
 
-    /// [`Hcm::accept`] for a body that is boxed already. Not generic, so an async caller does
-    /// not meet rustc's higher-ranked `Into<BoxError>` limitation (rust-lang/rust#102211).
-    pub(super) fn accept_boxed(&self, req: Request<Body>) -> Accepted {
-        self.accept(req)
-    }
-
     /// Counts a request and boxes its body (with stream timers configured, watching its
     /// progress). Generic over the codec's body type up to here only, so the request's future
     /// is one type whichever codec read it.
