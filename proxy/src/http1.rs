@@ -17,6 +17,34 @@ thread_local! {
     /// response's), each two allocations of over a kilobyte, which glibc serves from its slow
     /// path. The maps of finished messages come back here, cleared, for the next heads.
     static SPARE: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+    /// Likewise the extensions of finished requests: the connection manager inserts the
+    /// request's `RequestInfo` into every request, and a fresh `Extensions` is a boxed hash map
+    /// with its own table, two allocations and two frees per request.
+    static SPARE_EXTENSIONS: RefCell<Vec<http::Extensions>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Empty request extensions, with a recycled map when this thread has one.
+pub(crate) fn extensions() -> http::Extensions {
+    SPARE_EXTENSIONS
+        .try_with(|s| s.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// Takes back the extensions of a request that is done with them (see [`extensions`]).
+pub(crate) fn recycle_extensions(mut ext: http::Extensions) {
+    if ext.is_empty() {
+        // Never used (no map allocated), or already cleared: nothing worth keeping.
+        return;
+    }
+    ext.clear();
+    let _ = SPARE_EXTENSIONS.try_with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARE_MAPS {
+            s.push(ext);
+        }
+    });
 }
 
 /// An empty header map with room for `n` fields: a recycled one when this thread has one.
@@ -74,6 +102,29 @@ pub(crate) fn plain_connection(v: &[u8]) -> bool {
 pub(crate) fn has_token(v: &[u8], token: &[u8]) -> bool {
     v.split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// A field name off the wire. The names nearly every message carries, spelled as clients and
+/// servers send them (Title-Case or lower case), are recognised by a fixed-size comparison;
+/// anything else goes through `HeaderName::from_bytes`, which lower-cases into a scratch buffer
+/// and searches the standard names (~110 instructions a name).
+pub(crate) fn field_name(raw: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    use http::header::*;
+    let known = |title: &[u8], lower: &[u8]| raw == title || raw == lower;
+    let name = match raw.len() {
+        4 if known(b"Host", b"host") => HOST,
+        4 if known(b"Date", b"date") => DATE,
+        6 if known(b"Server", b"server") => SERVER,
+        6 if known(b"Accept", b"accept") => ACCEPT,
+        10 if known(b"Connection", b"connection") => CONNECTION,
+        10 if known(b"User-Agent", b"user-agent") => USER_AGENT,
+        12 if known(b"Content-Type", b"content-type") => CONTENT_TYPE,
+        14 if known(b"Content-Length", b"content-length") => CONTENT_LENGTH,
+        15 if known(b"Accept-Encoding", b"accept-encoding") => ACCEPT_ENCODING,
+        17 if known(b"Transfer-Encoding", b"transfer-encoding") => TRANSFER_ENCODING,
+        _ => return HeaderName::from_bytes(raw),
+    };
+    Ok(name)
 }
 
 /// Parsed fields: each name with the offsets of its value in the head, kept on the stack for
@@ -190,6 +241,49 @@ mod tests {
         assert!(header_map(cap + 100).capacity() >= cap + 100);
     }
 
+    #[test]
+    fn field_names_match_from_bytes() {
+        for raw in [
+            "Host",
+            "host",
+            "HOST",
+            "Content-Length",
+            "content-length",
+            "CONTENT-length",
+            "Date",
+            "Server",
+            "server",
+            "Connection",
+            "Accept",
+            "User-Agent",
+            "Content-Type",
+            "Accept-Encoding",
+            "Transfer-Encoding",
+            "transfer-encoding",
+            "X-Custom",
+            "x-request-id",
+            "Hostx",
+            "Dat",
+        ] {
+            assert_eq!(
+                field_name(raw.as_bytes()).unwrap(),
+                HeaderName::from_bytes(raw.as_bytes()).unwrap(),
+                "{raw}"
+            );
+        }
+        assert!(field_name(b"bad name").is_err());
+        assert!(field_name(b"").is_err());
+    }
+
+    #[test]
+    fn extensions_are_recycled_empty() {
+        let mut e = extensions();
+        e.insert(7u32);
+        recycle_extensions(e);
+        let again = extensions();
+        assert!(again.is_empty());
+        assert!(again.get::<u32>().is_none());
+    }
     #[test]
     fn date_is_an_imf_fixdate() {
         let mut out = Vec::new();

@@ -13,6 +13,7 @@ pub mod admin;
 pub mod body;
 pub mod build;
 pub mod capture;
+pub mod clock;
 pub mod cluster;
 pub mod drain;
 pub mod filter_chain_match;

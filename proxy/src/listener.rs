@@ -79,10 +79,10 @@ pub async fn run(listener: TcpListener, runtime: Arc<ArcSwap<ListenerRuntime>>, 
         };
         let rt = runtime.load_full();
         let drain = drain.clone();
-        tokio::spawn(async move {
+        tokio::spawn(crate::clock::Fresh::new(async move {
             let _tracker = drain.track();
             serve_connection(rt, stream, remote, drain).await;
-        });
+        }));
     }
 }
 

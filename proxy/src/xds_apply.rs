@@ -491,10 +491,10 @@ async fn accept_loop(tcp: TcpListener, current: Arc<ArcSwap<Generation>>, stop: 
             _ = &mut stopped => break,
         };
         let gen = current.load_full();
-        tokio::spawn(async move {
+        tokio::spawn(crate::clock::Fresh::new(async move {
             let _tracker = gen.drain.track();
             listener::serve_connection(gen.runtime.clone(), stream, remote, gen.drain.clone())
                 .await;
-        });
+        }));
     }
 }

@@ -166,6 +166,7 @@ pub(crate) async fn send(
     match read_head(&mut conn, parts.method == Method::HEAD).await {
         Ok(head) => {
             recycle(parts.headers);
+            crate::http1::recycle_extensions(parts.extensions);
             Ok(into_response(conn, head, pool, true))
         }
         Err(e) => {
@@ -295,7 +296,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, H1
     let mut encoded = false;
     let mut fields = Fields::new();
     for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
+        let name = crate::http1::field_name(h.name.as_bytes())
             .map_err(|_| H1Error::Protocol("invalid response header name"))?;
         let value = h.value;
         if name == CONTENT_LENGTH {

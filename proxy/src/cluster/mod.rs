@@ -24,7 +24,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// The hosts of a cluster at one moment, grouped by priority, with each level's balancer.
 pub struct HostSet {
@@ -355,7 +354,7 @@ impl Cluster {
             _rq_slot: rq_slot,
         };
         let outlier = self.resilience.outlier();
-        let start = Instant::now();
+        let start = crate::clock::now_std();
         let pool = match high {
             false => &host.pool,
             true => host
@@ -364,7 +363,9 @@ impl Cluster {
         };
         match pool.request_with(req, headers).await {
             Ok(resp) => {
-                stats.upstream_rq_time.record_duration_ms(start.elapsed());
+                stats
+                    .upstream_rq_time
+                    .record_duration_ms(crate::clock::now_std().saturating_duration_since(start));
                 stats.record_status(resp.status().as_u16());
                 stats.upstream_rq_completed.inc();
                 if let Some(d) = outlier {

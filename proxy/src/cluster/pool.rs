@@ -357,7 +357,7 @@ impl Inner {
         if self
             .settings
             .idle_timeout
-            .is_some_and(|t| i.since.elapsed() >= t)
+            .is_some_and(|t| crate::clock::now_std().saturating_duration_since(i.since) >= t)
         {
             // Older entries sit below: all of them have expired too.
             idle.clear();
@@ -382,7 +382,7 @@ impl Inner {
     fn push_idle(self: &Arc<Self>, conn: IdleConn) {
         self.idle.lock().push(Idle {
             conn,
-            since: Instant::now(),
+            since: crate::clock::now_std(),
         });
         if self.waiting.load(Ordering::Acquire) > 0 {
             self.returned.notify_waiters();

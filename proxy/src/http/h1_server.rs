@@ -25,7 +25,7 @@ use crate::http1::{
 };
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TE, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderName, Method, Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use mecha_filters::Body;
 use std::future::{poll_fn, Future};
@@ -382,7 +382,7 @@ fn parse_request(buf: &mut BytesMut, max_head: usize, max_headers: usize) -> Par
     let mut te_trailers = false;
     let mut fields = Fields::new();
     for h in req.headers.iter() {
-        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+        let Ok(name) = crate::http1::field_name(h.name.as_bytes()) else {
             return Parse::Handoff;
         };
         let value = h.value;
@@ -667,7 +667,7 @@ mod tests {
                 *resp.status_mut() = StatusCode::from_u16(status).unwrap();
                 for (k, v) in headers {
                     resp.headers_mut().append(
-                        HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                        http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
                         HeaderValue::from_str(v).unwrap(),
                     );
                 }

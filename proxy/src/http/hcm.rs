@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use mecha_config::{CodecType, HttpConnectionManager};
 use mecha_filters::{local_reply, Body, FilterChain, RequestInfo, RouteHandle};
@@ -178,7 +178,7 @@ impl Hcm {
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(crate::clock::FreshExecutor);
         builder
             .http1()
             .timer(TokioTimer::new())
@@ -256,7 +256,7 @@ impl Hcm {
     }
 
     fn expired(&self, a: &Activity, started: Instant) -> bool {
-        let now = Instant::now();
+        let now = crate::clock::now_std();
         if self
             .max_connection_duration
             .is_some_and(|d| now >= started + d)
@@ -280,7 +280,7 @@ impl Hcm {
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<mecha_filters::BoxError>,
     {
-        let start = Instant::now();
+        let start = crate::clock::now_std();
         let stats = &self.stats;
         stats.downstream_rq_total.inc();
         stats.downstream_rq_active.inc();
@@ -323,7 +323,9 @@ impl Hcm {
         }
         let status = resp.status().as_u16();
         stats.record_status(status);
-        stats.downstream_rq_time.record_duration_ms(start.elapsed());
+        stats
+            .downstream_rq_time
+            .record_duration_ms(crate::clock::now_std().saturating_duration_since(start));
         stats.downstream_rq_completed.inc();
         stats.downstream_rq_active.dec();
         resp
@@ -379,6 +381,9 @@ impl Hcm {
             .map(|r| r.name.clone())
             .unwrap_or_else(|| self.no_name.clone());
         let client = self.trusted_client(req.headers(), info.remote);
+        if req.extensions().is_empty() {
+            *req.extensions_mut() = crate::http1::extensions();
+        }
         req.extensions_mut().insert(RequestInfo {
             downstream_remote: client,
             downstream_local: info.local,
@@ -441,6 +446,9 @@ struct Supervisor {
     shutting_down: bool,
     started: Instant,
     side: Arc<SideWaker>,
+    /// The task waker last registered with `side`: registering is atomic read-modify-writes,
+    /// and the connection's task (hence its waker) seldom changes.
+    registered: Option<Waker>,
 }
 
 enum Event<T> {
@@ -450,7 +458,7 @@ enum Event<T> {
 
 impl Supervisor {
     fn new(hcm: &Hcm, drain: &Drain) -> Self {
-        let started = Instant::now();
+        let started = crate::clock::now_std();
         Self {
             draining: drain.signaled(),
             drain_started: false,
@@ -460,6 +468,7 @@ impl Supervisor {
             shutting_down: false,
             started,
             side: Arc::new(SideWaker::default()),
+            registered: None,
         }
     }
 
@@ -467,8 +476,18 @@ impl Supervisor {
     /// wake-up of the connection, which happen several times per request). Ready when the
     /// connection must shut down gracefully, or be dropped.
     fn poll_side(&mut self, cx: &mut Context<'_>, hcm: &Hcm, activity: &Activity) -> Poll<Side> {
-        self.side.task.register(cx.waker());
-        while self.side.woken.swap(false, Ordering::AcqRel) {
+        if !self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            self.side.task.register(cx.waker());
+            self.registered = Some(cx.waker().clone());
+        }
+        // A plain load first: the flag is almost always clear, and a swap is a locked write.
+        while self.side.woken.load(Ordering::Acquire)
+            && self.side.woken.swap(false, Ordering::AcqRel)
+        {
             let waker = Waker::from(self.side.clone());
             let mut scx = Context::from_waker(&waker);
             if self.draining.as_mut().poll(&mut scx).is_ready() {
@@ -545,7 +564,7 @@ pub(super) struct ActivityGuard(Arc<Activity>);
 
 impl Activity {
     fn epoch(&self) -> Instant {
-        *self.epoch.get_or_init(Instant::now)
+        *self.epoch.get_or_init(crate::clock::now_std)
     }
     pub(super) fn begin(self: &Arc<Self>) -> ActivityGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
@@ -561,7 +580,9 @@ impl Activity {
 
 impl Drop for ActivityGuard {
     fn drop(&mut self) {
-        let ms = self.0.epoch().elapsed().as_millis() as u64;
+        let ms = crate::clock::now_std()
+            .saturating_duration_since(self.0.epoch())
+            .as_millis() as u64;
         self.0.last_ms.store(ms, Ordering::Relaxed);
         self.0.active.fetch_sub(1, Ordering::Relaxed);
     }

@@ -54,14 +54,17 @@ pub struct Progress {
 impl Progress {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
-            base: Instant::now(),
+            base: crate::clock::now(),
             last_us: AtomicU64::new(0),
             done: AtomicBool::new(false),
         })
     }
 
     fn touch(&self) {
-        let us = self.base.elapsed().as_micros().min(u64::MAX as u128) as u64;
+        let us = crate::clock::now()
+            .saturating_duration_since(self.base)
+            .as_micros()
+            .min(u64::MAX as u128) as u64;
         self.last_us.store(us, Ordering::Relaxed);
     }
 
@@ -172,7 +175,7 @@ where
             inner: Some(body),
             sleep: None,
             timeout,
-            last: Instant::now(),
+            last: crate::clock::now(),
             request,
             on_timeout: Some(on_timeout),
             reason,
@@ -200,7 +203,7 @@ where
         };
         if let Poll::Ready(res) = inner.poll_frame(cx) {
             if matches!(res, Some(Ok(_))) {
-                *this.last = Instant::now();
+                *this.last = crate::clock::now();
             }
             return Poll::Ready(res.map(|r| r.map_err(Into::into)));
         }
@@ -220,7 +223,7 @@ where
                 last = last.max(p.last());
             }
             let deadline = last + *this.timeout;
-            if Instant::now() < deadline {
+            if crate::clock::now() < deadline {
                 sleep.reset(deadline);
                 continue;
             }
@@ -256,7 +259,7 @@ pub async fn await_headers<T>(
     request: Option<&Progress>,
 ) -> Option<T> {
     tokio::pin!(sent);
-    let start = Instant::now();
+    let start = crate::clock::now();
     let sleep = tokio::time::sleep_until(start + timeout);
     tokio::pin!(sleep);
     loop {
@@ -265,11 +268,11 @@ pub async fn await_headers<T>(
             r = &mut sent => return Some(r),
             _ = &mut sleep => {
                 let deadline = match request {
-                    Some(p) if !p.done() => Instant::now() + timeout,
+                    Some(p) if !p.done() => crate::clock::now() + timeout,
                     Some(p) => p.last().max(start) + timeout,
                     None => start + timeout,
                 };
-                if Instant::now() >= deadline {
+                if crate::clock::now() >= deadline {
                     return None;
                 }
                 sleep.as_mut().reset(deadline);
@@ -383,7 +386,7 @@ impl StreamTimeouts {
         }
         let request_done = |p: &Option<Arc<Progress>>| p.as_ref().is_none_or(|p| p.done());
         let grpc = is_grpc(&req);
-        let start = Instant::now();
+        let start = crate::clock::now();
         let chain = chain(req);
         tokio::pin!(chain);
         let mut idle_at = idle.map(|t| start + t);
@@ -399,7 +402,7 @@ impl StreamTimeouts {
                 _ = sleep_until(idle_at), if idle_at.is_some() => {
                     let last = progress.as_ref().map_or(start, |p| p.last().max(start));
                     let deadline = idle.map(|t| last + t);
-                    if deadline.is_some_and(|d| Instant::now() < d) {
+                    if deadline.is_some_and(|d| crate::clock::now() < d) {
                         idle_at = deadline;
                         continue;
                     }

@@ -693,7 +693,7 @@ pub async fn forward(
 
 /// `fut`'s output, or None when `t` passed first.
 async fn within<F: Future>(t: Duration, mut fut: Pin<&mut F>) -> Option<F::Output> {
-    let mut timer = std::pin::pin!(tokio::time::sleep(t));
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(crate::clock::now() + t));
     std::future::poll_fn(|cx| {
         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
             return Poll::Ready(Some(out));

@@ -18,7 +18,6 @@ use mecha_filters::{
     NoRoute, RequestInfo, Unrouted,
 };
 use std::sync::Arc;
-use std::time::Instant;
 
 static EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 static UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
@@ -227,7 +226,7 @@ impl Router {
         } else {
             None
         };
-        let start = Instant::now();
+        let start = crate::clock::now_std();
         // Attempts, retries and timeouts live in retry.rs; Err is the local reply to send.
         let upgrade = downstream_upgrade.is_some();
         let mut resp = match retry::forward(plan, cluster, host, hash, req, upgrade).await {
@@ -246,7 +245,11 @@ impl Router {
         if !self.suppress_envoy_headers {
             resp.headers_mut().insert(
                 UPSTREAM_SERVICE_TIME.clone(),
-                number_header(start.elapsed().as_millis() as u64),
+                number_header(
+                    crate::clock::now_std()
+                        .saturating_duration_since(start)
+                        .as_millis() as u64,
+                ),
             );
         }
         apply_response_ops(&route, weighted_ops.as_deref(), &mut resp, &vars);

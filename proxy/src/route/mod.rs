@@ -381,6 +381,10 @@ impl RouteTable {
     /// Envoy's domain search: exact, then longest suffix wildcard, then longest prefix
     /// wildcard, then `*`. A host with a port that matches nothing is tried without the port.
     pub fn select_vhost(&self, host: &str) -> Option<&VirtualHost> {
+        if self.exact.is_empty() && self.suffixes.is_empty() && self.prefixes.is_empty() {
+            // Only `*` (the usual sidecar table): no need to lower-case or hash the host.
+            return self.any.map(|i| &self.vhosts[i]);
+        }
         let lowered;
         let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
             lowered = host.to_ascii_lowercase();
@@ -397,8 +401,10 @@ impl RouteTable {
     }
 
     fn find_vhost_named(&self, host: &str) -> Option<&VirtualHost> {
-        if let Some(i) = self.exact.get(host) {
-            return Some(&self.vhosts[*i]);
+        if !self.exact.is_empty() {
+            if let Some(i) = self.exact.get(host) {
+                return Some(&self.vhosts[*i]);
+            }
         }
         for (s, i) in &self.suffixes {
             if host.len() > s.len() && host.ends_with(s.as_str()) {
