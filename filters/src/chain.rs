@@ -141,6 +141,10 @@ pub struct RequestInfo {
     pub per_filter: PerFilterConfig,
     /// The route the connection manager selected, for the router.
     pub route: RouteHandle,
+    /// Whether the request, as received, is gRPC (`content-type: application/grpc…`): local
+    /// replies (timeouts, upstream failures) then take gRPC's trailers-only form. Read once
+    /// here rather than looked up again by each part that may answer.
+    pub grpc: bool,
 }
 
 /// The connection manager's route selection, opaque here (the route type is the proxy's). It

@@ -9,7 +9,7 @@ use crate::drain::Drain;
 use crate::route::RouteTable;
 use crate::stats::HttpStats;
 use arc_swap::ArcSwap;
-use http::header::{HeaderName, HeaderValue};
+use http::header::{Entry, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -354,14 +354,21 @@ impl Hcm {
                 }
             }
             headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-        } else if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        } else if let Entry::Vacant(e) = headers.entry(&X_FORWARDED_PROTO) {
+            // One hash for the test and the insert.
+            e.insert(HeaderValue::from_static("http"));
         }
         if self.generate_request_id {
-            let external = headers.contains_key(&X_REQUEST_ID);
             // At the edge Envoy does not trust an external request id unless told to.
-            if !external || (self.use_remote_address && !self.preserve_external_request_id) {
-                headers.insert(X_REQUEST_ID.clone(), uuid_v4_header());
+            let replace = self.use_remote_address && !self.preserve_external_request_id;
+            match headers.entry(&X_REQUEST_ID) {
+                Entry::Vacant(e) => {
+                    e.insert(uuid_v4_header());
+                }
+                Entry::Occupied(mut e) if replace => {
+                    e.insert(uuid_v4_header());
+                }
+                Entry::Occupied(_) => {}
             }
         }
         let table = self.routes.load();
@@ -381,6 +388,7 @@ impl Hcm {
             .map(|r| r.name.clone())
             .unwrap_or_else(|| self.no_name.clone());
         let client = self.trusted_client(req.headers(), info.remote);
+        let grpc = super::headers::is_grpc(req.headers());
         if req.extensions().is_empty() {
             *req.extensions_mut() = crate::http1::extensions();
         }
@@ -390,6 +398,7 @@ impl Hcm {
             route_name,
             per_filter,
             route: RouteHandle(route.map(|r| r as Arc<dyn std::any::Any + Send + Sync>)),
+            grpc,
         });
         Ok(())
     }

@@ -99,6 +99,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// Whether this is an HTTP/1.1 upgrade request, and of which protocol (lower-cased).
+/// Whether `headers` say gRPC (`content-type: application/grpc…`).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Whether a request is gRPC: the connection manager's reading in its [`RequestInfo`], or
+/// (a request that did not come through it) its headers.
+pub fn request_is_grpc<B>(req: &http::Request<B>) -> bool {
+    match req.extensions().get::<mecha_filters::RequestInfo>() {
+        Some(i) => i.grpc,
+        None => is_grpc(req.headers()),
+    }
+}
+
 pub fn upgrade_type(headers: &HeaderMap) -> Option<String> {
     let conn = headers.get(header::CONNECTION)?.to_str().ok()?;
     if !conn
@@ -179,22 +196,33 @@ thread_local! {
 
 fn uuid_v4_bytes() -> [u8; 36] {
     use rand::RngCore;
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut b = [0u8; 16];
+    /// Each byte's two hex digits, so a byte is one lookup and one two-byte store.
+    const PAIRS: [[u8; 2]; 256] = {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut t = [[0u8; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = [HEX[i >> 4], HEX[i & 0x0f]];
+            i += 1;
+        }
+        t
+    };
+    /// Where each byte's digits go in `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+    const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
     // Request ids need uniqueness, not secrecy: a per-thread xoshiro seeded from the OS is a
     // fraction of the cost of the reseeding ChaCha `ThreadRng`.
-    FAST_RNG.with(|r| r.borrow_mut().fill_bytes(&mut b));
+    let (hi, lo) = FAST_RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        (r.next_u64(), r.next_u64())
+    });
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&hi.to_le_bytes());
+    b[8..].copy_from_slice(&lo.to_le_bytes());
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let mut out = [b'-'; 36];
-    let mut o = 0;
-    for (i, x) in b.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            o += 1;
-        }
-        out[o] = HEX[(x >> 4) as usize];
-        out[o + 1] = HEX[(x & 0x0f) as usize];
-        o += 2;
+    for (x, at) in b.iter().zip(AT) {
+        out[at..at + 2].copy_from_slice(&PAIRS[*x as usize]);
     }
     out
 }

@@ -298,13 +298,6 @@ fn route_idle(req: &Request<Body>) -> Option<Option<Duration>> {
     }
 }
 
-fn is_grpc(req: &Request<Body>) -> bool {
-    req.headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
 /// A stream-timeout local reply; gRPC requests get Envoy's HTTP→gRPC status mapping
 /// (504 → UNAVAILABLE 14, 408 → UNKNOWN 2) in a trailers-only response.
 fn timeout_reply(request_done: bool, text: &str, grpc: bool) -> Response<Body> {
@@ -385,7 +378,7 @@ impl StreamTimeouts {
             progress = Some(p);
         }
         let request_done = |p: &Option<Arc<Progress>>| p.as_ref().is_none_or(|p| p.done());
-        let grpc = is_grpc(&req);
+        let grpc = super::headers::request_is_grpc(&req);
         let start = crate::clock::now();
         let chain = chain(req);
         tokio::pin!(chain);

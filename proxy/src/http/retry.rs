@@ -615,13 +615,6 @@ pub(crate) fn grpc_reply(code: u32, message: &str) -> Response<Body> {
     resp
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
 /// The reply for a request whose route timeout expired.
 pub fn timeout_reply(grpc: bool) -> Response<Body> {
     Failure::PerTryTimeout.reply(grpc)
@@ -657,7 +650,7 @@ pub async fn forward(
     req: Request<Body>,
     upgrade: bool,
 ) -> Result<Response<Body>, Response<Body>> {
-    let grpc = is_grpc(req.headers());
+    let grpc = super::headers::request_is_grpc(&req);
     let mut current: Option<Arc<Host>> = None;
     // The attempts and the route timer are polled side by side where the attempts are pinned:
     // wrapping their (kilobytes big) future in a `Timeout` would move it one more time.
