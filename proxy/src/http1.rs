@@ -23,13 +23,26 @@ thread_local! {
     static SPARE_EXTENSIONS: RefCell<Vec<http::Extensions>> = const { RefCell::new(Vec::new()) };
 }
 
+type Spares<T> = std::thread::LocalKey<RefCell<Vec<T>>>;
+
+/// A spare from `spares`, if this thread has one (and is not being torn down).
+fn take_spare<T: 'static>(spares: &'static Spares<T>) -> Option<T> {
+    spares.try_with(|s| s.borrow_mut().pop()).ok().flatten()
+}
+
+/// Keeps `spare` for reuse, up to [`SPARE_MAPS`] per thread.
+fn give_spare<T: 'static>(spares: &'static Spares<T>, spare: T) {
+    let _ = spares.try_with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARE_MAPS {
+            s.push(spare);
+        }
+    });
+}
+
 /// Empty request extensions, with a recycled map when this thread has one.
 pub(crate) fn extensions() -> http::Extensions {
-    SPARE_EXTENSIONS
-        .try_with(|s| s.borrow_mut().pop())
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+    take_spare(&SPARE_EXTENSIONS).unwrap_or_default()
 }
 
 /// Takes back the extensions of a request that is done with them (see [`extensions`]).
@@ -39,17 +52,12 @@ pub(crate) fn recycle_extensions(mut ext: http::Extensions) {
         return;
     }
     ext.clear();
-    let _ = SPARE_EXTENSIONS.try_with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < SPARE_MAPS {
-            s.push(ext);
-        }
-    });
+    give_spare(&SPARE_EXTENSIONS, ext);
 }
 
 /// An empty header map with room for `n` fields: a recycled one when this thread has one.
 pub(crate) fn header_map(n: usize) -> HeaderMap {
-    match SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten() {
+    match take_spare(&SPARE) {
         Some(mut m) => {
             // A spare too small (say, a small response's map) is grown rather than dropped:
             // dropping it and allocating anew cost a free and a malloc per request on paths
@@ -70,12 +78,7 @@ pub(crate) fn recycle(mut map: HeaderMap) {
         return;
     }
     map.clear();
-    let _ = SPARE.try_with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < SPARE_MAPS {
-            s.push(map);
-        }
-    });
+    give_spare(&SPARE, map);
 }
 
 /// A `content-length` value: digits only (RFC 9110 §8.6), no sign, no overflow.
