@@ -17,6 +17,7 @@ pub mod body;
 pub mod builtin;
 pub mod chain;
 pub mod network;
+pub mod pooled;
 pub mod registry;
 pub mod stats;
 pub mod upstream;
@@ -36,10 +37,20 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T
 /// `Box::pin(make())` with the allocation made first, so the future is written straight into
 /// it. `Box::pin(fut)` builds the future on the stack and then copies all of it, and the
 /// futures of a filter or the router are kilobytes: that copy was ~600 instructions of a
-/// proxied request. Filters should box their futures with this.
-pub fn boxed_in_place<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
-    let mut slot = Box::<F>::new_uninit();
-    slot.write(make());
-    // SAFETY: written just above.
-    Box::into_pin(unsafe { slot.assume_init() })
+/// proxied request. Futures of a kilobyte or more live in per-thread pooled blocks
+/// ([`pooled`]), so a request makes no large allocation. Filters should box their futures
+/// with this.
+pub fn boxed_in_place<'a, F>(make: impl FnOnce() -> F) -> BoxFuture<'a, F::Output>
+where
+    F: std::future::Future + Send + 'a,
+{
+    match pooled::Pooled::new_in_place(make) {
+        Ok(fut) => Box::pin(fut),
+        Err(make) => {
+            let mut slot = Box::<F>::new_uninit();
+            slot.write(make());
+            // SAFETY: written just above.
+            Box::into_pin(unsafe { slot.assume_init() })
+        }
+    }
 }

@@ -35,6 +35,9 @@ fn no_content() -> Response<Body> {
 
 /// Decodes `%XX` escapes in a path segment.
 pub(crate) fn percent_decode(s: &str) -> String {
+    if !s.contains('%') {
+        return s.to_string();
+    }
     let b = s.as_bytes();
     let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(b.len());
@@ -50,7 +53,16 @@ pub(crate) fn percent_decode(s: &str) -> String {
         out.push(b[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// The decoded rest of a path (`key @ ..` segments joined by `/`); borrowed when it is one
+/// segment without escapes, as state keys and topics nearly always are.
+fn decode_rest<'a>(segs: &[&'a str]) -> std::borrow::Cow<'a, str> {
+    match segs {
+        [one] => percent_decode_cow(one),
+        _ => std::borrow::Cow::Owned(percent_decode(&segs.join("/"))),
+    }
 }
 
 /// Decodes `%XX` escapes only when there are any (app ids rarely have them).
@@ -293,8 +305,8 @@ impl RuntimeApiFilter {
                 Ok(no_content())
             }
             ("v1.0", ["state", store, key @ ..], &Method::GET) if !key.is_empty() => {
-                let store = percent_decode(store);
-                let key = percent_decode(&key.join("/"));
+                let store = percent_decode_cow(store);
+                let key = decode_rest(key);
                 match self.rt.get_state(&store, &key).await? {
                     None => Ok(no_content()),
                     Some(item) => {
@@ -318,8 +330,8 @@ impl RuntimeApiFilter {
                 }
             }
             ("v1.0", ["state", store, key @ ..], &Method::DELETE) if !key.is_empty() => {
-                let store = percent_decode(store);
-                let key = percent_decode(&key.join("/"));
+                let store = percent_decode_cow(store);
+                let key = decode_rest(key);
                 let etag = req
                     .headers()
                     .get(http::header::IF_MATCH)
@@ -329,7 +341,7 @@ impl RuntimeApiFilter {
                     .delete_state(
                         &store,
                         DeleteItem {
-                            key,
+                            key: key.into_owned(),
                             etag,
                             concurrency: query_param(q, "concurrency").unwrap_or_default(),
                         },
@@ -338,8 +350,8 @@ impl RuntimeApiFilter {
                 Ok(no_content())
             }
             ("v1.0", ["publish", pubsub, topic @ ..], &Method::POST) => {
-                let pubsub = percent_decode(pubsub);
-                let topic = percent_decode(&topic.join("/"));
+                let pubsub = percent_decode_cow(pubsub);
+                let topic = decode_rest(topic);
                 self.rt.pubsub(&pubsub)?;
                 let h = req.headers().clone();
                 let ct = h
@@ -370,8 +382,8 @@ impl RuntimeApiFilter {
                 Ok(no_content())
             }
             ("v1.0-alpha1", ["publish", "bulk", pubsub, topic @ ..], &Method::POST) => {
-                let pubsub = percent_decode(pubsub);
-                let topic = percent_decode(&topic.join("/"));
+                let pubsub = percent_decode_cow(pubsub);
+                let topic = decode_rest(topic);
                 self.rt.pubsub(&pubsub)?;
                 #[derive(Deserialize)]
                 #[serde(rename_all = "camelCase")]
