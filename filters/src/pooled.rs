@@ -5,7 +5,7 @@
 //! and before it does, it consolidates every chunk parked in its fast bins: with tens of
 //! requests in flight those are many, and `malloc_consolidate` plus `_int_malloc` became a
 //! tenth of the runtime API path's CPU time. The blocks of finished futures are kept here per
-//! thread, by power-of-two size class, and handed to the next future of that class, so the
+//! thread, by size class (512-byte steps: a future's block wastes at most 511 bytes), and handed to the next future of that class, so the
 //! steady state makes no large allocation at all. Small futures are boxed as usual (glibc's
 //! thread cache serves those well).
 
@@ -18,21 +18,26 @@ use std::task::{Context, Poll};
 
 /// Futures this big or bigger use pooled blocks.
 pub(crate) const MIN_POOLED: usize = 1024;
-/// Block classes: 1, 2, 4, 8, 16 and 32 KiB. Larger futures are boxed as usual.
-const CLASSES: usize = 6;
-const BLOCK_ALIGN: usize = 64;
+/// Block sizes are multiples of this, up to `CLASSES` of them (32 KiB). Larger futures are
+/// boxed as usual.
+const STEP: usize = 512;
+const CLASSES: usize = 64;
+/// glibc's own alignment: a larger one would go through its memalign path, which splits and
+/// fragments. Futures that need more are boxed as usual.
+const BLOCK_ALIGN: usize = 16;
 /// Blocks kept per class and thread: enough for the requests of a busy connection set, while
-/// bounding what an idle worker keeps (at most ~1 MiB for the 8 KiB class).
+/// bounding what an idle worker keeps (~1 MiB for the router's 6.5 KiB class).
 const KEEP: usize = 128;
 
+/// Class `c` holds blocks of `(c + 1) * STEP` bytes.
 fn class_of(size: usize) -> Option<usize> {
-    let class = size.max(MIN_POOLED).next_power_of_two().trailing_zeros() as usize - 10;
+    let class = size.max(1).div_ceil(STEP) - 1;
     (class < CLASSES).then_some(class)
 }
 
 fn layout(class: usize) -> Layout {
-    // Sizes and alignment are small powers of two: always a valid layout.
-    Layout::from_size_align(MIN_POOLED << class, BLOCK_ALIGN).expect("valid block layout")
+    // A multiple of 512 up to 32 KiB, aligned to 16: always a valid layout.
+    Layout::from_size_align((class + 1) * STEP, BLOCK_ALIGN).expect("valid block layout")
 }
 
 struct Cache([Vec<NonNull<u8>>; CLASSES]);
@@ -137,12 +142,16 @@ mod tests {
 
     #[test]
     fn classes() {
-        assert_eq!(class_of(1), Some(0));
-        assert_eq!(class_of(1024), Some(0));
-        assert_eq!(class_of(1025), Some(1));
-        assert_eq!(class_of(6656), Some(3));
-        assert_eq!(class_of(32 * 1024), Some(5));
+        assert_eq!(class_of(1024), Some(1));
+        assert_eq!(class_of(1025), Some(2));
+        assert_eq!(class_of(6656), Some(12));
+        assert_eq!(layout(12).size(), 6656);
+        assert_eq!(class_of(32 * 1024), Some(63));
         assert_eq!(class_of(32 * 1024 + 1), None);
+        for size in [1024, 1500, 5168, 6656, 32 * 1024] {
+            let l = layout(class_of(size).unwrap());
+            assert!(l.size() >= size && l.size() < size + STEP, "{size}");
+        }
     }
 
     struct Big {
