@@ -26,6 +26,7 @@ pub mod route;
 pub mod server;
 pub mod stats;
 pub mod tcp_proxy;
+pub mod timer_anchor;
 pub mod xds_apply;
 
 pub use build::{build, BuildContext, Snapshot};

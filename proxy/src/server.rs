@@ -119,6 +119,7 @@ impl Server {
             }
             None => None,
         };
+        tokio::spawn(crate::timer_anchor::run());
         let mut listeners = vec![];
         for (tcp, rt, addr) in bound {
             tracing::info!(listener = %rt.name, %addr, "listening");
