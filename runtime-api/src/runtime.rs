@@ -890,17 +890,32 @@ impl Runtime {
         }
         let bad_path = |e: http::Error| ApiError::malformed(format!("invalid method path: {e}"));
         if local {
-            // What follows `/method/` becomes the app's path.
-            let path = match target {
-                InvokeUri::Method(mq) => format!("/{mq}"),
+            if self.opts.app_protocol == AppProtocol::Grpc {
+                let method = match target {
+                    InvokeUri::Method(mq) => mq.to_string(),
+                    InvokeUri::Api { method_start } => {
+                        let pq = req.uri().path_and_query().map_or("", |p| p.as_str());
+                        pq.get(method_start..).unwrap_or("").to_string()
+                    }
+                };
+                return self.invoke_grpc_app(&method, req).await;
+            }
+            // What follows `/method/` becomes the app's path. In the API form it is the tail of
+            // the request's own (already valid) path, slash included, so nothing is formatted.
+            let uri = match target {
+                InvokeUri::Method(mq) => http::Uri::try_from(format!("/{mq}")),
                 InvokeUri::Api { method_start } => {
                     let pq = req.uri().path_and_query().map_or("", |p| p.as_str());
-                    format!("/{}", pq.get(method_start..).unwrap_or(""))
+                    match method_start.checked_sub(1).and_then(|s| pq.get(s..)) {
+                        Some(tail) if tail.starts_with('/') => http::Uri::try_from(tail),
+                        _ => http::Uri::try_from(format!(
+                            "/{}",
+                            pq.get(method_start..).unwrap_or("")
+                        )),
+                    }
                 }
-            };
-            if self.opts.app_protocol == AppProtocol::Grpc {
-                return self.invoke_grpc_app(&path[1..], req).await;
             }
+            .map_err(|e| bad_path(e.into()))?;
             let Some(cluster) = self.opts.app_cluster.as_deref() else {
                 return Err(ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -908,7 +923,7 @@ impl Runtime {
                     format!("app {app_id} has no app port configured"),
                 ));
             };
-            *req.uri_mut() = http::Uri::try_from(path).map_err(|e| bad_path(e.into()))?;
+            *req.uri_mut() = uri;
             // Dapr's own headers are for the sidecar, not the app. Removed one name at a time:
             // usually there is one (`dapr-caller-app-id`) or none, so no list is allocated.
             while let Some(n) = req
@@ -940,7 +955,8 @@ impl Runtime {
             // straight to its cluster) a whole pass through the rest of the chain.
             let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
             let routed = next.would_route(app_id, pq, req.headers()) != Some(false);
-            if let (true, Ok(host)) = (routed, http::HeaderValue::from_str(app_id)) {
+            let host = || http::HeaderValue::from_str(app_id).ok();
+            if let Some(host) = routed.then(host).flatten() {
                 match route_invoke(next, req, host).await {
                     Ok(resp) => return Ok(resp),
                     Err(back) => req = back,

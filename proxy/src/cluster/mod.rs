@@ -591,18 +591,24 @@ impl Upstream for UpstreamHandle {
         cluster: &str,
         req: http::Request<Body>,
     ) -> BoxFuture<'static, Result<http::Response<Body>, UpstreamError>> {
-        let cm = self.clusters.load_full();
-        let cluster = cluster.to_string();
-        Box::pin(async move {
-            let c = cm
-                .get(&cluster)
-                .ok_or_else(|| UpstreamError::UnknownCluster(cluster.clone()))?;
-            let host = c.pick(None).ok_or_else(|| {
-                c.stats.upstream_cx_none_healthy.inc();
-                UpstreamError::NoHealthyUpstream(cluster.clone())
-            })?;
-            c.send(host, req).await
-        })
+        // Resolved before boxing, so the future holds no copy of the name and a failure
+        // allocates nothing large.
+        let picked = match self.clusters.load().get(cluster) {
+            None => Err(UpstreamError::UnknownCluster(cluster.to_string())),
+            Some(c) => match c.pick(None) {
+                Some(host) => Ok((c.clone(), host)),
+                None => {
+                    c.stats.upstream_cx_none_healthy.inc();
+                    Err(UpstreamError::NoHealthyUpstream(cluster.to_string()))
+                }
+            },
+        };
+        match picked {
+            Ok((c, host)) => {
+                mecha_filters::boxed_in_place(|| async move { c.send(host, req).await })
+            }
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
     }
 
     fn has_cluster(&self, cluster: &str) -> bool {
