@@ -6,7 +6,8 @@
 #     p50/p99 from h2load's per-request log) for state.in-memory and state.redis;
 #   - publish over HTTP for pubsub.in-memory and pubsub.redis (no subscriber: the API path);
 #   - invocation app -> mecha A -> mecha B -> app (nginx as the app) against one mecha proxy route
-#     to the same nginx and against nginx directly, at 1 connection (latency) and C connections;
+#     to the same nginx and against nginx directly, at C connections and at 1 connection (latency:
+#     ROUNDS alternating rounds, median of the per-round ratio);
 #   - plain proxy hop and redis-benchmark -t get at the same concurrency, as before.
 # Needs: a release build, wrk, h2load (nghttp2-client), nginx, redis-server, redis-benchmark,
 # python3. Usage: benches/runtime-load.sh [duration_s] [connections]
@@ -125,8 +126,26 @@ for n in mem red; do
 done
 
 echo "# Invocation (nginx as the app)"
-for c in 1 "$C"; do
-  run "direct: wrk -> nginx (c=$c)" "http://127.0.0.1:$NP/x" -c"$c"
-  run "one proxy route: wrk -> mecha -> nginx (c=$c)" "http://127.0.0.1:$AP/x" -c"$c"
-  run "two sidecars: wrk -> mecha A /v1.0/invoke/b -> mecha B -> nginx (c=$c)" "http://127.0.0.1:$HP/v1.0/invoke/b/method/x" -c"$c"
-done
+run "direct: wrk -> nginx (c=$C)" "http://127.0.0.1:$NP/x" -c"$C"
+run "one proxy route: wrk -> mecha -> nginx (c=$C)" "http://127.0.0.1:$AP/x" -c"$C"
+run "two sidecars: wrk -> mecha A /v1.0/invoke/b -> mecha B -> nginx (c=$C)" "http://127.0.0.1:$HP/v1.0/invoke/b/method/x" -c"$C"
+# Latency at one connection. On a 2-core VM a single 8 s sample per path swings by a third between
+# runs (where the scheduler puts four processes in a chain), so the three paths are measured in
+# alternating rounds (ROUNDS, 2 s each) and the ratio is taken per round, then its median.
+ROUNDS=${ROUNDS:-7}
+echo "== invocation latency at c=1, $ROUNDS alternating rounds: p50 in us (direct / one hop / two sidecars)"
+python3 - "$ROUNDS" "http://127.0.0.1:$NP/x" "http://127.0.0.1:$AP/x" "http://127.0.0.1:$HP/v1.0/invoke/b/method/x" <<'PY'
+import re, statistics, subprocess, sys
+rounds, urls = int(sys.argv[1]), sys.argv[2:]
+def p50_us(url):
+    out = subprocess.run(["wrk", "-t1", "-c1", "-d2s", "--latency", url], capture_output=True, text=True).stdout
+    v, unit = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)", out, re.M).groups()
+    return float(v) * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
+ratios = []
+for r in range(rounds):
+    d, h, t = (p50_us(u) for u in urls)
+    ratios.append((t - d) / (h - d))
+    print(f"    round {r + 1}: {d:.0f} / {h:.0f} / {t:.0f}  two sidecars add {ratios[-1]:.2f}x one hop")
+print(f"    median: two sidecars add {statistics.median(ratios):.2f}x the latency of one hop "
+      f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x)")
+PY
