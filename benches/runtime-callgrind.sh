@@ -6,7 +6,8 @@
 # The process under callgrind is warmed up (W requests), its counters zeroed (callgrind_control -z),
 # then N requests run over one keep-alive HTTP/1.1 connection and the counters are dumped; the
 # figure is the dumped total divided by N. The other sidecar and nginx run natively.
-# Usage: benches/runtime-callgrind.sh [N=2000] [W=200]; needs a release build, valgrind, h2load, nginx.
+# Usage: benches/runtime-callgrind.sh [N=2000] [W=200]; needs a release build (BIN=… for another),
+# valgrind, h2load, nginx.
 set -euo pipefail
 N=${1:-2000}; WARM=${2:-200}
 BIN=${BIN:-target/release/mecha}
@@ -61,8 +62,8 @@ measure() { # label url pid
   sleep 1
   local f; f=$(ls -t "$W"/cg.$pid.* | head -1)
   local total; total=$(grep -E '^(summary|totals):' "$f" | head -1 | awk '{print $2}')
-  printf '%-10s %12d instructions/request  (%s requests, %s)\n' "$label" $((total / N)) "$N" "$url"
-  # KEEP=dir keeps the dumps for callgrind_annotate.
+  # KEEP=dir keeps the dumps. Read them with `callgrind_annotate --threshold=100 FILE`: with the
+  # default threshold it prints only the first entry, which the dump charges with the whole total.
   if [ -n "${KEEP:-}" ]; then cp "$f" "$KEEP/$label.callgrind"; fi
   rm -f "$W"/cg.$pid.*
 }

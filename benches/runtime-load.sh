@@ -14,8 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${1:-10}; C=${2:-32}
-BIN=target/release/mecha
-[ -x "$BIN" ] || cargo build --release --bin mecha
+BIN=${BIN:-target/release/mecha}
+[ -x "$BIN" ] || cargo build --release --bin mecha   # BIN=target/pgo/release/mecha for the PGO build
 W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null; [ -f "$W/nginx.pid" ] && kill "$(cat "$W/nginx.pid")" 2>/dev/null; rm -rf "$W"' EXIT
 RP=$((20000 + RANDOM % 10000)); HP=$((RP + 1)); GP=$((RP + 2)); PP=$((RP + 3))
 NP=$((RP + 4)); AP=$((RP + 5)); BH=$((RP + 6)); BG=$((RP + 7))

@@ -16,7 +16,9 @@
 # plus mecha's RSS idle and with 1,000 open, busy connections.
 #
 # Usage: scripts/load-bench.sh            (env: DURATION=10 CONNS=64 H2_CONNS=16 H2_STREAMS=10
-#                                          PROXY_CPU=0 LOAD_CPU=1 SKIP_BUILD=1 KEEP=1)
+#                                          PROXY_CPU=0 LOAD_CPU=1 SKIP_BUILD=1 KEEP=1 MECHA_BIN=…
+#                                          PGO=1: build and measure the profile-guided build,
+#                                          scripts/pgo-build.sh -> target/pgo/release/mecha)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -55,7 +57,10 @@ if ((${#need[@]})); then
 fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-if [ -z "${SKIP_BUILD:-}" ]; then
+if [ -n "${PGO:-}" ]; then
+  [ -n "${SKIP_BUILD:-}" ] || "$ROOT/scripts/pgo-build.sh" >&2
+  MECHA_BIN="${MECHA_BIN:-$ROOT/target/pgo/release/mecha}"
+elif [ -z "${SKIP_BUILD:-}" ]; then
   log "cargo build --release"
   (cd "$ROOT" && cargo build --release --bin mecha >&2)
 fi
@@ -311,6 +316,7 @@ echo
 echo "mecha load benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo))"
 echo "proxies on CPU $PROXY_CPU (1 worker each), upstream nginx + load generator on CPU $LOAD_CPU, ${DURATION}s per point"
 echo "$("$MECHA_BIN" --version), $(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | awk '{print "haproxy/" $3}'), $(wrk --version 2>&1 | head -1 | awk '{print "wrk/" $2}'), $(h2load --version | awk '{print $2}')"
+echo "mecha binary: ${MECHA_BIN#"$ROOT"/}"
 echo
 printf '%-8s | %-34s | %-9s | %-30s | %s\n' "" "HTTP/1.1 saturation (wrk -c$CONNS)" "" "HTTP/1.1 at $RATE req/s" "HTTP/2 h2c (h2load -c$H2_CONNS -m$H2_STREAMS)"
 printf '%-8s | %10s %10s %10s | %4s %7s | %10s %10s %7s | %10s %10s %10s\n' \
