@@ -21,22 +21,8 @@ http { access_log off; client_body_temp_path $W; proxy_temp_path $W; fastcgi_tem
   server { listen 127.0.0.1:$NP; location / { return 200 "ok"; } location = /dapr/subscribe { return 404; } } }
 NGINX
 nginx -c "$W/nginx.conf" -p "$W"
-ep() { echo "load_assignment: { cluster_name: $1, endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $2 } } } } ] } ] }"; }
-hcm() {
-  cat <<YAML
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: $1
-          route_config: { virtual_hosts: [ { name: $1, domains: ["*"], routes: [ $2 ] } ] }
-          http_filters:
-$3          - { name: envoy.filters.http.router, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router } }
-YAML
-}
-RTF='          - { name: mecha.filters.http.runtime_api, typed_config: { "@type": type.googleapis.com/mecha.filters.http.runtime_api } }
-'
+# ep, hcm and RTF build the config below.
+source "$(dirname "$0")/../scripts/bench-lib.sh"
 {
   echo "static_resources:"; echo "  listeners:"
   echo "  - name: api"; echo "    address: { socket_address: { address: 127.0.0.1, port_value: $HP } }"; hcm api "" "$RTF"
@@ -62,6 +48,7 @@ measure() { # label url pid
   sleep 1
   local f; f=$(ls -t "$W"/cg.$pid.* | head -1)
   local total; total=$(grep -E '^(summary|totals):' "$f" | head -1 | awk '{print $2}')
+  printf '%-10s %12d instructions/request  (%s requests, %s)\n' "$label" $((total / N)) "$N" "$url"
   # KEEP=dir keeps the dumps. Read them with `callgrind_annotate --threshold=100 FILE`: with the
   # default threshold it prints only the first entry, which the dump charges with the whole total.
   if [ -n "${KEEP:-}" ]; then cp "$f" "$KEEP/$label.callgrind"; fi

@@ -39,22 +39,8 @@ nginx -c "$W/nginx.conf" -p "$W"
 # Sidecar A: the runtime API listener (HP), a plain proxy listener (PP) routing to HP's healthz
 # (the earlier "plain proxy" case), a route listener (AP) to nginx (the one-hop baseline), the
 # cluster "b" (sidecar B's HTTP API: invocation of app id b) and the cluster "app" (nginx).
-ep() { echo "load_assignment: { cluster_name: $1, endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $2 } } } } ] } ] }"; }
-hcm() { # name, routes, filters-before-router
-  cat <<YAML
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: $1
-          route_config: { virtual_hosts: [ { name: $1, domains: ["*"], routes: [ $2 ] } ] }
-          http_filters:
-$3          - { name: envoy.filters.http.router, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router } }
-YAML
-}
-RTF='          - { name: mecha.filters.http.runtime_api, typed_config: { "@type": type.googleapis.com/mecha.filters.http.runtime_api } }
-'
+# ep, hcm and RTF build the config below.
+source scripts/bench-lib.sh
 {
   echo "static_resources:"; echo "  listeners:"
   echo "  - name: api"; echo "    address: { socket_address: { address: 127.0.0.1, port_value: $HP } }"; hcm api "" "$RTF"

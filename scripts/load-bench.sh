@@ -42,19 +42,8 @@ HAPROXY_H2_PORT=$((BASE_PORT + 6))
 log() { printf '== %s\n' "$*" >&2; }
 
 # --- tools -------------------------------------------------------------------------------------
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v h2load >/dev/null || need+=(nghttp2-client)
-command -v nginx >/dev/null || need+=(nginx)
-command -v haproxy >/dev/null || need+=(haproxy)
-command -v taskset >/dev/null || need+=(util-linux)
-if ((${#need[@]})); then
-  log "installing ${need[*]}"
-  SUDO=""
-  [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+source "$ROOT/scripts/bench-lib.sh"
+install_missing wrk:wrk h2load:nghttp2-client nginx:nginx haproxy:haproxy taskset:util-linux
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 if [ -n "${PGO:-}" ]; then
@@ -74,15 +63,6 @@ cleanup() {
   [ -n "${KEEP:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
-
-wait_port() {
-  for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "port $1 did not open" >&2
-  return 1
-}
 
 # --- configs -----------------------------------------------------------------------------------
 mkdir -p "$WORK/up" "$WORK/nginx"

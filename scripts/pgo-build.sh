@@ -20,21 +20,16 @@ cd "$ROOT"
 TRAIN_S="${TRAIN_S:-6}"
 log() { printf '== %s\n' "$*" >&2; }
 
-need=()
-command -v nginx >/dev/null || need+=(nginx)
-command -v wrk >/dev/null || need+=(wrk)
-command -v h2load >/dev/null || need+=(nghttp2-client)
-if ((${#need[@]})); then
-  log "installing ${need[*]}"
-  SUDO=""
-  [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+source "$ROOT/scripts/bench-lib.sh"
+install_missing nginx:nginx wrk:wrk h2load:nghttp2-client curl:curl
 SYSROOT="$(rustc --print sysroot)"
 HOST="$(rustc -vV | sed -n 's/^host: //p')"
 PROFDATA="$SYSROOT/lib/rustlib/$HOST/bin/llvm-profdata"
 if [ ! -x "$PROFDATA" ]; then
+  command -v rustup >/dev/null || {
+    echo "no llvm-profdata at $PROFDATA, and no rustup to install it (llvm-tools)" >&2
+    exit 1
+  }
   log "rustup component add llvm-tools"
   rustup component add llvm-tools >&2
 fi
@@ -56,15 +51,6 @@ log "instrumented build (target/pgo-gen)"
 RUSTFLAGS="-Cprofile-generate=$ROOT/target/pgo-gen/profraw" cargo build --release --bin mecha --target-dir target/pgo-gen >&2
 GEN=target/pgo-gen/release/mecha
 
-wait_port() {
-  for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "port $1 did not open" >&2
-  return 1
-}
-
 P=$((21000 + RANDOM % 8000))
 UP=$P; PX=$((P + 1)); API=$((P + 2)); AG=$((P + 3)); BH=$((P + 4)); BG=$((P + 5))
 cat > "$WORK/nginx.conf" <<NGINX
@@ -76,27 +62,12 @@ http { access_log off; keepalive_requests 100000000;
 NGINX
 nginx -c "$WORK/nginx.conf" -p "$WORK"
 
-hcm() { # stat_prefix, routes, filters before the router
-  cat <<YAML
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: $1
-          route_config: { virtual_hosts: [ { name: $1, domains: ["*"], routes: [ $2 ] } ] }
-          http_filters:
-$3          - { name: envoy.filters.http.router, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router } }
-YAML
-}
-ep() { echo "load_assignment: { cluster_name: $1, endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $2 } } } } ] } ] }"; }
 {
   echo "static_resources:"; echo "  listeners:"
   echo "  - name: proxy"; echo "    address: { socket_address: { address: 127.0.0.1, port_value: $PX } }"
   hcm proxy '{ match: { prefix: "/" }, route: { cluster: up } }' ""
   echo "  - name: api"; echo "    address: { socket_address: { address: 127.0.0.1, port_value: $API } }"
-  hcm api "" '          - { name: mecha.filters.http.runtime_api, typed_config: { "@type": type.googleapis.com/mecha.filters.http.runtime_api } }
-'
+  hcm api "" "$RTF"
   echo "  clusters:"
   echo "  - name: up"; echo "    type: STATIC"; echo "    $(ep up "$UP")"
   echo "  - name: b"; echo "    type: STATIC"; echo "    $(ep b "$BH")"
