@@ -9,7 +9,7 @@
 # Steps: (1) an instrumented release build (`-Cprofile-generate`) in target/pgo-gen; (2) a short
 # training run with it: HTTP/1.1 and h2c proxying to an nginx upstream, and the runtime API
 # (state get and save, invocation through two sidecars); (3) `llvm-profdata merge`; (4) the
-# release build with `-Cprofile-use` in target/pgo. About ten minutes on two cores.
+# release build with `-Cprofile-use` in target/pgo. About twenty minutes on two cores.
 #
 # Needs: llvm-profdata matching rustc's LLVM (`rustup component add llvm-tools`, installed here
 # when missing), nginx, wrk, h2load (apt-get install nginx wrk nghttp2-client when missing).
