@@ -13,16 +13,19 @@
 #            throughput, the same rate for every path): h2load --h1 --rps   (p50, p99)
 #   h2-sat   HTTP/2 cleartext (prior knowledge) at saturation: h2load -c$H2_CONNS -m$H2_STREAMS
 #   cpu      the proxy's CPU use during h1-sat (1.00 = one core busy), and req/s per core-second
-# plus mecha's RSS idle and with 1,000 open, busy connections.
+# plus mecha's RSS idle and with 1,000 open, busy connections. Each measurement is repeated in
+# ROUNDS rounds that alternate the paths (rotating their order), and the report gives medians: one
+# sample per path let this VM's drift decide the ratios (single runs gave mecha/nginx 0.98-1.37x).
 #
-# Usage: scripts/load-bench.sh            (env: DURATION=10 CONNS=64 H2_CONNS=16 H2_STREAMS=10
+# Usage: scripts/load-bench.sh            (env: DURATION=5 ROUNDS=5 CONNS=64 H2_CONNS=16 H2_STREAMS=10
 #                                          PROXY_CPU=0 LOAD_CPU=1 SKIP_BUILD=1 KEEP=1 MECHA_BIN=…
 #                                          PGO=1: build and measure the profile-guided build,
 #                                          scripts/pgo-build.sh -> target/pgo/release/mecha)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-DURATION="${DURATION:-10}"
+DURATION="${DURATION:-5}"
+ROUNDS="${ROUNDS:-5}"
 CONNS="${CONNS:-64}"
 H2_CONNS="${H2_CONNS:-16}"
 H2_STREAMS="${H2_STREAMS:-10}"
@@ -224,58 +227,106 @@ declare -A PORT=([direct]=$UP_PORT [mecha]=$MECHA_PORT [nginx]=$NGINX_PORT [hapr
 declare -A H2PORT=([direct]="" [mecha]=$MECHA_PORT [nginx]=$NGINX_H2_PORT [haproxy]=$HAPROXY_H2_PORT)
 declare -A PID=([direct]="" [mecha]=$MECHA_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID)
 TARGETS=(direct mecha nginx haproxy)
+# Per-round values, keyed "target.round"; the report takes medians over the rounds.
 declare -A RPS P50 P99 CPU RATE_P50 RATE_P99 RATE_RPS H2_RPS H2_P50 H2_P99 ERRS
 
+# Round r measures the paths in an order rotated by r, so no path always runs first or last
+# while the VM's speed drifts (nginx alone has ranged 41k-55k req/s between runs).
+rotated() { # r path...
+  local r=$1; shift
+  local a=("$@") n=$# i
+  for ((i = 0; i < n; i++)); do echo "${a[(i + r) % n]}"; done
+}
+
 # --- HTTP/1.1 saturation (wrk) -----------------------------------------------------------------
-for t in "${TARGETS[@]}"; do
-  url="http://127.0.0.1:${PORT[$t]}/"
-  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s "$url" >/dev/null # warm-up (pools, caches)
-  c0=0
+h1_sat() { # target round
+  local t=$1 r=$2 k="$1.$2" url="http://127.0.0.1:${PORT[$1]}/" c0=0 c1 s0 s1 out
+  # Warm-up (pools, caches): 2 s in the first round, 1 s after.
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$((r == 1 ? 2 : 1))s" "$url" >/dev/null
   [ -n "${PID[$t]}" ] && c0=$(cpu_ticks "${PID[$t]}")
   s0=$(date +%s.%N)
   out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$url")
   s1=$(date +%s.%N)
-  echo "$out" >"$WORK/wrk-$t.txt"
-  RPS[$t]=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")
-  P50[$t]=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
-  P99[$t]=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
-  ERRS[$t]=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+  echo "$out" >"$WORK/wrk-$k.txt"
+  RPS[$k]=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")
+  P50[$k]=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+  P99[$k]=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+  ERRS[$t]+=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+  CPU[$k]="-"
   if [ -n "${PID[$t]}" ]; then
     c1=$(cpu_ticks "${PID[$t]}")
-    CPU[$t]=$(awk -v a="$c0" -v b="$c1" -v s0="$s0" -v s1="$s1" -v hz="$HZ" \
+    CPU[$k]=$(awk -v a="$c0" -v b="$c1" -v s0="$s0" -v s1="$s1" -v hz="$HZ" \
       'BEGIN {printf "%.2f", (b - a) / hz / (s1 - s0)}')
-  else
-    CPU[$t]="-"
   fi
-  log "h1-sat $t: ${RPS[$t]} req/s p50 ${P50[$t]} ms p99 ${P99[$t]} ms cpu ${CPU[$t]} ${ERRS[$t]}"
+  log "round $r h1-sat $t: ${RPS[$k]} req/s p50 ${P50[$k]} ms p99 ${P99[$k]} ms cpu ${CPU[$k]}"
+}
+for ((r = 1; r <= ROUNDS; r++)); do
+  for t in $(rotated "$r" "${TARGETS[@]}"); do h1_sat "$t" "$r"; done
+done
+
+# Median of a field over the rounds: med ARRAY target.
+med() {
+  local -n arr=$1
+  local r
+  for ((r = 1; r <= ROUNDS; r++)); do echo "${arr[$2.$r]:-nan}"; done | sort -g | awk '
+    { a[NR] = $1 } END {
+      m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2
+      s = sprintf("%.3f", m); sub(/\.?0+$/, "", s); print s }'
+}
+# Per-round ratios of a field, mecha over B: "median (min-max)". ratios ARRAY B.
+ratios() {
+  local -n arr=$1
+  local r
+  for ((r = 1; r <= ROUNDS; r++)); do
+    awk -v a="${arr[mecha.$r]:-0}" -v b="${arr[$2.$r]:-0}" 'BEGIN { if (a > 0 && b > 0) printf "%.3f\n", a / b }'
+  done | sort -g | awk '
+    { a[NR] = $1 } END {
+      if (NR == 0) { print "-"; exit }
+      m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2
+      if (NR == 1) printf "%.2fx", m; else printf "%.2fx (%.2f-%.2f)", m, a[1], a[NR] }'
+}
+declare -A PER_CPU
+for t in "${TARGETS[@]}"; do
+  for ((r = 1; r <= ROUNDS; r++)); do
+    PER_CPU[$t.$r]=$(awk -v r="${RPS[$t.$r]}" -v c="${CPU[$t.$r]/-/0}" 'BEGIN { if (c > 0) printf "%.0f", r / c }')
+  done
 done
 
 # --- HTTP/1.1 at a fixed rate below the knee (h2load --h1 --rps) -------------------------------
-min_rps=${RPS[mecha]}
-for t in nginx haproxy; do ((RPS[$t] < min_rps)) && min_rps=${RPS[$t]}; done
+min_rps=$(med RPS mecha)
+for t in nginx haproxy; do
+  m=$(med RPS "$t")
+  awk -v a="$m" -v b="$min_rps" 'BEGIN { exit !(a < b) }' && min_rps=$m
+done
 RATE_CLIENTS=16
-RATE=$((min_rps / 2 / RATE_CLIENTS * RATE_CLIENTS))
-for t in "${TARGETS[@]}"; do
-  url="http://127.0.0.1:${PORT[$t]}/"
-  rm -f "$WORK/rate-$t.log"
+RATE=$(awk -v m="$min_rps" -v c="$RATE_CLIENTS" 'BEGIN { printf "%d", int(m / 2 / c) * c }')
+h1_rate() {
+  local t=$1 r=$2 k="$1.$2" url="http://127.0.0.1:${PORT[$1]}/" out
+  rm -f "$WORK/rate-$k.log"
   out=$(taskset -c "$LOAD_CPU" h2load --h1 -t1 -c"$RATE_CLIENTS" --rps=$((RATE / RATE_CLIENTS)) \
-    -D "$DURATION" --warm-up-time=1 --log-file="$WORK/rate-$t.log" "$url")
-  RATE_RPS[$t]=$(awk '/^finished in/ {gsub(",", "", $4); printf "%.0f", $4}' <<<"$out")
-  read -r RATE_P50[$t] RATE_P99[$t] < <(log_pcts "$WORK/rate-$t.log")
-  log "h1-rate $t @ $RATE/s: ${RATE_RPS[$t]} req/s p50 ${RATE_P50[$t]} ms p99 ${RATE_P99[$t]} ms"
+    -D "$DURATION" --warm-up-time=1 --log-file="$WORK/rate-$k.log" "$url")
+  RATE_RPS[$k]=$(awk '/^finished in/ {gsub(",", "", $4); printf "%.0f", $4}' <<<"$out")
+  read -r RATE_P50[$k] RATE_P99[$k] < <(log_pcts "$WORK/rate-$k.log")
+  log "round $r h1-rate $t @ $RATE/s: ${RATE_RPS[$k]} req/s p50 ${RATE_P50[$k]} ms p99 ${RATE_P99[$k]} ms"
+}
+for ((r = 1; r <= ROUNDS; r++)); do
+  for t in $(rotated "$r" "${TARGETS[@]}"); do h1_rate "$t" "$r"; done
 done
 
 # --- HTTP/2 cleartext saturation (h2load) ------------------------------------------------------
-for t in mecha nginx haproxy; do
-  url="http://127.0.0.1:${H2PORT[$t]}/"
-  taskset -c "$LOAD_CPU" h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D 2 "$url" >/dev/null
-  rm -f "$WORK/h2-$t.log"
+h2_sat() {
+  local t=$1 r=$2 k="$1.$2" url="http://127.0.0.1:${H2PORT[$1]}/" out
+  taskset -c "$LOAD_CPU" h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D "$((r == 1 ? 2 : 1))" "$url" >/dev/null
+  rm -f "$WORK/h2-$k.log"
   out=$(taskset -c "$LOAD_CPU" h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D "$DURATION" \
-    --warm-up-time=1 --log-file="$WORK/h2-$t.log" "$url")
-  echo "$out" >"$WORK/h2-$t.txt"
-  H2_RPS[$t]=$(awk '/^finished in/ {gsub(",", "", $4); printf "%.0f", $4}' <<<"$out")
-  read -r H2_P50[$t] H2_P99[$t] < <(log_pcts "$WORK/h2-$t.log")
-  grep -q "succeeded" <<<"$out" && log "h2-sat $t: ${H2_RPS[$t]} req/s p50 ${H2_P50[$t]} ms p99 ${H2_P99[$t]} ms ($(grep '^requests:' <<<"$out"))"
+    --warm-up-time=1 --log-file="$WORK/h2-$k.log" "$url")
+  echo "$out" >"$WORK/h2-$k.txt"
+  H2_RPS[$k]=$(awk '/^finished in/ {gsub(",", "", $4); printf "%.0f", $4}' <<<"$out")
+  read -r H2_P50[$k] H2_P99[$k] < <(log_pcts "$WORK/h2-$k.log")
+  grep -q "succeeded" <<<"$out" && log "round $r h2-sat $t: ${H2_RPS[$k]} req/s p50 ${H2_P50[$k]} ms p99 ${H2_P99[$k]} ms ($(grep '^requests:' <<<"$out"))"
+}
+for ((r = 1; r <= ROUNDS; r++)); do
+  for t in $(rotated "$r" mecha nginx haproxy); do h2_sat "$t" "$r"; done
 done
 
 # --- mecha RSS with 1,000 open, busy connections -----------------------------------------------
@@ -290,11 +341,10 @@ sleep 1
 MECHA_RSS_AFTER=$(rss_kb "$MECHA_PID")
 
 # --- report ------------------------------------------------------------------------------------
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
-per_core() { awk -v r="$1" -v c="$2" 'BEGIN { if (c > 0) printf "%.0f", r / c; else print "-" }'; }
 echo
 echo "mecha load benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo))"
-echo "proxies on CPU $PROXY_CPU (1 worker each), upstream nginx + load generator on CPU $LOAD_CPU, ${DURATION}s per point"
+echo "proxies on CPU $PROXY_CPU (1 worker each), upstream nginx + load generator on CPU $LOAD_CPU, ${DURATION}s per point,"
+echo "$ROUNDS alternating rounds: the table shows each path's median over the rounds, the ratios are medians of per-round ratios (min-max)"
 echo "$("$MECHA_BIN" --version), $(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | awk '{print "haproxy/" $3}'), $(wrk --version 2>&1 | head -1 | awk '{print "wrk/" $2}'), $(h2load --version | awk '{print $2}')"
 echo "mecha binary: ${MECHA_BIN#"$ROOT"/}"
 echo
@@ -302,23 +352,26 @@ printf '%-8s | %-34s | %-9s | %-30s | %s\n' "" "HTTP/1.1 saturation (wrk -c$CONN
 printf '%-8s | %10s %10s %10s | %4s %7s | %10s %10s %7s | %10s %10s %10s\n' \
   path "req/s" "p50 ms" "p99 ms" cpu "rq/cpu-s" "req/s" "p50 ms" "p99 ms" "req/s" "p50 ms" "p99 ms"
 for t in "${TARGETS[@]}"; do
+  h2=(- - -)
+  [ "$t" != direct ] && h2=("$(med H2_RPS "$t")" "$(med H2_P50 "$t")" "$(med H2_P99 "$t")")
+  cpu=-
+  [ "$t" != direct ] && cpu=$(med CPU "$t")
   printf '%-8s | %10s %10s %10s | %4s %7s | %10s %10s %7s | %10s %10s %10s\n' "$t" \
-    "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}" "${CPU[$t]}" "$(per_core "${RPS[$t]}" "${CPU[$t]/-/0}")" \
-    "${RATE_RPS[$t]}" "${RATE_P50[$t]}" "${RATE_P99[$t]}" \
-    "${H2_RPS[$t]:--}" "${H2_P50[$t]:--}" "${H2_P99[$t]:--}"
+    "$(med RPS "$t")" "$(med P50 "$t")" "$(med P99 "$t")" "$cpu" "$( [ "$t" = direct ] && echo - || med PER_CPU "$t")" \
+    "$(med RATE_RPS "$t")" "$(med RATE_P50 "$t")" "$(med RATE_P99 "$t")" "${h2[@]}"
 done
 echo
-echo "ratios (HTTP/1.1 saturation req/s; p99 at saturation; p99 at fixed rate; HTTP/2 req/s):"
+echo "ratios, mecha over each path (HTTP/1.1 saturation req/s; p99 at saturation; p99 at fixed rate; HTTP/2 req/s):"
 for b in direct nginx haproxy; do
   h2r="-"
-  [ -n "${H2_RPS[$b]:-}" ] && h2r=$(ratio "${H2_RPS[mecha]}" "${H2_RPS[$b]}")
-  echo "  mecha/$b: throughput $(ratio "${RPS[mecha]}" "${RPS[$b]}")x, p99 $(ratio "${P99[mecha]}" "${P99[$b]}")x, fixed-rate p99 $(ratio "${RATE_P99[mecha]}" "${RATE_P99[$b]}")x, h2 throughput ${h2r}x"
+  [ "$b" != direct ] && h2r=$(ratios H2_RPS "$b")
+  echo "  mecha/$b: throughput $(ratios RPS "$b"), p99 $(ratios P99 "$b"), fixed-rate p99 $(ratios RATE_P99 "$b"), h2 throughput $h2r"
 done
-echo "  mecha/nginx req per cpu-second: $(ratio "$(per_core "${RPS[mecha]}" "${CPU[mecha]}")" "$(per_core "${RPS[nginx]}" "${CPU[nginx]}")")x, mecha/haproxy: $(ratio "$(per_core "${RPS[mecha]}" "${CPU[mecha]}")" "$(per_core "${RPS[haproxy]}" "${CPU[haproxy]}")")x"
+echo "  req per cpu-second: mecha/nginx $(ratios PER_CPU nginx), mecha/haproxy $(ratios PER_CPU haproxy)"
 echo
 echo "mecha RSS: idle $((MECHA_RSS_IDLE / 1024)) MB ($MECHA_RSS_IDLE kB); with ${OPEN:-?} open busy connections $((MECHA_RSS_BUSY / 1024)) MB ($MECHA_RSS_BUSY kB); peak $((MECHA_HWM / 1024)) MB; after they closed $((MECHA_RSS_AFTER / 1024)) MB"
 for t in "${TARGETS[@]}"; do
-  [ -n "${ERRS[$t]// /}" ] && echo "note: $t: ${ERRS[$t]}"
+  [ -n "${ERRS[$t]:-}" ] && [ -n "${ERRS[$t]// /}" ] && echo "note: $t: ${ERRS[$t]}"
 done
 [ -n "${KEEP:-}" ] && echo "raw output kept in $WORK"
 exit 0
