@@ -137,7 +137,9 @@ fn embedded(dir: &Path) -> Resources {
 /// The generated bootstrap of zero-config mode: listeners on the Dapr HTTP port and on the Dapr
 /// gRPC port (HTTP/2) whose chains are [runtime_api, router], and the local app's cluster. The gRPC
 /// API is a listener of the proxy rather than a separate server so that `InvokeService` to
-/// another app id has the rest of the chain (the routes) exactly as HTTP invocation has.
+/// another app id has the rest of the chain (the routes) exactly as HTTP invocation has. Like
+/// Dapr's API servers, they add no `Server` header and pass an app's own through unchanged
+/// (`server_header_transformation: PASS_THROUGH`).
 fn generated_bootstrap(a: &RuntimeArgs) -> String {
     // A gRPC app is reached over HTTP/2 (prior knowledge, as Dapr's gRPC app channel).
     let h2 = if a.app_protocol == "grpc" {
@@ -174,6 +176,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: dapr_http
           codec_type: AUTO
+          server_header_transformation: PASS_THROUGH
           route_config:
             name: dapr
             virtual_hosts:
@@ -196,6 +199,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: {GRPC_LISTENER}
           codec_type: HTTP2
+          server_header_transformation: PASS_THROUGH
           route_config:
             name: dapr
             virtual_hosts:

@@ -230,6 +230,8 @@ pub struct HttpConnectionManager {
     #[serde(default)]
     pub server_name: Option<String>,
     #[serde(default)]
+    pub server_header_transformation: ServerHeaderTransformation,
+    #[serde(default)]
     pub via: Option<String>,
     #[serde(default)]
     pub upgrade_configs: Vec<UpgradeConfig>,
@@ -255,6 +257,18 @@ pub enum CodecType {
     AUTO,
     HTTP1,
     HTTP2,
+}
+
+/// What the connection manager does with a response's `Server` header (Envoy's
+/// `server_header_transformation`): replace it with `server_name` (the default), add it only when
+/// the response has none, or leave the response as it is.
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum ServerHeaderTransformation {
+    #[default]
+    OVERWRITE,
+    APPEND_IF_ABSENT,
+    PASS_THROUGH,
 }
 
 /// `envoy.config.core.v3.HttpProtocolOptions`.

@@ -332,3 +332,60 @@ async fn forwarded_headers_at_the_edge() {
     assert!(h.get("keep-alive").is_none());
     assert!(r.header("x-envoy-upstream-service-time").is_some());
 }
+
+#[tokio::test]
+async fn server_header_transformation_modes() {
+    // The upstream names itself on /named and sends no Server header elsewhere.
+    let up = Upstream::start(std::sync::Arc::new(
+        |req: http::Request<hyper::body::Incoming>| {
+            let named = req.uri().path() == "/named";
+            Box::pin(async move {
+                let mut b = http::Response::builder();
+                if named {
+                    b = b.header("server", "app/1.0");
+                }
+                b.body(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
+                    .unwrap()
+            })
+        },
+    ))
+    .await;
+    let routes = vhost_routes(
+        "              - match: { path: \"/local\" }\n                direct_response: { status: 200 }\n              - match: { prefix: \"/\" }\n                route: { cluster: up }\n",
+    );
+    // (mode, expected Server on /named, on /plain, on the local reply /local)
+    let cases = [
+        ("", Some("mecha"), Some("mecha"), Some("mecha")),
+        ("OVERWRITE", Some("edge"), Some("edge"), Some("edge")),
+        (
+            "APPEND_IF_ABSENT",
+            Some("app/1.0"),
+            Some("edge"),
+            Some("edge"),
+        ),
+        ("PASS_THROUGH", Some("app/1.0"), None, None),
+    ];
+    for (mode, named, plain, local) in cases {
+        let (admin, port) = (free_port(), free_port());
+        let extra = if mode.is_empty() {
+            String::new()
+        } else {
+            format!("          server_name: edge\n          server_header_transformation: {mode}\n")
+        };
+        let cfg = http_bootstrap(
+            admin,
+            port,
+            &extra,
+            &routes,
+            &static_cluster("up", &[up.addr], "ROUND_ROBIN", ""),
+        );
+        let _m = Mecha::start(&cfg, admin).await;
+        for (path, want) in [("/named", named), ("/plain", plain), ("/local", local)] {
+            let r = get(&format!("http://127.0.0.1:{port}{path}"))
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200, "{mode} {path}");
+            assert_eq!(r.header("server"), want, "mode {mode:?}, {path}");
+        }
+    }
+}

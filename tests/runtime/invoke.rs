@@ -39,6 +39,8 @@ pub async fn echo_app(name: &'static str) -> Upstream {
             *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
             resp.headers_mut()
                 .insert("x-from-app", name.parse().unwrap());
+            resp.headers_mut()
+                .insert("server", format!("app-{name}").parse().unwrap());
             resp
         })
     });
@@ -70,6 +72,9 @@ async fn invoke_local_app_and_header_form() {
     assert_eq!(v["x_test"], "v");
     assert_eq!(v["body"], "payload");
     assert_eq!(r.header("x-from-app"), Some("a"));
+    // The app's own Server header too: like Dapr, the zero-config sidecar neither replaces it
+    // nor adds one to its own answers (`server_header_transformation: PASS_THROUGH`).
+    assert_eq!(r.header("server"), Some("app-a"));
     // Status codes pass through unchanged.
     let r = req(
         "GET",
@@ -101,6 +106,7 @@ async fn invoke_local_app_and_header_form() {
     .await;
     assert_eq!(r.status, 500);
     assert_eq!(r.json()["errorCode"], "ERR_DIRECT_INVOKE");
+    assert_eq!(r.header("server"), None);
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use mecha_config::{CodecType, HttpConnectionManager};
+use mecha_config::{CodecType, HttpConnectionManager, ServerHeaderTransformation};
 use mecha_filters::{local_reply, Body, FilterChain, RequestInfo, RouteHandle};
 use std::convert::Infallible;
 use std::future::Future;
@@ -53,7 +53,7 @@ pub struct Hcm {
     preserve_external_request_id: bool,
     idle_timeout: Option<Duration>,
     max_connection_duration: Option<Duration>,
-    server_name: HeaderValue,
+    server_header: ServerHeader,
     via: Option<HeaderValue>,
     websocket: bool,
     h2_stream_window: Option<u32>,
@@ -64,6 +64,29 @@ pub struct Hcm {
     timeouts: StreamTimeouts,
     /// The route name of requests whose route has none (shared, not allocated per request).
     no_name: Arc<str>,
+}
+
+/// `server_header_transformation` with its `server_name`, resolved once per connection manager.
+enum ServerHeader {
+    Overwrite(HeaderValue),
+    AppendIfAbsent(HeaderValue),
+    PassThrough,
+}
+
+impl ServerHeader {
+    fn new(cfg: &HttpConnectionManager) -> Self {
+        let name = || {
+            cfg.server_name
+                .as_deref()
+                .and_then(|s| HeaderValue::from_str(s).ok())
+                .unwrap_or(HeaderValue::from_static("mecha"))
+        };
+        match cfg.server_header_transformation {
+            ServerHeaderTransformation::OVERWRITE => Self::Overwrite(name()),
+            ServerHeaderTransformation::APPEND_IF_ABSENT => Self::AppendIfAbsent(name()),
+            ServerHeaderTransformation::PASS_THROUGH => Self::PassThrough,
+        }
+    }
 }
 
 impl Hcm {
@@ -98,11 +121,7 @@ impl Hcm {
                 .max_connection_duration
                 .filter(|d| !d.is_zero())
                 .map(|d| d.0),
-            server_name: cfg
-                .server_name
-                .as_deref()
-                .and_then(|s| HeaderValue::from_str(s).ok())
-                .unwrap_or(HeaderValue::from_static("mecha")),
+            server_header: ServerHeader::new(cfg),
             via: cfg
                 .via
                 .as_deref()
@@ -317,7 +336,17 @@ impl Hcm {
         // The downstream codec decides the response version, whatever the upstream spoke.
         *resp.version_mut() = version;
         let h = resp.headers_mut();
-        h.insert(http::header::SERVER, self.server_name.clone());
+        match &self.server_header {
+            ServerHeader::Overwrite(v) => {
+                h.insert(http::header::SERVER, v.clone());
+            }
+            ServerHeader::AppendIfAbsent(v) => {
+                if !h.contains_key(http::header::SERVER) {
+                    h.insert(http::header::SERVER, v.clone());
+                }
+            }
+            ServerHeader::PassThrough => {}
+        }
         if let Some(via) = &self.via {
             h.append(http::header::VIA, via.clone());
         }
