@@ -9,7 +9,7 @@
 # (`h2load --h1`), counters dumped. Prints Ir per request and the top self-cost functions.
 #
 # Usage: scripts/callgrind-request.sh [N]   (env: MECHA_BIN=target/release/mecha, NGINX=1 to
-#        also measure nginx, RESIL=1 for the resilience config, TOP=25, KEEP=1 keeps the work dir with the callgrind files)
+#        also measure nginx, RESIL=1 for the resilience config, H2=1 for h2c downstream, TOP=25, KEEP=1 keeps the work dir with the callgrind files)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -43,9 +43,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_http() {
+wait_http() { # PORT [curl option]
   for _ in $(seq 1 300); do
-    curl -fs -o /dev/null "http://127.0.0.1:$1/" && return 0
+    curl -fs ${2:-} -o /dev/null "http://127.0.0.1:$1/" && return 0
     sleep 0.1
   done
   echo "port $1 did not answer" >&2
@@ -128,6 +128,15 @@ $CLUSTER_EXTRA
         - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $UP } } }
 EOF
 
+# H2=1: HTTP/2 cleartext (prior knowledge) from the load generator, 16 connections x 10 streams
+# (the load bench's h2-sat shape); upstream connections stay HTTP/1.1.
+if [ -n "${H2:-}" ]; then
+  LOAD=(-c 16 -m 10)
+  sed -i "s/listen 127.0.0.1:$PX backlog=4096;/listen 127.0.0.1:$PX http2 backlog=4096;/" "$WORK/px.conf"
+else
+  LOAD=(--h1 -c 64)
+fi
+
 nginx -p "$WORK" -c "$WORK/up.conf" >/dev/null 2>&1 &
 PIDS+=($!)
 wait_http "$UP"
@@ -140,10 +149,10 @@ measure() {
     "$@" >"$WORK/$label.log" 2>&1 &
   local vp=$!
   PIDS+=($vp)
-  wait_http "$PX"
-  h2load --h1 -n 2000 -c 64 "http://127.0.0.1:$PX/" >/dev/null
+  wait_http "$PX" "${H2:+--http2-prior-knowledge}"
+  h2load "${LOAD[@]}" -n 2000 "http://127.0.0.1:$PX/" >/dev/null
   callgrind_control -z "$vp" >/dev/null
-  h2load --h1 -n "$N" -c 64 "http://127.0.0.1:$PX/" | grep -E '^requests:' >&2
+  h2load "${LOAD[@]}" -n "$N" "http://127.0.0.1:$PX/" | grep -E '^requests:' >&2
   callgrind_control -d "$vp" >/dev/null
   sleep 1
   kill "$vp" 2>/dev/null || true

