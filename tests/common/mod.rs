@@ -21,8 +21,31 @@ pub type Handler = Arc<
     dyn Fn(http::Request<Incoming>) -> Pin<Box<dyn Future<Output = Resp> + Send>> + Send + Sync,
 >;
 
-/// A free loopback TCP port (bound then released).
+/// A free loopback TCP port for a process a test starts later (bound to check, then released).
+///
+/// Not `bind(0)`: that hands out ports from the kernel's ephemeral range, where every outgoing
+/// connection of every test running in parallel also takes its source port, so one of them could
+/// take the port before mecha binds it ("Address already in use" in CI). Ports are drawn at
+/// random from below that range instead, where only other `free_port` calls pick.
 pub fn free_port() -> u16 {
+    use std::hash::BuildHasher;
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let ephemeral_lo = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(32768);
+    let (lo, hi) = (10_000u64, ephemeral_lo.min(65_536));
+    if hi > lo + 1_000 {
+        // Randomly seeded per process (`RandomState`), so parallel test processes diverge.
+        let seed = std::collections::hash_map::RandomState::new()
+            .hash_one((std::process::id(), CALLS.fetch_add(1, Ordering::Relaxed)));
+        for i in 0..200u64 {
+            let port = (lo + seed.wrapping_add(i.wrapping_mul(7_919)) % (hi - lo)) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
