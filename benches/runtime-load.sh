@@ -6,8 +6,9 @@
 #     p50/p99 from h2load's per-request log) for state.in-memory and state.redis;
 #   - publish over HTTP for pubsub.in-memory and pubsub.redis (no subscriber: the API path);
 #   - invocation app -> mecha A -> mecha B -> app (nginx as the app) against one mecha proxy route
-#     to the same nginx and against nginx directly, at C connections and at 1 connection (latency:
-#     ROUNDS alternating rounds, median of the per-round ratio);
+#     to the same nginx, against an nginx hop (latency only) and against nginx directly, at C
+#     connections and at 1 connection (latency: ROUNDS alternating rounds, median of the per-round
+#     ratio);
 #   - plain proxy hop and redis-benchmark -t get at the same concurrency, as before.
 # Needs: a release build, wrk, h2load (nghttp2-client), nginx, redis-server, redis-benchmark,
 # python3. Usage: benches/runtime-load.sh [duration_s] [connections]
@@ -16,9 +17,9 @@ cd "$(dirname "$0")/.."
 D=${1:-10}; C=${2:-32}
 BIN=${BIN:-target/release/mecha}
 [ -x "$BIN" ] || cargo build --release --bin mecha   # BIN=target/pgo/release/mecha for the PGO build
-W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null; [ -f "$W/nginx.pid" ] && kill "$(cat "$W/nginx.pid")" 2>/dev/null; rm -rf "$W"' EXIT
+W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null; for f in "$W"/nginx.pid "$W"/px/nginx.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done; rm -rf "$W"' EXIT
 RP=$((20000 + RANDOM % 10000)); HP=$((RP + 1)); GP=$((RP + 2)); PP=$((RP + 3))
-NP=$((RP + 4)); AP=$((RP + 5)); BH=$((RP + 6)); BG=$((RP + 7))
+NP=$((RP + 4)); AP=$((RP + 5)); BH=$((RP + 6)); BG=$((RP + 7)); XP=$((RP + 8))
 mkdir -p "$W/res" "$W/b"
 redis-server --port "$RP" --save "" --appendonly no --dir "$W" >/dev/null &
 for s in mem:state.in-memory sql:state.sqlite red:state.redis memps:pubsub.in-memory redps:pubsub.redis; do
@@ -36,6 +37,18 @@ http { access_log off; client_body_temp_path $W; proxy_temp_path $W; fastcgi_tem
   server { listen 127.0.0.1:$NP; location / { return 200 "ok"; } location = /dapr/subscribe { return 404; } } }
 NGINX
 nginx -c "$W/nginx.conf" -p "$W"
+# An nginx hop to the same app (its own process, upstream keepalive pool): the yardstick for "one
+# proxy hop" besides mecha's own.
+mkdir -p "$W/px"
+cat > "$W/px/nginx.conf" <<NGINX
+worker_processes 1; daemon on; pid $W/px/nginx.pid; error_log $W/px/nginx.err;
+events { worker_connections 4096; }
+http { access_log off; client_body_temp_path $W/px; proxy_temp_path $W/px; fastcgi_temp_path $W/px;
+  uwsgi_temp_path $W/px; scgi_temp_path $W/px;
+  upstream app { server 127.0.0.1:$NP; keepalive 64; }
+  server { listen 127.0.0.1:$XP; location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+NGINX
+nginx -c "$W/px/nginx.conf" -p "$W/px"
 # Sidecar A: the runtime API listener (HP), a plain proxy listener (PP) routing to HP's healthz
 # (the earlier "plain proxy" case), a route listener (AP) to nginx (the one-hop baseline), the
 # cluster "b" (sidecar B's HTTP API: invocation of app id b) and the cluster "app" (nginx).
@@ -119,19 +132,21 @@ run "two sidecars: wrk -> mecha A /v1.0/invoke/b -> mecha B -> nginx (c=$C)" "ht
 # runs (where the scheduler puts four processes in a chain), so the three paths are measured in
 # alternating rounds (ROUNDS, 2 s each) and the ratio is taken per round, then its median.
 ROUNDS=${ROUNDS:-7}
-echo "== invocation latency at c=1, $ROUNDS alternating rounds: p50 in us (direct / one hop / two sidecars)"
-python3 - "$ROUNDS" "http://127.0.0.1:$NP/x" "http://127.0.0.1:$AP/x" "http://127.0.0.1:$HP/v1.0/invoke/b/method/x" <<'PY'
+echo "== invocation latency at c=1, $ROUNDS alternating rounds: p50 in us (direct / mecha hop / nginx hop / two sidecars)"
+python3 - "$ROUNDS" "http://127.0.0.1:$NP/x" "http://127.0.0.1:$AP/x" "http://127.0.0.1:$XP/x" "http://127.0.0.1:$HP/v1.0/invoke/b/method/x" <<'PY'
 import re, statistics, subprocess, sys
 rounds, urls = int(sys.argv[1]), sys.argv[2:]
 def p50_us(url):
     out = subprocess.run(["wrk", "-t1", "-c1", "-d2s", "--latency", url], capture_output=True, text=True).stdout
     v, unit = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)", out, re.M).groups()
     return float(v) * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
-ratios = []
+ratios, vs_nginx = [], []
 for r in range(rounds):
-    d, h, t = (p50_us(u) for u in urls)
+    d, h, n, t = (p50_us(u) for u in urls)
     ratios.append((t - d) / (h - d))
-    print(f"    round {r + 1}: {d:.0f} / {h:.0f} / {t:.0f}  two sidecars add {ratios[-1]:.2f}x one hop")
-print(f"    median: two sidecars add {statistics.median(ratios):.2f}x the latency of one hop "
-      f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x)")
+    vs_nginx.append((t - d) / (n - d))
+    print(f"    round {r + 1}: {d:.0f} / {h:.0f} / {n:.0f} / {t:.0f}  two sidecars add {ratios[-1]:.2f}x a mecha hop, {vs_nginx[-1]:.2f}x an nginx hop")
+print(f"    median: two sidecars add {statistics.median(ratios):.2f}x the latency of one mecha hop "
+      f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x), {statistics.median(vs_nginx):.2f}x one nginx hop "
+      f"({min(vs_nginx):.2f}-{max(vs_nginx):.2f}x)")
 PY

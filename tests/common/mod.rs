@@ -29,6 +29,7 @@ pub type Handler = Arc<
 /// random from below that range instead, where only other `free_port` calls pick.
 pub fn free_port() -> u16 {
     use std::hash::BuildHasher;
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     static CALLS: AtomicU64 = AtomicU64::new(0);
     let ephemeral_lo = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
@@ -36,10 +37,13 @@ pub fn free_port() -> u16 {
         .unwrap_or(32768);
     let (lo, hi) = (10_000u64, ephemeral_lo.min(65_536));
     if hi > lo + 1_000 {
-        // Randomly seeded per process (`RandomState`), so parallel test processes diverge.
-        let seed = std::collections::hash_map::RandomState::new()
-            .hash_one((std::process::id(), CALLS.fetch_add(1, Ordering::Relaxed)));
-        for i in 0..200u64 {
+        // A random start per process (parallel test processes diverge), then a prime stride, so
+        // one process never hands out the same port twice.
+        let seed = *SEED.get_or_init(|| {
+            std::collections::hash_map::RandomState::new().hash_one(std::process::id())
+        });
+        for _ in 0..200 {
+            let i = CALLS.fetch_add(1, Ordering::Relaxed);
             let port = (lo + seed.wrapping_add(i.wrapping_mul(7_919)) % (hi - lo)) as u16;
             if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
                 return port;
