@@ -19,6 +19,7 @@ pub mod chain;
 pub mod network;
 pub mod pooled;
 pub mod registry;
+pub mod spare;
 pub mod stats;
 pub mod upstream;
 

@@ -3,83 +3,10 @@
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
+pub(crate) use mecha_filters::spare::{header_map, recycle};
 use smallvec::SmallVec;
 use std::cell::RefCell;
 use std::time::{SystemTime, UNIX_EPOCH};
-
-/// Header maps kept per thread for reuse (enough for the messages of ~64 requests in flight, at
-/// ~1.3 KiB each), and the largest one worth keeping.
-const SPARE_MAPS: usize = 128;
-const SPARE_MAX_CAPACITY: usize = 48;
-
-thread_local! {
-    /// Every proxied HTTP/1.1 request builds two header maps (the request's and the upstream
-    /// response's), each two allocations of over a kilobyte, which glibc serves from its slow
-    /// path. The maps of finished messages come back here, cleared, for the next heads.
-    static SPARE: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
-    /// Likewise the extensions of finished requests: the connection manager inserts the
-    /// request's `RequestInfo` into every request, and a fresh `Extensions` is a boxed hash map
-    /// with its own table, two allocations and two frees per request.
-    static SPARE_EXTENSIONS: RefCell<Vec<http::Extensions>> = const { RefCell::new(Vec::new()) };
-}
-
-type Spares<T> = std::thread::LocalKey<RefCell<Vec<T>>>;
-
-/// A spare from `spares`, if this thread has one (and is not being torn down).
-fn take_spare<T: 'static>(spares: &'static Spares<T>) -> Option<T> {
-    spares.try_with(|s| s.borrow_mut().pop()).ok().flatten()
-}
-
-/// Keeps `spare` for reuse, up to [`SPARE_MAPS`] per thread.
-fn give_spare<T: 'static>(spares: &'static Spares<T>, spare: T) {
-    let _ = spares.try_with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < SPARE_MAPS {
-            s.push(spare);
-        }
-    });
-}
-
-/// Empty request extensions, with a recycled map when this thread has one.
-pub(crate) fn extensions() -> http::Extensions {
-    take_spare(&SPARE_EXTENSIONS).unwrap_or_default()
-}
-
-/// Takes back the extensions of a request that is done with them (see [`extensions`]).
-pub(crate) fn recycle_extensions(mut ext: http::Extensions) {
-    if ext.is_empty() {
-        // Never used (no map allocated), or already cleared: nothing worth keeping.
-        return;
-    }
-    ext.clear();
-    give_spare(&SPARE_EXTENSIONS, ext);
-}
-
-/// An empty header map with room for `n` fields: a recycled one when this thread has one.
-pub(crate) fn header_map(n: usize) -> HeaderMap {
-    match take_spare(&SPARE) {
-        Some(mut m) => {
-            // A spare too small (say, a small response's map) is grown rather than dropped:
-            // dropping it and allocating anew cost a free and a malloc per request on paths
-            // whose maps come back smaller than they go out (the runtime API's replies).
-            if m.capacity() < n {
-                m.reserve(n);
-            }
-            m
-        }
-        None => HeaderMap::with_capacity(n),
-    }
-}
-
-/// Takes back the map of a message that is done with it (see [`header_map`]).
-pub(crate) fn recycle(mut map: HeaderMap) {
-    // An empty map without room (a message whose headers were moved out) is not worth keeping.
-    if map.capacity() == 0 || map.capacity() > SPARE_MAX_CAPACITY {
-        return;
-    }
-    map.clear();
-    give_spare(&SPARE, map);
-}
 
 /// A `content-length` value: digits only (RFC 9110 §8.6), no sign, no overflow.
 pub(crate) fn parse_length(v: &[u8]) -> Option<u64> {
@@ -175,15 +102,6 @@ pub(crate) fn encode_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
     }
 }
 
-/// A map handed to [`recycle`] when dropped: for headers kept across awaits with several exits.
-pub(crate) struct RecycleOnDrop(pub(crate) HeaderMap);
-
-impl Drop for RecycleOnDrop {
-    fn drop(&mut self) {
-        recycle(std::mem::take(&mut self.0));
-    }
-}
-
 thread_local! {
     /// The formatted `date` of the current second, per worker thread: formatting it for every
     /// response would cost more than the rest of the head.
@@ -237,20 +155,6 @@ mod tests {
     }
 
     #[test]
-    fn maps_are_recycled_empty() {
-        let mut m = header_map(4);
-        m.insert("x-a", http::HeaderValue::from_static("1"));
-        let cap = m.capacity();
-        recycle(m);
-        let again = header_map(4);
-        assert!(again.is_empty());
-        assert_eq!(again.capacity(), cap);
-        // A spare too small for the asked size is grown.
-        recycle(again);
-        assert!(header_map(cap + 20).capacity() >= cap + 20);
-    }
-
-    #[test]
     fn field_names_match_from_bytes() {
         for raw in [
             "Host",
@@ -284,15 +188,6 @@ mod tests {
         assert!(field_name(b"").is_err());
     }
 
-    #[test]
-    fn extensions_are_recycled_empty() {
-        let mut e = extensions();
-        e.insert(7u32);
-        recycle_extensions(e);
-        let again = extensions();
-        assert!(again.is_empty());
-        assert!(again.get::<u32>().is_none());
-    }
     #[test]
     fn date_is_an_imf_fixdate() {
         let mut out = Vec::new();

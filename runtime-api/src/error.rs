@@ -58,7 +58,7 @@ impl ApiError {
 
     pub fn to_response(&self) -> http::Response<Body> {
         let body = Bytes::from(self.body_json().to_string());
-        let mut resp = http::Response::new(full(body));
+        let mut resp = mecha_filters::spare::response(full(body));
         *resp.status_mut() = self.status;
         resp.headers_mut().insert(
             http::header::CONTENT_TYPE,

@@ -8,7 +8,7 @@ use crate::state_api::{DeleteItem, SaveItem, TxItem};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use mecha_filters::{empty, full, Body, BoxFuture, HttpFilter, Next};
+use mecha_filters::{empty, full, spare, Body, BoxFuture, HttpFilter, Next};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ pub struct RuntimeApiFilter {
 }
 
 fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(full(Bytes::from(v.to_string())));
+    let mut r = spare::response(full(Bytes::from(v.to_string())));
     *r.status_mut() = status;
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -28,7 +28,7 @@ fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
 }
 
 fn no_content() -> Response<Body> {
-    let mut r = Response::new(empty());
+    let mut r = spare::response(empty());
     *r.status_mut() = StatusCode::NO_CONTENT;
     r
 }
@@ -105,7 +105,9 @@ fn query_param(q: Option<&str>, name: &str) -> Option<String> {
 
 /// Reads the whole body, refusing more than `limit` bytes (Dapr's `--max-body-size`).
 pub(crate) async fn read_body(req: Request<Body>, limit: usize) -> Result<Bytes, ApiError> {
-    let mut body = req.into_body();
+    let (parts, mut body) = req.into_parts();
+    spare::recycle(parts.headers);
+    spare::recycle_extensions(parts.extensions);
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame =
@@ -307,10 +309,12 @@ impl RuntimeApiFilter {
             ("v1.0", ["state", store, key @ ..], &Method::GET) if !key.is_empty() => {
                 let store = percent_decode_cow(store);
                 let key = decode_rest(key);
+                // Nothing below reads the request: its head goes back for the reply to use.
+                spare::recycle_request(req);
                 match self.rt.get_state(&store, &key).await? {
                     None => Ok(no_content()),
                     Some(item) => {
-                        let mut r = Response::new(full(item.value));
+                        let mut r = spare::response(full(item.value));
                         r.headers_mut().insert(
                             http::header::CONTENT_TYPE,
                             http::HeaderValue::from_static("application/json"),

@@ -151,6 +151,8 @@ pub async fn post_json(url: &str, body: &str) -> common::Response {
 pub struct Redis {
     pub child: Child,
     pub port: u16,
+    /// The `requirepass` it was started with, for `cli`.
+    password: Option<String>,
     _dir: TempDir,
 }
 
@@ -163,6 +165,11 @@ impl Drop for Redis {
 
 impl Redis {
     pub async fn start() -> Redis {
+        Self::start_with(&[]).await
+    }
+
+    /// A redis-server with extra configuration, e.g. `["--requirepass", "pw"]`.
+    pub async fn start_with(extra: &[&str]) -> Redis {
         let port = free_port();
         let dir = TempDir::new();
         let child = Command::new("redis-server")
@@ -178,6 +185,7 @@ impl Redis {
                 "--dir",
             ])
             .arg(&dir.0)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -190,9 +198,15 @@ impl Redis {
             assert!(Instant::now() < deadline, "redis-server did not start");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let password = extra
+            .iter()
+            .position(|a| *a == "--requirepass")
+            .and_then(|i| extra.get(i + 1))
+            .map(|p| p.to_string());
         Redis {
             child,
             port,
+            password,
             _dir: dir,
         }
     }
@@ -201,6 +215,11 @@ impl Redis {
     pub fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
             .args(["-p", &self.port.to_string()])
+            .args(
+                self.password
+                    .iter()
+                    .flat_map(|p| ["--no-auth-warning", "-a", p.as_str()]),
+            )
             .args(args)
             .output()
             .expect("redis-cli");

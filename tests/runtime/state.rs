@@ -276,76 +276,119 @@ async fn redis_down_is_a_clear_500_and_recovers() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Reads use their own connection (see runtime-api's `state::resp`): it recovers too.
+    let r = crate::common::get(&format!("{s}/a")).await.unwrap();
     let _ = child.kill();
     let _ = child.wait();
     assert!(ok, "mecha did not recover when Redis came back");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "3");
 }
 
+/// `redisPassword` and `redisDB`: reads and writes authenticate and use the database. A wrong
+/// password is a startup error naming the file; a password changed under a running mecha is a
+/// clear 500 for reads and writes, which recover when it is changed back.
 #[tokio::test]
-async fn api_token_and_bad_component() {
+async fn redis_password_and_db() {
+    let redis = Redis::start_with(&["--requirepass", "pa ss"]).await;
+    let host = format!("127.0.0.1:{}", redis.port);
+    let res = resources(&[(
+        "good.yaml",
+        component(
+            "good",
+            "state.redis",
+            &[
+                ("redisHost", &host),
+                ("redisPassword", "pa ss"),
+                ("redisDB", "3"),
+            ],
+        ),
+    )]);
     let m = Sidecar::start(
-        "tok",
+        "authed",
+        &["--resources-path", &res.0.display().to_string()],
         &[],
-        &[
-            ("DAPR_API_TOKEN", "s3cret"),
-            ("MECHA_DATA_DIR", &TempDir::new().0.display().to_string()),
-        ],
     )
     .await;
-    let u = format!("{}/v1.0/state/statestore/x", m.url());
-    let r = crate::common::get(&u).await.unwrap();
-    assert_eq!(r.status, 401);
-    let r = crate::common::get_with(&u, &[("dapr-api-token", "s3cret")]).await;
-    assert_eq!(r.status, 204);
-    let r = crate::common::get(&format!("{}/v1.0/healthz", m.url()))
-        .await
-        .unwrap();
-    assert_eq!(r.status, 204);
-    drop(m);
-    // An unknown component type is a startup error naming the file and the type.
-    let res = resources(&[("bad.yaml", component("x", "state.nosuch", &[]))]);
-    let out = std::process::Command::new(crate::common::mecha_bin())
+    let good = format!("{}/v1.0/state/good", m.url());
+    let r = post_json(&good, r#"[{"key":"k","value":{"n":1}}]"#).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let key_url = format!("{good}/k");
+    let get = || crate::common::get(&key_url);
+    let r = get().await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), serde_json::json!({"n": 1}));
+    assert_eq!(r.header("etag"), Some("1"));
+    assert_eq!(
+        redis.cli(&["-n", "3", "HGET", "authed||k", "data"]).trim(),
+        r#"{"n":1}"#
+    );
+    assert_eq!(redis.cli(&["-n", "0", "EXISTS", "authed||k"]).trim(), "0");
+
+    // The password changes and mecha's connections are dropped: its new ones are refused.
+    redis.cli(&["CONFIG", "SET", "requirepass", "other"]);
+    redis.cli(&[
+        "-a", "other", "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes",
+    ]);
+    let mut statuses = vec![];
+    for _ in 0..3 {
+        let r = get().await.unwrap();
+        statuses.push(r.status);
+        if r.status == 500 {
+            assert_eq!(r.json()["errorCode"], "ERR_STATE_GET");
+        }
+    }
+    assert_eq!(statuses, [500, 500, 500]);
+    let r = post_json(&good, r#"[{"key":"k","value":2}]"#).await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert_eq!(r.json()["errorCode"], "ERR_STATE_SAVE");
+    // Changed back: reads recover.
+    let out = std::process::Command::new("redis-cli")
         .args([
-            "run",
-            "--app-id",
-            "bad",
-            "--dapr-http-port",
-            "0",
-            "--dapr-grpc-port",
-            "0",
-            "--resources-path",
+            "-p",
+            &redis.port.to_string(),
+            "--no-auth-warning",
+            "-a",
+            "other",
         ])
+        .args(["CONFIG", "SET", "requirepass", "pa ss"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut back = None;
+    for _ in 0..50 {
+        let r = get().await.unwrap();
+        if r.status == 200 {
+            back = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = back.expect("reads did not recover when the password was changed back");
+    assert_eq!(r.json(), serde_json::json!({"n": 1}));
+    drop(m);
+
+    // A wrong password at startup is an error naming the component's file.
+    let res = resources(&[(
+        "bad.yaml",
+        component(
+            "bad",
+            "state.redis",
+            &[("redisHost", &host), ("redisPassword", "wrong")],
+        ),
+    )]);
+    let out = std::process::Command::new(crate::common::mecha_bin())
+        .args(["run", "--app-id", "bad", "--dapr-http-port", "0"])
+        .args(["--dapr-grpc-port", "0", "--resources-path"])
         .arg(&res.0)
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("bad.yaml") && err.contains("state.nosuch"),
+        err.contains("bad.yaml") && err.contains("uthentication"),
         "{err}"
     );
-    // A field error names the file and the field path.
-    let res = resources(&[(
-        "typo.yaml",
-        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: x\nspec:\n  typ: state.redis\n".to_string(),
-    )]);
-    let out = std::process::Command::new(crate::common::mecha_bin())
-        .args([
-            "run",
-            "--app-id",
-            "bad",
-            "--dapr-http-port",
-            "0",
-            "--dapr-grpc-port",
-            "0",
-            "--resources-path",
-        ])
-        .arg(&res.0)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("typo.yaml") && err.contains("spec"), "{err}");
 }
 
 /// `enableTLS: true` against a real `redis-server --tls-port` with a self-signed certificate

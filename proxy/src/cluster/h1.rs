@@ -166,7 +166,7 @@ pub(crate) async fn send(
     match read_head(&mut conn, parts.method == Method::HEAD).await {
         Ok(head) => {
             recycle(parts.headers);
-            crate::http1::recycle_extensions(parts.extensions);
+            mecha_filters::spare::recycle_extensions(parts.extensions);
             Ok(into_response(conn, head, pool, true))
         }
         Err(e) => {

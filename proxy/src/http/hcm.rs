@@ -422,7 +422,7 @@ impl Hcm {
         let client = self.trusted_client(req.headers(), info.remote);
         let grpc = super::headers::is_grpc(req.headers());
         if req.extensions().is_empty() {
-            *req.extensions_mut() = crate::http1::extensions();
+            *req.extensions_mut() = mecha_filters::spare::extensions();
         }
         req.extensions_mut().insert(RequestInfo {
             downstream_remote: client,

@@ -825,7 +825,7 @@ async fn run(
     // a request without Host, which the cluster would have to add) get a copy per attempt.
     let lend = !cluster.pool_settings.http2 && parts.headers.contains_key(http::header::HOST);
     // The headers stay here for every attempt, and their map is recycled when the loop ends.
-    let mut headers = crate::http1::RecycleOnDrop(std::mem::take(&mut parts.headers));
+    let mut headers = mecha_filters::spare::RecycleOnDrop(std::mem::take(&mut parts.headers));
     let (mut next_body, tee) = if body.is_end_stream() {
         (Some(empty()), None)
     } else {

@@ -6,6 +6,7 @@
 
 pub mod memory;
 pub mod redis;
+mod resp;
 pub mod sqlite;
 
 use crate::error::ComponentError;

@@ -2,12 +2,17 @@
 //! `version` — so data a Dapr app wrote reads back unchanged. Writes and transactions run as Lua
 //! scripts, which Redis executes atomically (check every etag, then apply every operation).
 
+use super::resp::{self, RespClient, Target, Value};
 use super::{now_unix_ms, StateItem, StateStore, StoreResult, TxOp};
 use super::{Concurrency, DeleteRequest, SetRequest};
 use crate::error::ComponentError;
 use mecha_filters::BoxFuture;
 use redis::aio::ConnectionManager;
 use std::sync::LazyLock;
+use std::time::Duration;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Checks every operation, then applies them. ARGV holds 5 values per key: op ("s"et/"d"elete),
 /// etag ("" for none), data, first-write ("1"/"0"), ttl seconds ("" for none).
@@ -46,16 +51,23 @@ static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(TX_
 
 pub struct RedisStore {
     conn: ConnectionManager,
+    /// The lean connection reads use, on plain TCP (see `resp`); TLS reads use `conn`.
+    reads: Option<RespClient>,
 }
 
 pub(crate) fn redis_err(e: redis::RedisError) -> ComponentError {
     ComponentError::Backend(format!("redis: {e}"))
 }
 
-/// Builds a client from Dapr's `redisHost` / `redisPassword` / `redisUsername` / `redisDB`.
-pub(crate) fn client_from_metadata(
+/// Where Dapr's `redisHost` / `redisPassword` / `redisUsername` / `redisDB` / `enableTLS` point.
+pub(crate) struct RedisTarget {
+    pub(crate) resp: Target,
+    pub(crate) tls: bool,
+}
+
+pub(crate) fn target_from_metadata(
     meta: &crate::component::Metadata,
-) -> Result<redis::Client, ComponentError> {
+) -> Result<RedisTarget, ComponentError> {
     let host = meta
         .get("redisHost")
         .ok_or_else(|| ComponentError::Invalid("metadata redisHost is required".into()))?;
@@ -84,6 +96,27 @@ pub(crate) fn client_from_metadata(
             .map_err(|_| ComponentError::Invalid(format!("redisDB \"{d}\" is not a number")))?,
         None => 0,
     };
+    Ok(RedisTarget {
+        resp: Target {
+            host: h,
+            port: p,
+            db,
+            username: meta
+                .get("redisUsername")
+                .filter(|u| !u.is_empty())
+                .map(str::to_string),
+            password: meta
+                .get("redisPassword")
+                .filter(|p| !p.is_empty())
+                .map(str::to_string),
+        },
+        tls,
+    })
+}
+
+/// Builds a `redis` crate client for `target`.
+pub(crate) fn client_for(target: &RedisTarget) -> Result<redis::Client, ComponentError> {
+    let t = &target.resp;
     let enc = |s: &str| -> String {
         s.bytes()
             .map(|b| {
@@ -95,18 +128,16 @@ pub(crate) fn client_from_metadata(
             })
             .collect()
     };
-    let auth = match (
-        meta.get("redisUsername").filter(|u| !u.is_empty()),
-        meta.get("redisPassword").filter(|p| !p.is_empty()),
-    ) {
+    let auth = match (t.username.as_deref(), t.password.as_deref()) {
         (Some(u), Some(p)) => format!("{}:{}@", enc(u), enc(p)),
         (None, Some(p)) => format!(":{}@", enc(p)),
         (Some(u), None) => format!("{}@", enc(u)),
         (None, None) => String::new(),
     };
+    let (h, p, db) = (&t.host, t.port, t.db);
     // enableTLS as Dapr does it: TLS without verifying the server certificate (Dapr's Redis
     // client sets InsecureSkipVerify = enableTLS), i.e. rustls with `#insecure`.
-    let url = if tls {
+    let url = if target.tls {
         format!("rediss://{auth}{h}:{p}/{db}#insecure")
     } else {
         format!("redis://{auth}{h}:{p}/{db}")
@@ -114,12 +145,19 @@ pub(crate) fn client_from_metadata(
     redis::Client::open(url).map_err(redis_err)
 }
 
+/// Builds a client from Dapr's Redis metadata (see [`target_from_metadata`]).
+pub(crate) fn client_from_metadata(
+    meta: &crate::component::Metadata,
+) -> Result<redis::Client, ComponentError> {
+    client_for(&target_from_metadata(meta)?)
+}
+
 /// A connection manager that reconnects by itself, created without waiting for Redis to be up
 /// (a Redis that is down is an error per request, and recovery when it is back).
 pub(crate) async fn connect(client: redis::Client) -> Result<ConnectionManager, ComponentError> {
     let cfg = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
-        .set_response_timeout(Some(std::time::Duration::from_secs(5)))
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
         .set_number_of_retries(2);
     ConnectionManager::new_with_config(client, cfg)
         .await
@@ -128,10 +166,76 @@ pub(crate) async fn connect(client: redis::Client) -> Result<ConnectionManager, 
 
 impl RedisStore {
     pub async fn new(meta: &crate::component::Metadata) -> Result<Self, ComponentError> {
-        let client = client_from_metadata(meta)?;
+        let target = target_from_metadata(meta)?;
+        let client = client_for(&target)?;
         Ok(Self {
             conn: connect(client).await?,
+            reads: (!target.tls)
+                .then(|| RespClient::new(target.resp, CONNECT_TIMEOUT, RESPONSE_TIMEOUT)),
         })
+    }
+
+    /// HMGET of the two fields Dapr's layout has (rather than HGETALL: the same answer for that
+    /// layout without a map of owned field names per read) and PTTL, in one round trip.
+    async fn get_lean(&self, reads: &RespClient, key: &str) -> StoreResult<Option<StateItem>> {
+        let mut cmds = Vec::with_capacity(2 * key.len() + 64);
+        resp::encode(&mut cmds, &[b"HMGET", key.as_bytes(), b"data", b"version"]);
+        resp::encode(&mut cmds, &[b"PTTL", key.as_bytes()]);
+        let replies = reads
+            .query(cmds, 2)
+            .await
+            .map_err(|e| ComponentError::Backend(format!("redis: {e}")))?;
+        let mut replies = replies.into_iter();
+        let (Some(fields), Some(pttl)) = (replies.next(), replies.next()) else {
+            return Err(ComponentError::Backend("redis: replies missing".into()));
+        };
+        let fields = match fields {
+            Value::Array(f) => f,
+            Value::Error(e) => return Err(ComponentError::Backend(format!("redis: {e}"))),
+            other => {
+                return Err(ComponentError::Backend(format!(
+                    "redis: unexpected HMGET reply {other:?}"
+                )))
+            }
+        };
+        let pttl = match pttl {
+            Value::Int(t) => t,
+            Value::Error(e) => return Err(ComponentError::Backend(format!("redis: {e}"))),
+            _ => -1,
+        };
+        let mut fields = fields.into_iter();
+        let (Some(Value::Bulk(data)), Some(Value::Bulk(version))) = (fields.next(), fields.next())
+        else {
+            return Ok(None);
+        };
+        Ok(Some(StateItem {
+            value: data,
+            etag: String::from_utf8(version.to_vec())
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            expires_unix_ms: (pttl > 0).then(|| now_unix_ms() + pttl as u64),
+        }))
+    }
+
+    /// The same read through the `redis` crate, for TLS connections.
+    async fn get_tls(&self, key: &str) -> StoreResult<Option<StateItem>> {
+        let mut conn = self.conn.clone();
+        let mut hmget = redis::Cmd::with_capacity(4, key.len() + 24);
+        hmget.arg("HMGET").arg(key).arg("data").arg("version");
+        let mut pttl = redis::Cmd::with_capacity(2, key.len() + 4);
+        pttl.arg("PTTL").arg(key);
+        let mut pipe = redis::Pipeline::with_capacity(2);
+        pipe.add_command(hmget).add_command(pttl);
+        let ((data, version), pttl): ((Option<Vec<u8>>, Option<Vec<u8>>), i64) =
+            pipe.query_async(&mut conn).await.map_err(redis_err)?;
+        let (Some(data), Some(version)) = (data, version) else {
+            return Ok(None);
+        };
+        Ok(Some(StateItem {
+            value: bytes::Bytes::from(data),
+            etag: String::from_utf8(version)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            expires_unix_ms: (pttl > 0).then(|| now_unix_ms() + pttl as u64),
+        }))
     }
 
     async fn run(&self, ops: Vec<TxOp>) -> StoreResult<()> {
@@ -183,29 +287,13 @@ impl RedisStore {
 
 impl StateStore for RedisStore {
     fn get(&self, key: String) -> BoxFuture<'_, StoreResult<Option<StateItem>>> {
-        Box::pin(async move {
-            let mut conn = self.conn.clone();
-            // HMGET of the two fields Dapr's layout has, rather than HGETALL: the same answer for
-            // that layout without a map of owned field names per read.
-            // Sized up front: growing the commands' argument and byte vectors one argument at a
-            // time was five of the read's allocations.
-            let mut hmget = redis::Cmd::with_capacity(4, key.len() + 24);
-            hmget.arg("HMGET").arg(&key).arg("data").arg("version");
-            let mut pttl = redis::Cmd::with_capacity(2, key.len() + 4);
-            pttl.arg("PTTL").arg(&key);
-            let mut pipe = redis::Pipeline::with_capacity(2);
-            pipe.add_command(hmget).add_command(pttl);
-            let ((data, version), pttl): ((Option<Vec<u8>>, Option<Vec<u8>>), i64) =
-                pipe.query_async(&mut conn).await.map_err(redis_err)?;
-            let (Some(data), Some(version)) = (data, version) else {
-                return Ok(None);
-            };
-            Ok(Some(StateItem {
-                value: bytes::Bytes::from(data),
-                etag: String::from_utf8(version)
-                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
-                expires_unix_ms: (pttl > 0).then(|| now_unix_ms() + pttl as u64),
-            }))
+        // In a pooled block: the future holds the query's, a few hundred bytes glibc would
+        // serve from its slow path per read.
+        mecha_filters::boxed_in_place(move || async move {
+            match &self.reads {
+                Some(reads) => self.get_lean(reads, &key).await,
+                None => self.get_tls(&key).await,
+            }
         })
     }
 
