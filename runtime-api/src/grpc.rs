@@ -402,10 +402,11 @@ pub fn serve<'a>(
     req: http::Request<Body>,
     next: Next<'a>,
 ) -> mecha_filters::BoxFuture<'a, http::Response<Body>> {
-    let fut: mecha_filters::BoxFuture<'a, http::Response<tonic::body::Body>> =
-        Box::pin(serve_grpc(rt, req, Some(next)));
-    Box::pin(async move {
-        fut.await
+    // Built in a pooled block: the future spans every method's (several KiB), and boxing it
+    // moved it into the box and cost a large allocation per call.
+    mecha_filters::boxed_in_place(move || async move {
+        serve_grpc(rt, req, Some(next))
+            .await
             .map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
     })
 }

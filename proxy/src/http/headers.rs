@@ -52,6 +52,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     const CONNECTION: u8 = 1;
     const TE: u8 = 1 << 5;
+    if present == TE && !keep_upgrade {
+        // gRPC's `te: trailers` alone: the one value that passes, already as it should be.
+        let mut te = headers.get_all(header::TE).iter();
+        if let (Some(v), None) = (te.next(), te.next()) {
+            if v.as_bytes().eq_ignore_ascii_case(b"trailers") {
+                return;
+            }
+        }
+    }
     let mut nominated: Vec<HeaderName> = Vec::new();
     if present & CONNECTION != 0 {
         for v in headers.get_all(header::CONNECTION) {
@@ -282,5 +291,25 @@ mod tests {
         h.insert("x-keep", HeaderValue::from_static("1"));
         super::strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
+
+        // `te` alone: `trailers` stays (gRPC's case, untouched), anything else goes.
+        for (te, kept) in [
+            (&["trailers"][..], Some("trailers")),
+            (&["Trailers"], Some("Trailers")),
+            (&["gzip"], None),
+            (&["trailers", "gzip"], Some("trailers")),
+            (&["deflate", "gzip"], None),
+        ] {
+            let mut h = HeaderMap::new();
+            for v in te {
+                h.append("te", HeaderValue::from_static(v));
+            }
+            super::strip_hop_by_hop(&mut h, false);
+            let got: Vec<_> = h.get_all("te").iter().collect();
+            match kept {
+                Some(v) => assert_eq!(got, [v], "{te:?}"),
+                None => assert!(got.is_empty(), "{te:?}"),
+            }
+        }
     }
 }
