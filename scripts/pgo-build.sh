@@ -8,11 +8,13 @@
 #
 # Steps: (1) an instrumented release build (`-Cprofile-generate`) in target/pgo-gen; (2) a short
 # training run with it: HTTP/1.1 and h2c proxying to an nginx upstream, and the runtime API
-# (state get and save, invocation through two sidecars); (3) `llvm-profdata merge`; (4) the
-# release build with `-Cprofile-use` in target/pgo. About twenty minutes on two cores.
+# (state get and save, a `state.redis` get, invocation through two sidecars); (3) `llvm-profdata
+# merge`; (4) the release build with `-Cprofile-use` in target/pgo. About twenty minutes on two
+# cores.
 #
 # Needs: llvm-profdata matching rustc's LLVM (`rustup component add llvm-tools`, installed here
-# when missing), nginx, wrk, h2load (apt-get install nginx wrk nghttp2-client when missing).
+# when missing), nginx, wrk, h2load, redis-server (apt-get install nginx wrk nghttp2-client
+# redis-server when missing).
 # Usage: scripts/pgo-build.sh   (env: TRAIN_S=6 seconds per training load)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -21,7 +23,7 @@ TRAIN_S="${TRAIN_S:-6}"
 log() { printf '== %s\n' "$*" >&2; }
 
 source "$ROOT/scripts/bench-lib.sh"
-install_missing nginx:nginx wrk:wrk h2load:nghttp2-client curl:curl
+install_missing nginx:nginx wrk:wrk h2load:nghttp2-client curl:curl redis-server:redis-server
 SYSROOT="$(rustc --print sysroot)"
 HOST="$(rustc -vV | sed -n 's/^host: //p')"
 PROFDATA="$SYSROOT/lib/rustlib/$HOST/bin/llvm-profdata"
@@ -52,7 +54,7 @@ RUSTFLAGS="-Cprofile-generate=$ROOT/target/pgo-gen/profraw" cargo build --releas
 GEN=target/pgo-gen/release/mecha
 
 P=$((21000 + RANDOM % 8000))
-UP=$P; PX=$((P + 1)); API=$((P + 2)); AG=$((P + 3)); BH=$((P + 4)); BG=$((P + 5))
+UP=$P; PX=$((P + 1)); API=$((P + 2)); AG=$((P + 3)); BH=$((P + 4)); BG=$((P + 5)); RP=$((P + 6))
 cat > "$WORK/nginx.conf" <<NGINX
 worker_processes 1; daemon on; pid $WORK/nginx.pid; error_log $WORK/nginx.err;
 events { worker_connections 4096; }
@@ -61,6 +63,8 @@ http { access_log off; keepalive_requests 100000000;
   server { listen 127.0.0.1:$UP; location / { return 200 "ok\n"; } location = /dapr/subscribe { return 404; } } }
 NGINX
 nginx -c "$WORK/nginx.conf" -p "$WORK"
+redis-server --port "$RP" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" >/dev/null &
+PIDS+=($!)
 
 {
   echo "static_resources:"; echo "  listeners:"
@@ -74,6 +78,8 @@ nginx -c "$WORK/nginx.conf" -p "$WORK"
 } > "$WORK/a.yaml"
 mkdir -p "$WORK/res"
 printf 'apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: mem}\nspec:\n  type: state.in-memory\n  version: v1\n' > "$WORK/res/mem.yaml"
+printf 'apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: red}\nspec:\n  type: state.redis\n  version: v1\n  metadata:\n  - {name: redisHost, value: "127.0.0.1:%s"}\n' "$RP" > "$WORK/res/red.yaml"
+wait_port "$RP"
 
 log "training run (${TRAIN_S}s per load)"
 # Build scripts compiled with the same flags also write profiles (to the default path); only
@@ -85,13 +91,16 @@ MECHA_DATA_DIR="$WORK/b" "$GEN" run --app-id b --app-port "$UP" --dapr-http-port
   --dapr-listen-address 127.0.0.1 --concurrency 1 -l warn &
 PIDS+=($!)
 wait_port "$PX"; wait_port "$API"; wait_port "$BH"
-curl -sf -XPOST -H 'content-type: application/json' -d '[{"key":"k","value":"some value"}]' "http://127.0.0.1:$API/v1.0/state/mem" >/dev/null
+for st in mem red; do
+  curl -sf -XPOST -H 'content-type: application/json' -d '[{"key":"k","value":"some value"}]' "http://127.0.0.1:$API/v1.0/state/$st" >/dev/null
+done
 curl -sf "http://127.0.0.1:$API/v1.0/invoke/b/method/x" | grep -q ok || { echo "training: invocation failed" >&2; exit 1; }
 printf 'wrk.method="POST"\nwrk.body="[{\\"key\\":\\"k\\",\\"value\\":\\"v\\"}]"\nwrk.headers["Content-Type"]="application/json"\n' > "$WORK/save.lua"
 wrk -t1 -c64 -d"${TRAIN_S}s" "http://127.0.0.1:$PX/" >/dev/null
 h2load -c16 -m10 -D"$TRAIN_S" "http://127.0.0.1:$PX/" >/dev/null
 wrk -t1 -c1 -d"${TRAIN_S}s" "http://127.0.0.1:$PX/" >/dev/null
 wrk -t1 -c32 -d"${TRAIN_S}s" "http://127.0.0.1:$API/v1.0/state/mem/k" >/dev/null
+wrk -t1 -c32 -d"${TRAIN_S}s" "http://127.0.0.1:$API/v1.0/state/red/k" >/dev/null
 wrk -t1 -c32 -d"${TRAIN_S}s" -s "$WORK/save.lua" "http://127.0.0.1:$API/v1.0/state/mem" >/dev/null
 wrk -t1 -c8 -d"${TRAIN_S}s" "http://127.0.0.1:$API/v1.0/invoke/b/method/x" >/dev/null
 # The profile is written when the process exits normally (SIGTERM drains, then returns).
