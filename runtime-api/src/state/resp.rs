@@ -264,28 +264,47 @@ impl RespClient {
             return Err(RespError::Protocol("a request must expect a reply"));
         }
         let (tx, rx) = oneshot::channel();
-        let mut queued = Queued {
+        let queued = Queued {
             cmds,
             waiting: Waiting { replies, tx },
         };
         // The live link, if there is one; else (or when it has just died) a new one.
-        if let Some(link) = self.link.load().as_ref() {
-            match link.tx.send(queued) {
-                Ok(()) => return self.wait(rx).await,
-                Err(mpsc::error::SendError(q)) => queued = q,
-            }
-        }
-        let link = self.reconnect().await?;
-        link.tx.send(queued).map_err(|_| RespError::Closed)?;
-        self.wait(rx).await
+        let link = match self.link.load_full() {
+            Some(link) => match link.tx.send(queued) {
+                Ok(()) => link,
+                Err(mpsc::error::SendError(q)) => self.send_on_new_link(q).await?,
+            },
+            None => self.send_on_new_link(queued).await?,
+        };
+        self.wait(rx, &link).await
     }
 
-    async fn wait(&self, rx: oneshot::Receiver<Replies>) -> Replies {
+    async fn send_on_new_link(&self, queued: Queued) -> Result<Arc<Link>, RespError> {
+        let link = self.reconnect().await?;
+        link.tx.send(queued).map_err(|_| RespError::Closed)?;
+        Ok(link)
+    }
+
+    async fn wait(&self, rx: oneshot::Receiver<Replies>, link: &Arc<Link>) -> Replies {
         match tokio::time::timeout(self.reply_timeout, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(RespError::Closed),
-            Err(_) => Err(RespError::Timeout(self.reply_timeout)),
+            Err(_) => {
+                // A connection that answers nothing for this long is as good as dead, though
+                // nothing may ever say so (a failed-over primary behind a VIP, a lost NAT entry):
+                // retire it, as go-redis (Dapr's client) discards a connection after a timeout,
+                // so the next request connects afresh instead of queueing on it too.
+                self.retire(link);
+                Err(RespError::Timeout(self.reply_timeout))
+            }
         }
+    }
+
+    /// Stops using `link` if it is still the current one. Its writer ends when the last request
+    /// holding it is done, which shuts the socket's write side down.
+    fn retire(&self, link: &Arc<Link>) {
+        // Compared by pointer: a request that reconnected meanwhile keeps its new link.
+        self.link.compare_and_swap(&Some(link.clone()), None);
     }
 
     async fn reconnect(&self) -> Result<Arc<Link>, RespError> {
@@ -503,5 +522,72 @@ mod tests {
         }
         let deep = "*1\r\n".repeat(MAX_DEPTH + 2) + ":1\r\n";
         assert!(take_reply(&mut BytesMut::from(deep.as_bytes())).is_err());
+    }
+
+    /// A server whose first connection reads requests and never answers (and never closes, as
+    /// a failed-over primary behind a VIP would not), and whose later connections answer every
+    /// command with `:1`. Returns its port and how many connections it accepted.
+    async fn silent_then_answering_server() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let silent = count.fetch_add(1, Ordering::SeqCst) == 0;
+                tokio::spawn(async move {
+                    let mut buf = BytesMut::new();
+                    loop {
+                        match conn.read_buf(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        if silent {
+                            continue;
+                        }
+                        // Our requests are arrays: count their headers' '*' at line starts.
+                        let cmds = buf.split().iter().filter(|&&b| b == b'*').count();
+                        if conn.write_all(&b":1\r\n".repeat(cmds)).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_stops_answering_is_replaced() {
+        use std::sync::atomic::Ordering;
+        let (port, accepted) = silent_then_answering_server().await;
+        let target = Target {
+            host: "127.0.0.1".into(),
+            port,
+            db: 0,
+            username: None,
+            password: None,
+        };
+        let client = RespClient::new(target, Duration::from_secs(2), Duration::from_millis(300));
+        let cmd = || {
+            let mut out = vec![];
+            encode(&mut out, &[b"PTTL", b"k"]);
+            out
+        };
+        assert!(matches!(
+            client.query(cmd(), 1).await,
+            Err(RespError::Timeout(_))
+        ));
+        // Without retiring the silent connection, this would queue on it and time out too.
+        let replies = client
+            .query(cmd(), 1)
+            .await
+            .expect("answered on a new connection");
+        assert_eq!(replies, vec![Value::Int(1)]);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // And the new connection stays in use.
+        client.query(cmd(), 1).await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 }
