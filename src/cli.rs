@@ -118,9 +118,12 @@ fn run(args: RunArgs) -> i32 {
     let filter =
         tracing_subscriber::EnvFilter::try_new(format!("{},h2=warn,hyper=warn", args.log_level))
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: redirected to a file or a log collector, escape codes would
+    // split every `key=value` field.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
 
     if args.runtime.app_id.is_some() || args.config.is_none() {
