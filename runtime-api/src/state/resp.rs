@@ -546,7 +546,8 @@ mod tests {
                         if silent {
                             continue;
                         }
-                        // Our requests are arrays: count their headers' '*' at line starts.
+                        // One '*' per command: each is an array, and the test's commands
+                        // (`PTTL k`) hold no other '*'.
                         let cmds = buf.split().iter().filter(|&&b| b == b'*').count();
                         if conn.write_all(&b":1\r\n".repeat(cmds)).await.is_err() {
                             return;
