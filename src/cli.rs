@@ -118,12 +118,14 @@ fn run(args: RunArgs) -> i32 {
     let filter =
         tracing_subscriber::EnvFilter::try_new(format!("{},h2=warn,hyper=warn", args.log_level))
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Logs go to stderr, as Envoy's do, so stdout stays free for what a user pipes.
     // Colour only on a terminal: redirected to a file or a log collector, escape codes would
     // split every `key=value` field.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     if args.runtime.app_id.is_some() || args.config.is_none() {

@@ -125,3 +125,50 @@ fn bad_yaml_and_missing_file_are_clear_errors() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/mecha.yaml"));
 }
+
+/// `mecha run` logs to stderr (Envoy's convention), without colour codes when redirected, and
+/// writes nothing to stdout.
+#[test]
+fn run_logs_to_stderr_and_leaves_stdout_empty() {
+    let (admin, port) = (free_port(), free_port());
+    let routes = crate::routing::vhost_routes(
+        "              - match: { prefix: \"/\" }\n                direct_response: { status: 200 }\n",
+    );
+    let dir = TempDir::new();
+    let path = dir.0.join("c.yaml");
+    std::fs::write(&path, http_bootstrap(admin, port, "", &routes, "    []\n")).unwrap();
+    let mut child = Command::new(mecha_bin())
+        .arg("run")
+        .arg("-c")
+        .arg(&path)
+        .args(["--concurrency", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            panic!("mecha exited: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        assert!(std::time::Instant::now() < deadline, "mecha did not listen");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(stdout, "", "stdout: {stdout}");
+    assert!(stderr.contains("listening"), "stderr: {stderr}");
+    assert!(stderr.contains("stopped"), "stderr: {stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "colour codes in a redirected log: {stderr}"
+    );
+}
