@@ -4,8 +4,8 @@
 //!   (hop-by-hop stripping, `x-forwarded-*`, `x-request-id`, route selection, request info);
 //! - `chain_direct_response`: preparation + filter chain + router answering a `direct_response`
 //!   route (no network);
-//! - `chain_proxied_loopback`: preparation + filter chain + router + cluster pick + per-host pool
-//!   + a real HTTP/1.1 upstream on loopback (one keep-alive connection), body read to the end —
+//! - `chain_proxied_loopback`: preparation + filter chain + router + cluster pick + per-host pool,
+//!   and a real HTTP/1.1 upstream on loopback (one keep-alive connection), body read to the end —
 //!   everything mecha does for a proxied request except parsing/serialising the downstream side.
 //!
 //! The snapshot is built from a bootstrap exactly as `mecha run` builds it.

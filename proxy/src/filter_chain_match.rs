@@ -11,6 +11,10 @@
 use mecha_config::{ConnectionSourceType, FilterChainMatch};
 use std::net::{IpAddr, SocketAddr};
 
+/// One step of Envoy's match order: scores a chain for a connection (`None` = no match,
+/// higher = more specific).
+type Score<'a> = dyn Fn(&Compiled) -> Option<u32> + 'a;
+
 /// What a connection offers to the matcher.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnMeta<'a> {
@@ -95,7 +99,7 @@ impl ChainMatcher {
             return Some(0);
         }
         // Each step scores every surviving chain: None = no match, higher = more specific.
-        let steps: [&dyn Fn(&Compiled) -> Option<u32>; 9] = [
+        let steps: [&Score; 9] = [
             &|c| exact(c.destination_port, m.destination.port()),
             &|c| prefix(&c.prefix_ranges, m.destination.ip()),
             &|c| server_name(&c.server_names, m.server_name),

@@ -212,7 +212,7 @@ where
         .await,
         "PublishEvent" => unary(rt, req, |rt, r: rt::PublishEventRequest| async move {
             let meta: BTreeMap<String, String> = r.metadata.into_iter().collect();
-            rt.publish(&r.pubsub_name, &r.topic, &r.data, &r.data_content_type, &meta, None, None)
+            rt.publish(&r.pubsub_name, &r.topic, &r.data, &r.data_content_type, &meta, Default::default())
                 .await
                 .map_err(st)
         })
@@ -225,7 +225,7 @@ where
                 for e in r.entries {
                     let mut m = base.clone();
                     m.extend(e.metadata);
-                    if let Err(err) = rt.publish(&r.pubsub_name, &r.topic, &e.event, &e.content_type, &m, None, None).await {
+                    if let Err(err) = rt.publish(&r.pubsub_name, &r.topic, &e.event, &e.content_type, &m, Default::default()).await {
                         failed.push(rt::BulkPublishResponseFailedEntry { entry_id: e.entry_id, error: err.message });
                     }
                 }

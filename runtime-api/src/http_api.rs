@@ -3,7 +3,7 @@
 //! `dapr.proto.runtime.v1.Dapr` by content type) and passes every other request down the chain.
 
 use crate::error::ApiError;
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, TraceContext};
 use crate::state_api::{DeleteItem, SaveItem, TxItem};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -379,8 +379,10 @@ impl RuntimeApiFilter {
                         &body,
                         &ct,
                         &query_metadata(q),
-                        tp.as_deref(),
-                        ts.as_deref(),
+                        TraceContext {
+                            parent: tp.as_deref(),
+                            state: ts.as_deref(),
+                        },
                     )
                     .await?;
                 Ok(no_content())
@@ -415,7 +417,14 @@ impl RuntimeApiFilter {
                     m.extend(e.metadata);
                     if let Err(err) = self
                         .rt
-                        .publish(&pubsub, &topic, &data, &e.content_type, &m, None, None)
+                        .publish(
+                            &pubsub,
+                            &topic,
+                            &data,
+                            &e.content_type,
+                            &m,
+                            Default::default(),
+                        )
                         .await
                     {
                         failed

@@ -135,6 +135,13 @@ pub struct InitError {
     pub message: String,
 }
 
+/// The W3C trace context (`traceparent`, `tracestate`) a publish carries into its CloudEvent.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceContext<'a> {
+    pub parent: Option<&'a str>,
+    pub state: Option<&'a str>,
+}
+
 pub struct Runtime {
     pub opts: RuntimeOptions,
     pub stores: HashMap<String, StoreEntry>,
@@ -356,8 +363,7 @@ impl Runtime {
         data: &[u8],
         content_type: &str,
         metadata: &BTreeMap<String, String>,
-        traceparent: Option<&str>,
-        tracestate: Option<&str>,
+        trace: TraceContext<'_>,
     ) -> Result<(), ApiError> {
         if pubsub.is_empty() {
             return Err(ApiError::new(
@@ -385,8 +391,8 @@ impl Runtime {
                     source: &self.opts.app_id,
                     topic,
                     pubsub,
-                    traceparent,
-                    tracestate,
+                    traceparent: trace.parent,
+                    tracestate: trace.state,
                 },
             )
             .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "ERR_PUBSUB_CLOUD_EVENTS_SER", m))?

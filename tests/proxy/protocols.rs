@@ -438,7 +438,7 @@ async fn hundred_megabyte_bodies_stream_both_ways_with_bounded_memory() {
             n += d.len() as u64;
         }
         frames += 1;
-        if frames % 200 == 0 {
+        if frames.is_multiple_of(200) {
             peak = peak.max(rss_kb(pid));
         }
         if frames == 50 {

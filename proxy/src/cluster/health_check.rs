@@ -69,7 +69,7 @@ struct HostHc {
 /// Decodes an Envoy health-check payload (`text` is hex, as Envoy's `Payload.text`).
 pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
     let s = s.trim();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

@@ -165,7 +165,7 @@ pub fn number_header(n: u64) -> HeaderValue {
     static TABLE: std::sync::OnceLock<Box<[HeaderValue]>> = std::sync::OnceLock::new();
     thread_local! {
         static LAST: std::cell::RefCell<(u64, HeaderValue)> =
-            std::cell::RefCell::new((0, HeaderValue::from_static("0")));
+            const { std::cell::RefCell::new((0, HeaderValue::from_static("0"))) };
     }
     if n as usize >= CACHED {
         return LAST.with(|last| {

@@ -369,8 +369,9 @@ impl RouteTable {
             }
             table.vhosts.push(compiled);
         }
-        table.suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-        table.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        // Longest pattern first (stable, so equal lengths keep their configured order).
+        table.suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+        table.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
         if errors.is_empty() {
             Ok(table)
         } else {

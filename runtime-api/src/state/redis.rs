@@ -225,7 +225,9 @@ impl RedisStore {
         pttl.arg("PTTL").arg(key);
         let mut pipe = redis::Pipeline::with_capacity(2);
         pipe.add_command(hmget).add_command(pttl);
-        let ((data, version), pttl): ((Option<Vec<u8>>, Option<Vec<u8>>), i64) =
+        // HMGET's two fields, then PTTL's milliseconds.
+        type Reply = ((Option<Vec<u8>>, Option<Vec<u8>>), i64);
+        let ((data, version), pttl): Reply =
             pipe.query_async(&mut conn).await.map_err(redis_err)?;
         let (Some(data), Some(version)) = (data, version) else {
             return Ok(None);
