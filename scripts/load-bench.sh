@@ -12,7 +12,8 @@
 #   h1-rate  HTTP/1.1 at a fixed rate below the knee (half the slowest proxy's saturation
 #            throughput, the same rate for every path): h2load --h1 --rps   (p50, p99)
 #   h2-sat   HTTP/2 cleartext (prior knowledge) at saturation: h2load -c$H2_CONNS -m$H2_STREAMS
-#   cpu      the proxy's CPU use during h1-sat (1.00 = one core busy), and req/s per core-second
+#   cpu      the proxy's CPU use during h1-sat (1.00 = one core busy), req/s per core-second, and
+#            the user and kernel CPU time per request (from /proc/PID/stat)
 # plus mecha's RSS idle and with 1,000 open, busy connections. Each measurement is repeated in
 # ROUNDS rounds that alternate the paths (rotating their order), and the report gives medians: one
 # sample per path let this VM's drift decide the ratios (single runs gave mecha/nginx 0.98-1.37x).
@@ -196,13 +197,14 @@ MECHA_RSS_IDLE=$(rss_kb "$MECHA_PID")
 
 # All processes of a proxy (nginx: master + worker).
 proc_tree() { echo "$1"; pgrep -P "$1" || true; }
-cpu_ticks() {
-  local t=0 p
+cpu_ticks() { # -> "user system" clock ticks
+  local u=0 s=0 p pu ps
   for p in $(proc_tree "$1"); do
     [ -r "/proc/$p/stat" ] || continue
-    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    read -r pu ps < <(awk '{print $14, $15}' "/proc/$p/stat")
+    u=$((u + pu)) s=$((s + ps))
   done
-  echo "$t"
+  echo "$u $s"
 }
 HZ=$(getconf CLK_TCK)
 
@@ -228,7 +230,7 @@ declare -A H2PORT=([direct]="" [mecha]=$MECHA_PORT [nginx]=$NGINX_H2_PORT [hapro
 declare -A PID=([direct]="" [mecha]=$MECHA_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID)
 TARGETS=(direct mecha nginx haproxy)
 # Per-round values, keyed "target.round"; the report takes medians over the rounds.
-declare -A RPS P50 P99 CPU RATE_P50 RATE_P99 RATE_RPS H2_RPS H2_P50 H2_P99 ERRS
+declare -A RPS P50 P99 CPU USR_US SYS_US RATE_P50 RATE_P99 RATE_RPS H2_RPS H2_P50 H2_P99 ERRS
 
 # Round r measures the paths in an order rotated by r, so no path always runs first or last
 # while the VM's speed drifts (nginx alone has ranged 41k-55k req/s between runs).
@@ -240,7 +242,7 @@ rotated() { # r path...
 
 # --- HTTP/1.1 saturation (wrk) -----------------------------------------------------------------
 h1_sat() { # target round
-  local t=$1 r=$2 k="$1.$2" url="http://127.0.0.1:${PORT[$1]}/" c0=0 c1 s0 s1 out
+  local t=$1 r=$2 k="$1.$2" url="http://127.0.0.1:${PORT[$1]}/" c0="0 0" c1 s0 s1 out n
   # Warm-up (pools, caches): 2 s in the first round, 1 s after.
   taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$((r == 1 ? 2 : 1))s" "$url" >/dev/null
   [ -n "${PID[$t]}" ] && c0=$(cpu_ticks "${PID[$t]}")
@@ -255,8 +257,12 @@ h1_sat() { # target round
   CPU[$k]="-"
   if [ -n "${PID[$t]}" ]; then
     c1=$(cpu_ticks "${PID[$t]}")
-    CPU[$k]=$(awk -v a="$c0" -v b="$c1" -v s0="$s0" -v s1="$s1" -v hz="$HZ" \
-      'BEGIN {printf "%.2f", (b - a) / hz / (s1 - s0)}')
+    n=$(awk '/requests in/ {print $1}' <<<"$out")
+    read -r CPU[$k] USR_US[$k] SYS_US[$k] < <(awk -v a="$c0" -v b="$c1" -v s0="$s0" -v s1="$s1" \
+      -v hz="$HZ" -v n="${n:-0}" 'BEGIN {
+        split(a, x, " "); split(b, y, " "); u = (y[1] - x[1]) / hz; s = (y[2] - x[2]) / hz
+        if (n > 0) printf "%.2f %.2f %.2f\n", (u + s) / (s1 - s0), u / n * 1e6, s / n * 1e6
+        else printf "%.2f - -\n", (u + s) / (s1 - s0) }')
   fi
   log "round $r h1-sat $t: ${RPS[$k]} req/s p50 ${P50[$k]} ms p99 ${P99[$k]} ms cpu ${CPU[$k]}"
 }
@@ -368,6 +374,8 @@ for b in direct nginx haproxy; do
   echo "  mecha/$b: throughput $(ratios RPS "$b"), p99 $(ratios P99 "$b"), fixed-rate p99 $(ratios RATE_P99 "$b"), h2 throughput $h2r"
 done
 echo "  req per cpu-second: mecha/nginx $(ratios PER_CPU nginx), mecha/haproxy $(ratios PER_CPU haproxy)"
+echo "  CPU per request at saturation, user + kernel µs (medians):$(for t in mecha nginx haproxy; do
+  printf ' %s %s + %s;' "$t" "$(med USR_US "$t")" "$(med SYS_US "$t")"; done)"
 echo
 echo "mecha RSS: idle $((MECHA_RSS_IDLE / 1024)) MB ($MECHA_RSS_IDLE kB); with ${OPEN:-?} open busy connections $((MECHA_RSS_BUSY / 1024)) MB ($MECHA_RSS_BUSY kB); peak $((MECHA_HWM / 1024)) MB; after they closed $((MECHA_RSS_AFTER / 1024)) MB"
 for t in "${TARGETS[@]}"; do
