@@ -155,7 +155,7 @@ async fn least_request_avoids_the_busy_host() {
         }
     }
     // With choice_count 3 over 3 hosts the busy host only wins when all three picks land on it:
-    // 1 in 27 per request, ~2.2 of 60 (9 or fewer with probability 99.97 %). Round robin would
+    // 1 in 27 per request, ~2.2 of 60 (10 or more with probability below 0.01 %). Round robin would
     // send it 20, random 20 ± 3.7.
     let to_slow = slow.hits() - before;
     let to_fast = fast1.hits() + fast2.hits() - fast_before;
