@@ -3,8 +3,9 @@
 use serde::{Deserialize, Deserializer};
 use std::time::Duration;
 
-/// A protobuf `Duration` in its JSON form: `"1.5s"`, or `{seconds, nanos}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+/// A protobuf `Duration` in its JSON form: `"1.5s"`, or `{seconds, nanos}`. It is written back
+/// (`/config_dump`) in the string form, as Envoy dumps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PbDuration(pub Duration);
 
 impl PbDuration {
@@ -19,25 +20,63 @@ impl PbDuration {
     }
 }
 
+impl serde::Serialize for PbDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(self.0))
+    }
+}
+
+/// The protobuf JSON form: whole seconds, or 3, 6 or 9 fractional digits (`"0.250s"`).
+pub fn format_duration(d: Duration) -> String {
+    let (secs, nanos) = (d.as_secs(), d.subsec_nanos());
+    if nanos == 0 {
+        format!("{secs}s")
+    } else if nanos % 1_000_000 == 0 {
+        format!("{secs}.{:03}s", nanos / 1_000_000)
+    } else if nanos % 1_000 == 0 {
+        format!("{secs}.{:06}s", nanos / 1_000)
+    } else {
+        format!("{secs}.{nanos:09}s")
+    }
+}
+
 impl<'de> Deserialize<'de> for PbDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Text(String),
-            Parts {
-                #[serde(default)]
-                seconds: u64,
-                #[serde(default)]
-                nanos: u32,
-            },
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PbDuration;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a duration like \"1.5s\" or {seconds, nanos}")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<PbDuration, E> {
+                parse_duration(s).map(PbDuration).map_err(E::custom)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<PbDuration, A::Error> {
+                let (mut seconds, mut nanos) = (0u64, 0u32);
+                while let Some(key) = m.next_key::<String>()? {
+                    match key.as_str() {
+                        "seconds" => seconds = m.next_value()?,
+                        "nanos" => nanos = m.next_value()?,
+                        other => {
+                            return Err(serde::de::Error::unknown_field(
+                                other,
+                                &["seconds", "nanos"],
+                            ))
+                        }
+                    }
+                }
+                if nanos >= 1_000_000_000 {
+                    return Err(serde::de::Error::custom(format!(
+                        "invalid duration: nanos {nanos} must be below 1000000000"
+                    )));
+                }
+                Ok(PbDuration(Duration::new(seconds, nanos)))
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Text(s) => parse_duration(&s)
-                .map(PbDuration)
-                .map_err(serde::de::Error::custom),
-            Raw::Parts { seconds, nanos } => Ok(PbDuration(Duration::new(seconds, nanos))),
-        }
+        d.deserialize_any(V)
     }
 }
 

@@ -142,6 +142,38 @@ fn durations_parse_like_protobuf_json() {
 }
 
 #[test]
+fn duration_objects_reject_unknown_keys() {
+    let bad = GOOD.replace(
+        "timeout: { seconds: 2, nanos: 500000000 }",
+        "timeout: { secs: 2 }",
+    );
+    let text = parse_bootstrap(&bad).unwrap_err().to_string();
+    assert!(
+        text.contains("routes[0].route.timeout") && text.contains("secs"),
+        "{text}"
+    );
+    let bad = GOOD.replace("nanos: 500000000", "nanos: 1500000000");
+    let text = parse_bootstrap(&bad).unwrap_err().to_string();
+    assert!(text.contains("routes[0].route.timeout"), "{text}");
+}
+
+#[test]
+fn durations_are_written_back_in_protobuf_json_form() {
+    use std::time::Duration;
+    assert_eq!(format_duration(Duration::from_secs(15)), "15s");
+    assert_eq!(format_duration(Duration::from_millis(250)), "0.250s");
+    assert_eq!(
+        format_duration(Duration::from_micros(1_500_001)),
+        "1.500001s"
+    );
+    assert_eq!(format_duration(Duration::new(0, 7)), "0.000000007s");
+    let json = serde_json::to_string(&PbDuration::millis(2500)).unwrap();
+    assert_eq!(json, "\"2.500s\"");
+    let back: PbDuration = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, PbDuration::millis(2500));
+}
+
+#[test]
 fn stream_and_route_idle_timeouts_are_accepted() {
     let with = |extra: &str| {
         GOOD.replace(
