@@ -202,8 +202,14 @@ pub enum AppendAction {
 pub struct RegexMatcher {
     pub regex: String,
     #[serde(default)]
-    pub google_re2: Option<serde_yaml::Mapping>,
+    pub google_re2: Option<Empty>,
 }
+
+/// An options message mecha accepts only empty (`google_re2: {}`, `grpc: {}`): its fields
+/// (`max_program_size`, ...) are not supported, so they are rejected rather than ignored.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
 
 /// `envoy.type.matcher.v3.StringMatcher`.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]

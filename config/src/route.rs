@@ -21,6 +21,9 @@ pub struct RouteConfiguration {
     pub response_headers_to_remove: Vec<String>,
     #[serde(default)]
     pub validate_clusters: Option<bool>,
+    /// Match virtual-host domains against the host without its port (Envoy's default: with it).
+    #[serde(default)]
+    pub ignore_port_in_host_matching: bool,
 }
 
 /// The four header lists that appear at route-config, virtual-host, route and weighted-cluster level.
@@ -124,7 +127,7 @@ pub struct RouteMatch {
     #[serde(default)]
     pub query_parameters: Vec<QueryParameterMatcher>,
     #[serde(default)]
-    pub grpc: Option<serde_yaml::Mapping>,
+    pub grpc: Option<crate::Empty>,
 }
 
 /// `envoy.config.route.v3.HeaderMatcher`, including the deprecated direct forms.

@@ -451,7 +451,8 @@ fn validate_route(
                     "the weights must not all be zero",
                 ));
             }
-            if let Some(total) = wc.total_weight {
+            // Envoy checks total_weight only when it is set above 0 (0 = the sum).
+            if let Some(total) = wc.total_weight.filter(|t| *t > 0) {
                 if total as u64 != sum {
                     errors.push(ConfigError::new(
                         format!("{apath}.weighted_clusters.total_weight"),

@@ -174,6 +174,31 @@ fn durations_are_written_back_in_protobuf_json_form() {
 }
 
 #[test]
+fn options_messages_mecha_does_not_implement_are_rejected() {
+    let bad = GOOD.replace(
+        "match: { prefix: \"/\" }",
+        "match: { safe_regex: { google_re2: { max_program_size: 9 }, regex: \"/.*\" } }",
+    );
+    let text = parse_bootstrap(&bad).unwrap_err().to_string();
+    assert!(
+        text.contains("match.safe_regex.google_re2.max_program_size"),
+        "{text}"
+    );
+    let bad = GOOD.replace(
+        "match: { prefix: \"/\" }",
+        "match: { prefix: \"/\", grpc: { x: 1 } }",
+    );
+    let text = parse_bootstrap(&bad).unwrap_err().to_string();
+    assert!(text.contains("match.grpc.x"), "{text}");
+    // An empty grpc matcher and google_re2 are fine.
+    let ok = GOOD.replace(
+        "match: { prefix: \"/\" }",
+        "match: { safe_regex: { google_re2: {}, regex: \"/.*\" }, grpc: {} }",
+    );
+    parse_bootstrap(&ok).expect("empty option messages");
+}
+
+#[test]
 fn stream_and_route_idle_timeouts_are_accepted() {
     let with = |extra: &str| {
         GOOD.replace(

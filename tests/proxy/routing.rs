@@ -166,15 +166,37 @@ async fn virtual_host_domain_selection() {
     assert_eq!(body("api.example.com").await, "exact");
     assert_eq!(body("API.Example.com").await, "exact");
     assert_eq!(body("api.example.com:8443").await, "exact");
-    assert_eq!(
-        body("api.example.com:9999").await,
-        "exact",
-        "port-stripped fallback"
-    );
+    // As in Envoy, the port is part of the host: no fallback to the port-less domain.
+    assert_eq!(body("api.example.com:9999").await, "any");
+    assert_eq!(body("x.example.com:80").await, "any");
     assert_eq!(body("x.example.com").await, "suffix");
     assert_eq!(body("a.b.example.com").await, "longer-suffix");
     assert_eq!(body("internal.corp").await, "prefix");
+    assert_eq!(body("internal.corp:8080").await, "prefix");
     assert_eq!(body("other.org").await, "any");
+}
+
+#[tokio::test]
+async fn ignore_port_in_host_matching_drops_the_port() {
+    let rc = r#"            name: local
+            ignore_port_in_host_matching: true
+            virtual_hosts:
+            - name: exact
+              domains: ["api.example.com"]
+              routes: [{ match: { prefix: "/" }, direct_response: { status: 200, body: { inline_string: "exact" } } }]
+            - name: fallback
+              domains: ["*"]
+              routes: [{ match: { prefix: "/" }, direct_response: { status: 200, body: { inline_string: "any" } } }]
+"#;
+    let (_m, port, _a, _b) = start_ab(rc, "").await;
+    let url = format!("http://127.0.0.1:{port}/");
+    assert_eq!(
+        get_with(&url, &[("host", "api.example.com:9999")])
+            .await
+            .text(),
+        "exact"
+    );
+    assert_eq!(get_with(&url, &[("host", "[::1]:80")]).await.text(), "any");
 }
 
 #[tokio::test]
@@ -226,6 +248,12 @@ async fn rewrites_redirects_and_direct_responses() {
                 redirect: { path_redirect: "/new", response_code: FOUND }
               - match: { prefix: "/secure" }
                 redirect: { https_redirect: true }
+              - match: { prefix: "/port" }
+                redirect: { port_redirect: 8443 }
+              - match: { safe_regex: { regex: "/rxw/[a-z]+" } }
+                route: { cluster: a, prefix_rewrite: "/whole" }
+              - match: { safe_regex: { regex: "/rx/[a-z]+" }, case_sensitive: false }
+                direct_response: { status: 200, body: { inline_string: "regex" } }
               - match: { prefix: "/strip" }
                 redirect: { host_redirect: "other.example", prefix_rewrite: "/moved", strip_query: true, response_code: PERMANENT_REDIRECT }
               - match: { prefix: "/teapot" }
@@ -248,6 +276,32 @@ async fn rewrites_redirects_and_direct_responses() {
         r.header("location"),
         Some("https://site.example/secure/page")
     );
+    // Envoy keeps a non-default port across a scheme change and drops the old scheme's default.
+    let r = get_with(
+        &format!("{base}/secure/p"),
+        &[("host", "site.example:8080")],
+    )
+    .await;
+    assert_eq!(
+        r.header("location"),
+        Some("https://site.example:8080/secure/p")
+    );
+    let r = get_with(&format!("{base}/secure/p"), &[("host", "site.example:80")]).await;
+    assert_eq!(r.header("location"), Some("https://site.example/secure/p"));
+    let r = get_with(&format!("{base}/port/x"), &[("host", "site.example:8080")]).await;
+    assert_eq!(
+        r.header("location"),
+        Some("http://site.example:8443/port/x")
+    );
+    // prefix_rewrite on a regex route replaces the whole path, as Envoy's does.
+    let r = get(&format!("{base}/rxw/abc?k=v")).await.unwrap();
+    assert_eq!(r.json()["uri"], "/whole?k=v");
+    // case_sensitive does not apply to safe_regex (Envoy ignores it there).
+    assert_eq!(
+        get(&format!("{base}/rx/abc")).await.unwrap().text(),
+        "regex"
+    );
+    assert_eq!(get(&format!("{base}/RX/ABC")).await.unwrap().status, 404);
     let r = get_with(&format!("{base}/strip/a?q=1"), &[("host", "site.example")]).await;
     assert_eq!(r.status, 308);
     assert_eq!(r.header("location"), Some("http://other.example/moved/a"));

@@ -172,3 +172,64 @@ fn run_logs_to_stderr_and_leaves_stdout_empty() {
         "colour codes in a redirected log: {stderr}"
     );
 }
+
+#[test]
+fn header_mutations_follow_envoys_rules() {
+    let yaml = |mutations: &str| {
+        format!(
+            r#"
+static_resources:
+  listeners:
+  - name: l
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 1 }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: x
+          route_config:
+            virtual_hosts:
+            - name: v
+              domains: ["*"]
+{mutations}
+              routes:
+              - match: {{ prefix: "/" }}
+                route:
+                  weighted_clusters: {{ total_weight: 0, clusters: [{{ name: a, weight: 1 }}] }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+  clusters:
+  - name: a
+    connect_timeout: 1s
+    load_assignment: {{ cluster_name: a, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 2 }} }} }} }}] }}] }}
+"#
+        )
+    };
+    // total_weight 0 means "the sum", as in Envoy.
+    let (code, _, err) = validate(&yaml(""));
+    assert_eq!(code, 0, "{err}");
+    let vh = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0]";
+    let (code, _, err) = validate(&yaml(
+        "              request_headers_to_add: [{ header: { key: Host, value: x } }]\n              request_headers_to_remove: [host]",
+    ));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "{vh}.request_headers_to_add[0].header.key: the host header cannot be modified"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{vh}.request_headers_to_remove[0]: the host header cannot be modified"
+        )),
+        "{err}"
+    );
+    let (code, _, err) = validate(&yaml(
+        "              response_headers_to_add: [{ header: { key: x-a, value: b }, append: true, append_action: ADD_IF_ABSENT }]",
+    ));
+    assert_eq!(code, 1);
+    assert!(err.contains(&format!("{vh}.response_headers_to_add[0].append: append and append_action are mutually exclusive")), "{err}");
+}

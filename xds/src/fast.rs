@@ -406,6 +406,7 @@ pub fn route_configuration(mut r: rt::RouteConfiguration) -> Option<mc::RouteCon
         response_headers_to_add: header_list(take(&mut r.response_headers_to_add))?,
         response_headers_to_remove: take(&mut r.response_headers_to_remove),
         validate_clusters: r.validate_clusters.take().map(|b| b.value),
+        ignore_port_in_host_matching: take(&mut r.ignore_port_in_host_matching),
     };
     rest_default!(r);
     Some(out)

@@ -78,6 +78,10 @@ impl HeaderOps {
         ] {
             for (i, n) in list.iter().enumerate() {
                 match HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()) {
+                    Ok(n) if n == http::header::HOST => errors.push(ConfigError::new(
+                        format!("{path}.{field}[{i}]"),
+                        UNMODIFIABLE,
+                    )),
                     Ok(n) => out.push(n),
                     Err(_) => errors.push(ConfigError::new(
                         format!("{path}.{field}[{i}]"),
@@ -179,6 +183,10 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
+/// Envoy's `isModifiableHeader`: `host` (and pseudo-headers, which are not valid names here)
+/// cannot be added or removed by header mutations.
+const UNMODIFIABLE: &str = "the host header cannot be modified by header mutations (use host_rewrite_literal or auto_host_rewrite)";
+
 fn compile_add(h: &HeaderValueOption, path: &str) -> Result<Add, ConfigError> {
     let name =
         HeaderName::from_bytes(h.header.key.to_ascii_lowercase().as_bytes()).map_err(|_| {
@@ -187,6 +195,15 @@ fn compile_add(h: &HeaderValueOption, path: &str) -> Result<Add, ConfigError> {
                 format!("invalid header name \"{}\"", h.header.key),
             )
         })?;
+    if name == http::header::HOST {
+        return Err(ConfigError::new(format!("{path}.header.key"), UNMODIFIABLE));
+    }
+    if h.append.is_some() && h.append_action.is_some() {
+        return Err(ConfigError::new(
+            format!("{path}.append"),
+            "append and append_action are mutually exclusive (append is deprecated)",
+        ));
+    }
     let parts = parse_template(&h.header.value)
         .map_err(|e| ConfigError::new(format!("{path}.header.value"), e))?;
     let value = match parts.as_slice() {

@@ -30,6 +30,7 @@ pub struct RouteTable {
     /// (prefix without '*', vhost), longest first.
     prefixes: Vec<(String, usize)>,
     any: Option<usize>,
+    ignore_port: bool,
     pub headers: Arc<HeaderOps>,
 }
 
@@ -343,6 +344,7 @@ impl RouteTable {
             suffixes: vec![],
             prefixes: vec![],
             any: None,
+            ignore_port: rc.ignore_port_in_host_matching,
             headers: top.clone(),
         };
         for (vi, vh) in rc.virtual_hosts.iter().enumerate() {
@@ -380,7 +382,8 @@ impl RouteTable {
     }
 
     /// Envoy's domain search: exact, then longest suffix wildcard, then longest prefix
-    /// wildcard, then `*`. A host with a port that matches nothing is tried without the port.
+    /// wildcard, then `*`. The port is part of the host unless `ignore_port_in_host_matching`:
+    /// `a.example:8080` does not select `a.example`, as in Envoy.
     pub fn select_vhost(&self, host: &str) -> Option<&VirtualHost> {
         if self.exact.is_empty() && self.suffixes.is_empty() && self.prefixes.is_empty() {
             // Only `*` (the usual sidecar table): no need to lower-case or hash the host.
@@ -393,11 +396,12 @@ impl RouteTable {
         } else {
             host
         };
+        let host = if self.ignore_port {
+            split_host_port(host).0
+        } else {
+            host
+        };
         self.find_vhost_named(host)
-            .or_else(|| match split_host_port(host) {
-                (h, Some(_)) => self.find_vhost_named(h),
-                _ => None,
-            })
             .or_else(|| self.any.map(|i| &self.vhosts[i]))
     }
 
@@ -488,7 +492,7 @@ impl RouteEntry {
         })
     }
 
-    /// The matched prefix length, for `prefix_rewrite`.
+    /// The path after `prefix_rewrite` (replacing the matched prefix) or `regex_rewrite`.
     pub fn rewrite_path(&self, path_and_query: &str, rewrite: &RouteAction) -> Option<String> {
         let (path, query) = match path_and_query.split_once('?') {
             Some((p, q)) => (p, Some(q)),
@@ -497,8 +501,8 @@ impl RouteEntry {
         let new_path = if let Some(pr) = &rewrite.prefix_rewrite {
             let matched = match &self.path {
                 PathMatch::Prefix(p) | PathMatch::SeparatedPrefix(p) => p.len(),
-                PathMatch::Exact(_) => path.len(),
-                PathMatch::Regex(..) => return None,
+                // Envoy replaces the whole path of an exact or regex match.
+                PathMatch::Exact(_) | PathMatch::Regex(..) => path.len(),
             };
             format!("{pr}{}", &path[matched.min(path.len())..])
         } else if let Some((re, sub)) = &rewrite.regex_rewrite {
@@ -637,20 +641,9 @@ fn compile_route(
     } else if let Some(p) = &m.path {
         PathMatch::Exact(p.clone())
     } else if let Some(re) = &m.safe_regex {
-        let src = if case_sensitive {
-            re.regex.clone()
-        } else {
-            format!("(?i){}", re.regex)
-        };
-        match full_regex(&src) {
-            Ok(r) => PathMatch::Regex(
-                r,
-                if case_sensitive {
-                    literal_prefix(&re.regex)
-                } else {
-                    String::new()
-                },
-            ),
+        // Envoy ignores `case_sensitive` for `safe_regex`: the pattern says it (`(?i)`).
+        match full_regex(&re.regex) {
+            Ok(r) => PathMatch::Regex(r, literal_prefix(&re.regex)),
             Err(e) => {
                 errors.push(err(format!("{mpath}.safe_regex.regex"), e));
                 PathMatch::Prefix("/".into())
@@ -1080,21 +1073,25 @@ impl Redirect {
         host: &str,
         path_and_query: &str,
     ) -> String {
-        let scheme = self.scheme.as_deref().unwrap_or(scheme);
-        let (host_only, orig_port) = split_host_port(host);
-        let mut host_out = self.host.clone().unwrap_or_else(|| host_only.to_string());
-        let port = match (self.port, &self.host) {
-            (Some(p), _) => Some(p.to_string()),
-            // A scheme change drops the old port; a new host without port takes none.
-            (None, None) if self.scheme.is_none() => orig_port.map(str::to_string),
-            _ => None,
-        };
-        if let Some(p) = port {
-            let default = (scheme == "https" && p == "443") || (scheme == "http" && p == "80");
-            if !default && !host_out.contains(':') {
-                host_out = format!("{host_out}:{p}");
+        // Envoy's processRequestHost: the request's port stays unless a new port replaces it,
+        // or the scheme changes and the port was the old scheme's default (`:80` for http).
+        let new_scheme = self.scheme.as_deref().unwrap_or(scheme);
+        let mut host_out = match &self.host {
+            Some(h) => h.clone(),
+            None => {
+                let (host_only, orig_port) = split_host_port(host);
+                let default_of_old = matches!(
+                    (scheme, orig_port),
+                    ("http", Some("80")) | ("https", Some("443"))
+                );
+                let strip = self.port.is_some() || (new_scheme != scheme && default_of_old);
+                if strip { host_only } else { host }.to_string()
             }
+        };
+        if let Some(p) = self.port {
+            host_out = format!("{host_out}:{p}");
         }
+        let scheme = new_scheme;
         let (path, query) = match path_and_query.split_once('?') {
             Some((p, q)) => (p.to_string(), Some(q.to_string())),
             None => (path_and_query.to_string(), None),
