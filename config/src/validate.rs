@@ -150,6 +150,12 @@ fn validate_listener_inner(
                     validate_hcm(hcm, &fpath, clusters, errors)
                 }
                 NetworkFilterConfig::TcpProxy(tp) => {
+                    if tp.max_connect_attempts == Some(0) {
+                        errors.push(ConfigError::new(
+                            format!("{fpath}.typed_config.max_connect_attempts"),
+                            "must be at least 1",
+                        ));
+                    }
                     if !terminal {
                         errors.push(ConfigError::new(
                             &fpath,

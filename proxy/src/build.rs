@@ -131,6 +131,7 @@ pub fn build(b: &Bootstrap, ctx: &BuildContext) -> Result<Snapshot, ConfigErrors
                                 Some(d) => Some(d.0),
                                 None => Some(Duration::from_secs(3600)),
                             },
+                            max_connect_attempts: tp.max_connect_attempts.unwrap_or(1),
                             clusters: ctx.clusters.clone(),
                         })))
                     }

@@ -119,7 +119,8 @@ stat_struct!(TcpStats {
         downstream_cx_rx_bytes_total,
         downstream_cx_tx_bytes_total,
         idle_timeout,
-        upstream_flush_total
+        upstream_flush_total,
+        upstream_cx_connect_attempts_exceeded
     ],
     gauges: [
         downstream_cx_rx_bytes_buffered,

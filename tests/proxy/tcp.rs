@@ -96,9 +96,12 @@ async fn tcp_proxy_idle_timeout_closes_both_sides() {
     let (closed_tx, mut closed_rx) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
         let (mut s, _) = l.accept().await.unwrap();
-        let mut buf = [0u8; 16];
-        let n = s.read(&mut buf).await.unwrap_or(0);
-        closed_tx.send(n).await.unwrap();
+        // Reads until mecha closes the connection, then reports how many bytes came.
+        let (mut buf, mut total) = ([0u8; 16], 0);
+        while let Ok(n @ 1..) = s.read(&mut buf).await {
+            total += n;
+        }
+        closed_tx.send(total).await.unwrap();
     });
     let (admin, port) = (free_port(), free_port());
     let cfg = tcp_bootstrap(
@@ -111,6 +114,7 @@ async fn tcp_proxy_idle_timeout_closes_both_sides() {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
+    s.write_all(b"abcd").await.unwrap();
     let mut buf = [0u8; 16];
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
         .await
@@ -121,9 +125,14 @@ async fn tcp_proxy_idle_timeout_closes_both_sides() {
         tokio::time::timeout(Duration::from_secs(5), closed_rx.recv())
             .await
             .unwrap(),
-        Some(0)
+        Some(4)
     );
     assert_eq!(m.stat("tcp.tcp_stats.idle_timeout").await, Some(1));
+    // A session cut by the idle timeout still counts the bytes it moved.
+    assert_eq!(
+        m.stat("tcp.tcp_stats.downstream_cx_rx_bytes_total").await,
+        Some(4)
+    );
 }
 
 #[tokio::test]
@@ -151,6 +160,77 @@ async fn tcp_proxy_upstream_refused_closes_downstream() {
     assert_eq!(n, 0);
     assert_eq!(
         m.stat("cluster.echo.upstream_cx_connect_fail").await,
+        Some(1)
+    );
+}
+
+#[tokio::test]
+async fn tcp_proxy_max_connect_attempts_tries_other_hosts() {
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let live = eof_echo().await;
+    let (admin, port) = (free_port(), free_port());
+    // Round robin over [dead, live]: with 2 attempts every connection gets through.
+    let m = Mecha::start(
+        &tcp_bootstrap(
+            admin,
+            port,
+            &static_cluster("echo", &[dead, live], "ROUND_ROBIN", ""),
+            "          max_connect_attempts: 2",
+        ),
+        admin,
+    )
+    .await;
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(b"ping").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, b"ping");
+    }
+    assert_eq!(
+        m.stat("tcp.tcp_stats.upstream_cx_connect_attempts_exceeded")
+            .await,
+        Some(0)
+    );
+    assert!(m.stat("cluster.echo.upstream_cx_connect_fail").await >= Some(2));
+}
+
+#[tokio::test]
+async fn tcp_proxy_gives_up_after_max_connect_attempts() {
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (admin, port) = (free_port(), free_port());
+    let m = Mecha::start(
+        &tcp_bootstrap(
+            admin,
+            port,
+            &static_cluster("echo", &[dead], "ROUND_ROBIN", ""),
+            "          max_connect_attempts: 3",
+        ),
+        admin,
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert_eq!(
+        m.stat("cluster.echo.upstream_cx_connect_fail").await,
+        Some(3)
+    );
+    assert_eq!(
+        m.stat("tcp.tcp_stats.upstream_cx_connect_attempts_exceeded")
+            .await,
         Some(1)
     );
 }
