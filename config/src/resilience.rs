@@ -303,3 +303,123 @@ impl CommonLbConfig {
             .unwrap_or(50.0)
     }
 }
+
+/// Checks what the health checker would otherwise have to guess: one checker per cluster, one
+/// protocol, payloads that decode, request headers that are valid.
+pub(crate) fn validate_health_checks(
+    c: &crate::Cluster,
+    path: &str,
+    errors: &mut Vec<crate::ConfigError>,
+) {
+    use crate::ConfigError;
+    if c.health_checks.len() > 1 {
+        errors.push(ConfigError::new(
+            format!("{path}.health_checks[1]"),
+            "mecha runs one health checker per cluster",
+        ));
+    }
+    let Some(hc) = c.health_checks.first() else {
+        return;
+    };
+    let hpath = format!("{path}.health_checks[0]");
+    let kinds = [
+        hc.http_health_check.is_some(),
+        hc.tcp_health_check.is_some(),
+        hc.grpc_health_check.is_some(),
+    ];
+    if kinds.iter().filter(|k| **k).count() != 1 {
+        errors.push(ConfigError::new(
+            &hpath,
+            "exactly one of http_health_check, tcp_health_check, grpc_health_check is required",
+        ));
+    }
+    if hc.interval.0.is_zero() || hc.timeout.0.is_zero() {
+        errors.push(ConfigError::new(
+            &hpath,
+            "interval and timeout must be greater than 0",
+        ));
+    }
+    if let Some(h) = &hc.http_health_check {
+        let p = format!("{hpath}.http_health_check");
+        if let Some(c) = h.codec_client_type.as_deref() {
+            if c != "HTTP1" && c != "HTTP2" {
+                errors.push(ConfigError::new(
+                    format!("{p}.codec_client_type"),
+                    format!("unsupported value \"{c}\" (HTTP1 or HTTP2)"),
+                ));
+            }
+        }
+        for (i, a) in h.request_headers_to_add.iter().enumerate() {
+            let ap = format!("{p}.request_headers_to_add[{i}]");
+            if !is_token(&a.header.key) || a.header.key.eq_ignore_ascii_case("host") {
+                errors.push(ConfigError::new(
+                    format!("{ap}.header.key"),
+                    format!("invalid or unmodifiable header name \"{}\"", a.header.key),
+                ));
+            }
+            if a.header.value.contains('%') {
+                errors.push(ConfigError::new(
+                    format!("{ap}.header.value"),
+                    "substitution formatters are not supported in health check headers",
+                ));
+            } else if a
+                .header
+                .value
+                .bytes()
+                .any(|b| b < 0x20 && b != b'\t' || b == 0x7f)
+            {
+                errors.push(ConfigError::new(
+                    format!("{ap}.header.value"),
+                    "invalid header value",
+                ));
+            }
+        }
+        for (i, n) in h.request_headers_to_remove.iter().enumerate() {
+            if !is_token(n) {
+                errors.push(ConfigError::new(
+                    format!("{p}.request_headers_to_remove[{i}]"),
+                    format!("invalid header name \"{n}\""),
+                ));
+            }
+        }
+    }
+    if let Some(t) = &hc.tcp_health_check {
+        let p = format!("{hpath}.tcp_health_check");
+        let payloads = t.send.iter().map(|s| (format!("{p}.send"), s)).chain(
+            t.receive
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (format!("{p}.receive[{i}]"), r)),
+        );
+        for (pp, payload) in payloads {
+            if payload.binary.is_some() {
+                errors.push(ConfigError::new(
+                    format!("{pp}.binary"),
+                    "binary payloads are not supported; give the bytes as hex in text",
+                ));
+            }
+            match payload.text.as_deref() {
+                Some(t) if !is_hex(t) => errors.push(ConfigError::new(
+                    format!("{pp}.text"),
+                    format!("\"{t}\" is not hex-encoded bytes"),
+                )),
+                None if payload.binary.is_none() => errors.push(ConfigError::new(
+                    &pp,
+                    "a payload needs text (hex-encoded bytes)",
+                )),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn is_hex(s: &str) -> bool {
+    let s = s.trim();
+    s.len().is_multiple_of(2) && s.bytes().all(|b| b.is_ascii_hexdigit())
+}

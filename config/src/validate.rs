@@ -176,6 +176,7 @@ fn validate_listener_inner(
 }
 
 pub(crate) fn validate_cluster(c: &Cluster, path: &str, errors: &mut Vec<ConfigError>) {
+    crate::resilience::validate_health_checks(c, path, errors);
     let endpoints = c
         .load_assignment
         .as_ref()

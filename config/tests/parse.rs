@@ -199,6 +199,55 @@ fn options_messages_mecha_does_not_implement_are_rejected() {
 }
 
 #[test]
+fn health_checks_are_validated_not_guessed() {
+    let with_hc = |hc: &str| {
+        GOOD.replace(
+            "    lb_policy: MAGLEV\n",
+            &format!("    lb_policy: MAGLEV\n    health_checks:\n{hc}"),
+        )
+    };
+    let base = "    - { timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, ";
+    parse_bootstrap(&with_hc(&format!(
+        "{base}tcp_health_check: {{ send: {{ text: \"0a0B\" }} }} }}\n"
+    )))
+    .expect("hex payload");
+    let text = parse_bootstrap(&with_hc(&format!(
+        "{base}tcp_health_check: {{ send: {{ text: zz }}, receive: [{{ binary: AAE= }}] }} }}\n"
+    )))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        text.contains(
+            "health_checks[0].tcp_health_check.send.text: \"zz\" is not hex-encoded bytes"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("health_checks[0].tcp_health_check.receive[0].binary: binary payloads are not supported"), "{text}");
+    let text = parse_bootstrap(&with_hc(&format!(
+        "{base}http_health_check: {{ path: /h, codec_client_type: HTTP3 }} }}\n{base}tcp_health_check: {{}} }}\n"
+    )))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        text.contains(
+            "health_checks[0].http_health_check.codec_client_type: unsupported value \"HTTP3\""
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("health_checks[1]: mecha runs one health checker per cluster"),
+        "{text}"
+    );
+    let text = parse_bootstrap(&with_hc(&format!("{base}}}\n")))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("exactly one of http_health_check, tcp_health_check, grpc_health_check"),
+        "{text}"
+    );
+}
+
+#[test]
 fn stream_and_route_idle_timeouts_are_accepted() {
     let with = |extra: &str| {
         GOOD.replace(

@@ -176,3 +176,59 @@ async fn tcp_and_grpc_health_checks() {
         .await
     );
 }
+
+#[tokio::test]
+async fn http_health_check_headers_and_unhealthy_interval() {
+    // `/healthz` passes only with the configured header and without the removed one.
+    let (fail, checks) = (Arc::new(AtomicU16::new(0)), Arc::new(AtomicU16::new(0)));
+    let (f, c) = (fail.clone(), checks.clone());
+    let up = Upstream::start(Arc::new(
+        move |req: http::Request<hyper::body::Incoming>| {
+            let (f, c) = (f.clone(), c.clone());
+            Box::pin(async move {
+                let mut status = 200;
+                if req.uri().path() == "/healthz" {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    let h = req.headers();
+                    let ok = h.get("x-hc-token").is_some_and(|v| v == "s3cret")
+                        && h.get("user-agent").is_none()
+                        && f.load(Ordering::SeqCst) == 0;
+                    status = if ok { 200 } else { 503 };
+                }
+                http::Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::from_static(b"ok")))
+                    .unwrap()
+            })
+        },
+    ))
+    .await;
+    let (admin, port) = (free_port(), free_port());
+    let hc = "    health_checks:\n    - timeout: 0.5s\n      interval: 0.1s\n      no_traffic_interval: 0.1s\n      unhealthy_interval: 1s\n      unhealthy_threshold: 1\n      healthy_threshold: 1\n      http_health_check:\n        path: /healthz\n        request_headers_to_add: [{ header: { key: x-hc-token, value: s3cret } }]\n        request_headers_to_remove: [user-agent]\n";
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &routes(
+            "",
+            "              - match: { prefix: \"/\" }\n                route: { cluster: c }\n",
+        ),
+        &static_cluster("c", &[up.addr], "ROUND_ROBIN", hc),
+    );
+    let m = Mecha::start(&cfg, admin).await;
+    assert!(eventually(5, || async { flags(&m, "c", up.addr).await == "healthy" }).await);
+    // Traffic ends the no-traffic intervals (Envoy: once the cluster has made a connection).
+    assert_eq!(request(port, "GET", "/", &[], vec![]).await.status, 200);
+    fail.store(1, Ordering::SeqCst);
+    assert!(
+        eventually(5, || async {
+            flags(&m, "c", up.addr).await == "/failed_active_hc"
+        })
+        .await
+    );
+    // While unhealthy the host is checked every unhealthy_interval (1 s), not every 0.1 s.
+    let before = checks.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = checks.load(Ordering::SeqCst) - before;
+    assert!((1..=3).contains(&during), "{during} checks in 1.5 s");
+}

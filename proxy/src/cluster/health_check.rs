@@ -1,13 +1,14 @@
 //! Active health checking (`health_checks[0]`): HTTP, TCP and gRPC (`grpc.health.v1.Health/Check`).
 //!
-//! One task per cluster checks every host each round, on its own connections (health-check
+//! One task per cluster checks each host when it is due, on its own connections (health-check
 //! traffic does not count as upstream requests). Transitions follow Envoy: a new host starts with
 //! `FAILED_ACTIVE_HC` and its first passing check makes it healthy; a healthy host becomes
 //! unhealthy after `unhealthy_threshold` consecutive network failures (connect error, timeout) or
 //! at once on an active failure (unexpected HTTP status, gRPC `NOT_SERVING`, TCP payload
-//! mismatch); an unhealthy host needs `healthy_threshold` consecutive passes. Rounds run every
-//! `interval` (+ `interval_jitter` / `interval_jitter_percent`), or every `no_traffic_interval`
-//! (default 60 s) while the cluster has carried no request. Stats: `health_check.*`.
+//! mismatch); an unhealthy host needs `healthy_threshold` consecutive passes. A host's next check
+//! follows Envoy's schedule (`interval`, `unhealthy_interval`, the edge intervals while a change is
+//! pending, the no-traffic intervals until the cluster has made a connection), plus jitter.
+//! Stats: `health_check.*`.
 
 use super::host::health;
 use super::Cluster;
@@ -15,13 +16,13 @@ use crate::stats::HealthCheckStats;
 use bytes::{Buf, Bytes};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use mecha_config::{Cluster as ClusterConfig, HealthCheck};
+use mecha_config::{AppendAction, Cluster as ClusterConfig, HealthCheck};
 use mecha_filters::stats::{Scope, Store};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -31,6 +32,9 @@ enum Kind {
         host: String,
         expected: Vec<(i64, i64)>,
         http2: bool,
+        /// `request_headers_to_remove`, then `request_headers_to_add` (as Envoy's HeaderParser).
+        remove: Vec<http::HeaderName>,
+        add: Vec<(http::HeaderName, http::HeaderValue, AppendAction)>,
     },
     Tcp {
         send: Vec<u8>,
@@ -59,11 +63,22 @@ pub struct HealthChecker {
     cluster: Weak<Cluster>,
 }
 
-#[derive(Default)]
 struct HostHc {
     successes: u32,
     failures: u32,
     checked: bool,
+    next_due: Instant,
+}
+
+impl Default for HostHc {
+    fn default() -> Self {
+        Self {
+            successes: 0,
+            failures: 0,
+            checked: false,
+            next_due: Instant::now(),
+        }
+    }
 }
 
 /// Decodes an Envoy health-check payload (`text` is hex, as Envoy's `Payload.text`).
@@ -95,7 +110,7 @@ impl HealthChecker {
                     .unwrap_or_else(|| cluster_cfg.name.clone()),
             }
         } else if let Some(t) = &hc.tcp_health_check {
-            // Payloads are validated at config load (config::validate_health_check).
+            // Payloads are validated at config load (validate_health_checks).
             let hex = |p: &mecha_config::HcPayload| {
                 p.text.as_deref().and_then(decode_hex).unwrap_or_default()
             };
@@ -115,6 +130,28 @@ impl HealthChecker {
                         .collect()
                 },
                 http2: h.codec_client_type.as_deref() == Some("HTTP2"),
+                // Names and values are validated at config load (validate_health_checks).
+                remove: h
+                    .request_headers_to_remove
+                    .iter()
+                    .filter_map(|n| {
+                        http::HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()).ok()
+                    })
+                    .collect(),
+                add: h
+                    .request_headers_to_add
+                    .iter()
+                    .filter_map(|a| {
+                        Some((
+                            http::HeaderName::from_bytes(
+                                a.header.key.to_ascii_lowercase().as_bytes(),
+                            )
+                            .ok()?,
+                            http::HeaderValue::from_str(&a.header.value).ok()?,
+                            a.action(),
+                        ))
+                    })
+                    .collect(),
                 host: h.host.clone().unwrap_or_else(|| cluster_cfg.name.clone()),
                 path: h.path,
             }
@@ -142,14 +179,24 @@ impl HealthChecker {
                 return;
             };
             let hosts = cluster.hosts.load().all.clone();
+            // Each host has its own schedule (Envoy's intervals depend on the host's last result
+            // and on whether its state is about to change); a new host is due at once.
+            let now = Instant::now();
+            let due: Vec<_> = hosts
+                .iter()
+                .filter(|h| states.get(&h.addr).is_none_or(|s| s.next_due <= now))
+                .cloned()
+                .collect();
             let verdicts =
-                futures_util::future::join_all(hosts.iter().map(|h| self.check(h.addr))).await;
-            for (h, v) in hosts.iter().zip(verdicts) {
+                futures_util::future::join_all(due.iter().map(|h| self.check(h.addr))).await;
+            // Envoy uses the no-traffic intervals until the cluster has made a connection.
+            let no_traffic = cluster.stats.upstream_cx_total.value() == 0;
+            for (h, v) in due.iter().zip(verdicts) {
                 self.stats.attempt.inc();
                 let st = states.entry(h.addr).or_default();
                 let flagged =
                     h.health_flags.load(Ordering::Acquire) & health::FAILED_ACTIVE_HC != 0;
-                match v {
+                let pending = match v {
                     Verdict::Pass => {
                         self.stats.success.inc();
                         st.failures = 0;
@@ -158,6 +205,9 @@ impl HealthChecker {
                             h.health_flags
                                 .fetch_and(!health::FAILED_ACTIVE_HC, Ordering::AcqRel);
                             tracing::info!(host = %h.addr, "health check: healthy");
+                            false
+                        } else {
+                            flagged
                         }
                     }
                     Verdict::Active | Verdict::Network => {
@@ -173,10 +223,15 @@ impl HealthChecker {
                             h.health_flags
                                 .fetch_or(health::FAILED_ACTIVE_HC, Ordering::AcqRel);
                             tracing::warn!(host = %h.addr, ?v, "health check: unhealthy");
+                            false
+                        } else {
+                            !flagged
                         }
                     }
-                }
+                };
                 st.checked = true;
+                st.next_due =
+                    Instant::now() + self.next_interval(no_traffic, v == Verdict::Pass, pending);
             }
             states.retain(|a, _| hosts.iter().any(|h| h.addr == *a));
             self.stats.healthy.set(
@@ -188,26 +243,45 @@ impl HealthChecker {
                     .count() as i64,
             );
             cluster.refresh_health_stats();
-            let no_traffic = cluster.stats.upstream_rq_total.value() == 0;
             drop(cluster);
-            tokio::time::sleep(self.next_interval(no_traffic)).await;
+            // Wake for the next due host, and at least every `interval` to pick up new hosts.
+            let now = Instant::now();
+            let wake = states
+                .values()
+                .map(|s| s.next_due)
+                .min()
+                .unwrap_or(now)
+                .min(now + self.cfg.interval.0.max(Duration::from_millis(1)));
+            tokio::time::sleep_until(wake.max(now + Duration::from_millis(1)).into()).await;
         }
     }
 
-    fn next_interval(&self, no_traffic: bool) -> Duration {
+    /// Envoy's `HealthCheckerImplBase::interval`: `passed` is this check's result, `pending`
+    /// whether it goes against the host's current state without flipping it yet.
+    fn next_interval(&self, no_traffic: bool, passed: bool, pending: bool) -> Duration {
+        let c = &self.cfg;
+        let d = |o: Option<mecha_config::PbDuration>| o.map(|d| d.0).filter(|d| !d.is_zero());
+        let interval = c.interval.0;
+        let unhealthy = d(c.unhealthy_interval).unwrap_or(interval);
         let base = if no_traffic {
-            self.cfg
-                .no_traffic_interval
-                .map(|d| d.0)
-                .unwrap_or(Duration::from_secs(60))
+            let no_traffic = d(c.no_traffic_interval).unwrap_or(Duration::from_secs(60));
+            match d(c.no_traffic_healthy_interval) {
+                Some(h) if passed => h,
+                _ => no_traffic,
+            }
         } else {
-            self.cfg.interval.0
+            match (passed, pending) {
+                (true, true) => d(c.healthy_edge_interval).unwrap_or(interval),
+                (true, false) => interval,
+                (false, true) => d(c.unhealthy_edge_interval).unwrap_or(unhealthy),
+                (false, false) => unhealthy,
+            }
         };
         let mut extra = Duration::ZERO;
-        if let Some(j) = self.cfg.interval_jitter.filter(|d| !d.is_zero()) {
+        if let Some(j) = c.interval_jitter.filter(|d| !d.is_zero()) {
             extra += jitter(j.0);
         }
-        if let Some(p) = self.cfg.interval_jitter_percent.filter(|p| *p > 0) {
+        if let Some(p) = c.interval_jitter_percent.filter(|p| *p > 0) {
             extra += jitter(base.mul_f64(p as f64 / 100.0));
         }
         (base + extra).max(Duration::from_millis(1))
@@ -232,6 +306,8 @@ impl HealthChecker {
                 host,
                 expected,
                 http2,
+                remove,
+                add,
             } => {
                 let req = http::Request::get(path.as_str())
                     .header(http::header::HOST, host.as_str())
@@ -240,6 +316,7 @@ impl HealthChecker {
                 let Ok(mut req) = req else {
                     return Verdict::Active;
                 };
+                apply_headers(req.headers_mut(), remove, add);
                 let status = if *http2 {
                     *req.uri_mut() = match format!("http://{host}{path}").parse() {
                         Ok(u) => u,
@@ -278,6 +355,36 @@ impl HealthChecker {
                 }
             }
             Kind::Grpc { service, authority } => grpc_check(stream, service, authority).await,
+        }
+    }
+}
+
+fn apply_headers(
+    h: &mut http::HeaderMap,
+    remove: &[http::HeaderName],
+    add: &[(http::HeaderName, http::HeaderValue, AppendAction)],
+) {
+    for n in remove {
+        h.remove(n);
+    }
+    for (n, v, action) in add {
+        match action {
+            AppendAction::APPEND_IF_EXISTS_OR_ADD => {
+                h.append(n.clone(), v.clone());
+            }
+            AppendAction::ADD_IF_ABSENT => {
+                if !h.contains_key(n) {
+                    h.insert(n.clone(), v.clone());
+                }
+            }
+            AppendAction::OVERWRITE_IF_EXISTS_OR_ADD => {
+                h.insert(n.clone(), v.clone());
+            }
+            AppendAction::OVERWRITE_IF_EXISTS => {
+                if h.contains_key(n) {
+                    h.insert(n.clone(), v.clone());
+                }
+            }
         }
     }
 }
