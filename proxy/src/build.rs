@@ -65,8 +65,9 @@ pub struct Snapshot {
     pub clusters: Arc<ClusterManager>,
 }
 
-/// Envoy's router config. `dynamic_stats` and `start_child_span` are accepted for compatibility;
-/// mecha always keeps its (non-dynamic) stats and has no tracer spans yet.
+/// Envoy's router config. `start_child_span` only matters with a tracer, which mecha's data plane
+/// does not have (as Envoy without one); `dynamic_stats: true` is Envoy's default and mecha's only
+/// mode, so `false` is rejected rather than ignored.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
@@ -167,6 +168,7 @@ pub fn build(b: &Bootstrap, ctx: &BuildContext) -> Result<Snapshot, ConfigErrors
         listeners.push(Arc::new(ListenerRuntime {
             name: l.name.clone(),
             address,
+            ipv4_compat: l.address.socket_address.ipv4_compat,
             chains,
             stats: ListenerStats::new(&ctx.stats, &scope),
             matcher: ChainMatcher::new(
@@ -226,6 +228,10 @@ pub fn build_hcm(
                 .map(|t| t.body())
                 .unwrap_or(serde_yaml::Value::Mapping(Default::default()));
             match decode::<RouterConfig>(body, &format!("{fpath}.typed_config")) {
+                Ok(r) if r.dynamic_stats == Some(false) => errors.push(ConfigError::new(
+                    format!("{fpath}.typed_config.dynamic_stats"),
+                    "false is not supported: mecha always keeps per-status cluster stats",
+                )),
                 Ok(r) => router = Some(r),
                 Err(e) => errors.push(e),
             }

@@ -31,6 +31,8 @@ pub struct FilterChainRuntime {
 pub struct ListenerRuntime {
     pub name: String,
     pub address: SocketAddr,
+    /// `socket_address.ipv4_compat`: an IPv6 listener also accepts IPv4 (mapped) connections.
+    pub ipv4_compat: bool,
     pub chains: Vec<FilterChainRuntime>,
     pub stats: ListenerStats,
     /// Chain selection over `chains` (Envoy's `filter_chain_match` order).
@@ -50,15 +52,20 @@ impl Drop for ActiveCx<'_> {
     }
 }
 
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_nodelay(true)?;
-    socket.bind(addr)?;
-    socket.listen(4096)
+/// Binds a listening socket. An IPv6 address is IPv6-only unless `ipv4_compat`, as in Envoy
+/// (whatever the host's `net.ipv6.bindv6only` default).
+pub fn bind(addr: SocketAddr, ipv4_compat: bool) -> std::io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(!ipv4_compat)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// Accepts until draining starts; each connection is served on its own task.

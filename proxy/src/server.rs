@@ -90,11 +90,12 @@ impl Server {
         // `bind_to_port: false` listeners only receive connections handed off by a
         // `use_original_dst` listener.
         for l in snapshot.listeners.iter().filter(|l| l.capture.bind_to_port) {
-            let tcp = listener::bind(l.address).map_err(|source| ProxyError::Bind {
-                name: l.name.clone(),
-                addr: l.address,
-                source,
-            })?;
+            let tcp =
+                listener::bind(l.address, l.ipv4_compat).map_err(|source| ProxyError::Bind {
+                    name: l.name.clone(),
+                    addr: l.address,
+                    source,
+                })?;
             let addr = tcp
                 .local_addr()
                 .map_err(|e| ProxyError::Other(e.to_string()))?;
@@ -110,11 +111,12 @@ impl Server {
                     ))
                 })?;
                 let addr = SocketAddr::new(ip, sa.port_value);
-                let tcp = listener::bind(addr).map_err(|source| ProxyError::Bind {
-                    name: "admin".into(),
-                    addr,
-                    source,
-                })?;
+                let tcp =
+                    listener::bind(addr, sa.ipv4_compat).map_err(|source| ProxyError::Bind {
+                        name: "admin".into(),
+                        addr,
+                        source,
+                    })?;
                 Some(tcp)
             }
             None => None,

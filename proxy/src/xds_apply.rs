@@ -206,7 +206,7 @@ impl XdsApplier {
                 Some(a) if a.addr == runtime.address || runtime.address.port() == 0 => {
                     ListenerPlan::Replace(runtime, routes)
                 }
-                _ => match listener::bind(runtime.address).and_then(|t| {
+                _ => match listener::bind(runtime.address, runtime.ipv4_compat).and_then(|t| {
                     let addr = t.local_addr()?;
                     Ok((t, addr))
                 }) {

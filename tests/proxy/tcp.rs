@@ -234,3 +234,30 @@ async fn tcp_proxy_gives_up_after_max_connect_attempts() {
         Some(1)
     );
 }
+
+/// An IPv6 wildcard listener is IPv6-only unless `ipv4_compat`, as in Envoy.
+#[tokio::test]
+async fn ipv6_listener_takes_ipv4_only_with_ipv4_compat() {
+    let echo = eof_echo().await;
+    for compat in [false, true] {
+        let (admin, port) = (free_port(), free_port());
+        let cfg = tcp_bootstrap(
+            admin,
+            port,
+            &static_cluster("echo", &[echo], "ROUND_ROBIN", ""),
+            "",
+        )
+        .replace(
+            &format!("socket_address: {{ address: 127.0.0.1, port_value: {port} }}"),
+            &format!(
+                "socket_address: {{ address: \"::\", port_value: {port}, ipv4_compat: {compat} }}"
+            ),
+        );
+        assert!(cfg.contains("ipv4_compat"), "{cfg}");
+        let _m = Mecha::start(&cfg, admin).await;
+        let v6 = tokio::net::TcpStream::connect(("::1", port)).await;
+        assert!(v6.is_ok(), "IPv6 connect with ipv4_compat {compat}");
+        let v4 = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
+        assert_eq!(v4.is_ok(), compat, "IPv4 connect with ipv4_compat {compat}");
+    }
+}
