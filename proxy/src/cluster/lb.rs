@@ -192,7 +192,9 @@ fn build_ring(hosts: &[Arc<Host>], weights: &[u64], min: u64, max: u64) -> Vec<(
 }
 
 fn build_maglev(hosts: &[Arc<Host>], weights: &[u64], size: usize) -> Vec<u32> {
-    let m = size.max(hosts.len()) as u64;
+    // Validation makes `table_size` prime, but more hosts than slots raise the size; the fill
+    // loop below only ends when the size is prime, so round up to one.
+    let m = next_prime(size.max(hosts.len()) as u64);
     let perms: Vec<(u64, u64)> = hosts
         .iter()
         .map(|h| {
@@ -233,9 +235,29 @@ fn build_maglev(hosts: &[Arc<Host>], weights: &[u64], size: usize) -> Vec<u32> {
     table
 }
 
+fn next_prime(mut n: u64) -> u64 {
+    let is_prime = |n: u64| {
+        n >= 2
+            && (2..)
+                .take_while(|d| d * d <= n)
+                .all(|d| !n.is_multiple_of(d))
+    };
+    while !is_prime(n) {
+        n += 1;
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maglev_table_size_is_always_prime() {
+        assert_eq!(next_prime(4), 5);
+        assert_eq!(next_prime(65537), 65537);
+        assert_eq!(next_prime(0), 2);
+    }
 
     #[test]
     fn smooth_wrr_is_proportional_and_interleaved() {
