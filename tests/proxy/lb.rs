@@ -100,6 +100,45 @@ async fn random_and_least_request_spread_load() {
 }
 
 #[tokio::test]
+async fn least_request_follows_weights() {
+    let a = Upstream::echo("heavy").await;
+    let b = Upstream::echo("light").await;
+    let (admin, port) = (free_port(), free_port());
+    let cluster = format!(
+        r#"  - name: c
+    connect_timeout: 1s
+    lb_policy: LEAST_REQUEST
+    load_assignment:
+      cluster_name: c
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}
+          load_balancing_weight: 9
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}
+          load_balancing_weight: 1
+"#,
+        a.addr.port(),
+        b.addr.port()
+    );
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &vhost_routes(
+            "              - match: { prefix: \"/\" }\n                route: { cluster: c }\n",
+        ),
+        &cluster,
+    );
+    let _m = Mecha::start(&cfg, admin).await;
+    // Sequential requests leave both hosts idle at every pick, so only the weights decide:
+    // expected 360 of 400 (sd 6). Ignoring weights (P2C over idle hosts) gives ~200.
+    let d = distribution(port, 400, &[]).await;
+    let heavy = d.get("heavy").copied().unwrap_or(0);
+    assert!((330..=390).contains(&heavy), "{d:?}");
+    assert_eq!(heavy + d.get("light").copied().unwrap_or(0), 400, "{d:?}");
+}
+
+#[tokio::test]
 async fn least_request_avoids_the_busy_host() {
     // Host "slow" holds every request it gets; P2C must steer new requests to the idle hosts.
     let slow = Upstream::start(std::sync::Arc::new(|_req| {
