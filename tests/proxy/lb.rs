@@ -257,6 +257,74 @@ async fn priorities_fail_over_only_when_needed() {
     assert_eq!(d.get("p0"), Some(&50), "{d:?}");
 }
 
+/// A cluster of one locality per priority; each host is `(name, unhealthy)`.
+async fn start_priorities(levels: &[&[(&str, bool)]]) -> (Mecha, u16, Vec<Upstream>) {
+    let mut ups = vec![];
+    let mut endpoints = String::new();
+    for (p, hosts) in levels.iter().enumerate() {
+        endpoints += &format!("      - priority: {p}\n        lb_endpoints:\n");
+        for (name, unhealthy) in hosts.iter() {
+            let up = Upstream::echo(name).await;
+            endpoints += &format!(
+                "        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}\n",
+                up.addr.port()
+            );
+            if *unhealthy {
+                endpoints += "          health_status: UNHEALTHY\n";
+            }
+            ups.push(up);
+        }
+    }
+    let cluster = format!(
+        "  - name: c\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: c\n      endpoints:\n{endpoints}"
+    );
+    let (admin, port) = (free_port(), free_port());
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &vhost_routes(
+            "              - match: { prefix: \"/\" }\n                route: { cluster: c }\n",
+        ),
+        &cluster,
+    );
+    (Mecha::start(&cfg, admin).await, port, ups)
+}
+
+#[tokio::test]
+async fn a_degraded_priority_spills_over_by_overprovisioned_health() {
+    // P0: 1 of 3 hosts healthy, so its health is 1.4 × 1/3 = 46 %; P1 takes the other 54 %.
+    let (_m, port, _ups) = start_priorities(&[
+        &[("p0", false), ("bad1", true), ("bad2", true)],
+        &[("p1", false)],
+    ])
+    .await;
+    let d = distribution(port, 400, &[]).await;
+    let p0 = d.get("p0").copied().unwrap_or(0);
+    let p1 = d.get("p1").copied().unwrap_or(0);
+    // Expected 184 (sd 10); all-or-nothing failover would give 400 or 0.
+    assert!((144..=224).contains(&p0), "{d:?}");
+    assert_eq!(
+        p0 + p1,
+        400,
+        "unhealthy hosts got traffic outside panic: {d:?}"
+    );
+}
+
+#[tokio::test]
+async fn below_the_panic_threshold_every_host_gets_traffic() {
+    // One level, 1 of 3 healthy: health 46 % is under the 50 % panic threshold, so round robin
+    // runs over all three hosts, ignoring health.
+    let (_m, port, _ups) =
+        start_priorities(&[&[("ok", false), ("bad1", true), ("bad2", true)]]).await;
+    let d = distribution(port, 300, &[]).await;
+    assert_eq!(
+        (d.get("ok"), d.get("bad1"), d.get("bad2")),
+        (Some(&100), Some(&100), Some(&100)),
+        "{d:?}"
+    );
+}
+
 #[tokio::test]
 async fn strict_dns_resolves_localhost() {
     let up = Upstream::echo("dns").await;

@@ -114,6 +114,7 @@ async fn resolve_all(
                     weight: ep.load_balancing_weight.unwrap_or(1),
                     priority: loc.priority,
                     locality: loc.locality.clone(),
+                    eds_unhealthy: false,
                 });
             }
         }
