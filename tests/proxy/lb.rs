@@ -366,6 +366,48 @@ async fn strict_dns_resolves_localhost() {
 }
 
 #[tokio::test]
+async fn logical_dns_resolves_localhost() {
+    let up = Upstream::echo("logical").await;
+    let (admin, port) = (free_port(), free_port());
+    let cluster = format!(
+        r#"  - name: ldns
+    type: LOGICAL_DNS
+    connect_timeout: 1s
+    dns_lookup_family: V4_ONLY
+    dns_refresh_rate: 0.2s
+    load_assignment:
+      cluster_name: ldns
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: localhost, port_value: {} }} }} }}
+"#,
+        up.addr.port()
+    );
+    let cfg = http_bootstrap(admin, port, "", &vhost_routes("              - match: { prefix: \"/\" }\n                route: { cluster: ldns, auto_host_rewrite: true }\n"), &cluster);
+    let m = Mecha::start(&cfg, admin).await;
+    let mut ok = None;
+    for _ in 0..50 {
+        let r = get(&format!("http://127.0.0.1:{port}/")).await.unwrap();
+        if r.status == 200 {
+            ok = Some(r);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let r = ok.expect("LOGICAL_DNS cluster never resolved localhost");
+    assert_eq!(r.header("x-upstream-name"), Some("logical"));
+    assert_eq!(r.json()["headers"]["host"][0], "localhost");
+    assert_eq!(m.stat("cluster.ldns.membership_total").await, Some(1));
+    // Re-resolved every 0.2 s (the cache is off), each answer the same single host.
+    let first = m.stat("cluster.ldns.update_success").await.unwrap_or(0);
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let later = m.stat("cluster.ldns.update_success").await.unwrap_or(0);
+    assert!(later >= first + 2, "{first} -> {later} resolutions");
+    assert_eq!(m.stat("cluster.ldns.membership_total").await, Some(1));
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
 async fn endpoints_marked_unhealthy_get_no_traffic() {
     let good = Upstream::echo("good").await;
     let bad = Upstream::echo("bad").await;
