@@ -312,6 +312,14 @@ async fn a_degraded_priority_spills_over_by_overprovisioned_health() {
 }
 
 #[tokio::test]
+async fn an_unhealthy_priority_fails_over_entirely() {
+    let (_m, port, _ups) =
+        start_priorities(&[&[("bad1", true), ("bad2", true)], &[("p1", false)]]).await;
+    let d = distribution(port, 50, &[]).await;
+    assert_eq!(d.get("p1"), Some(&50), "{d:?}");
+}
+
+#[tokio::test]
 async fn below_the_panic_threshold_every_host_gets_traffic() {
     // One level, 1 of 3 healthy: health 46 % is under the 50 % panic threshold, so round robin
     // runs over all three hosts, ignoring health.

@@ -779,6 +779,11 @@ mod tests {
             loads(&[(3, 3), (1, 1)], 50.0),
             (vec![100, 100], vec![false, false])
         );
+        // No healthy host in P0: P1 takes everything (total health 100 %: no panic anywhere).
+        assert_eq!(
+            loads(&[(0, 2), (1, 1)], 50.0),
+            (vec![0, 100], vec![false, false])
+        );
         // 3 of 4 healthy: 140 × 3/4 = 105 → 100 %, no spillover.
         assert_eq!(
             loads(&[(3, 4), (1, 1)], 50.0),
