@@ -228,6 +228,16 @@ pub(crate) fn validate_cluster(c: &Cluster, path: &str, errors: &mut Vec<ConfigE
             }
         }
     }
+    validate_lb_config(c, path, errors);
+    if let Some(d) = c.dns_refresh_rate {
+        // Envoy's proto constraint is `gt: 1ms`; a smaller value would spin the resolver.
+        if d.0 <= std::time::Duration::from_millis(1) {
+            errors.push(ConfigError::new(
+                format!("{path}.dns_refresh_rate"),
+                "must be greater than 1ms",
+            ));
+        }
+    }
     for (k, v) in &c.typed_extension_protocol_options {
         let kpath = format!("{path}.typed_extension_protocol_options[\"{k}\"]");
         if k != UPSTREAM_HTTP_OPTIONS_KEY {
@@ -245,6 +255,83 @@ pub(crate) fn validate_cluster(c: &Cluster, path: &str, errors: &mut Vec<ConfigE
             ));
         }
     }
+}
+
+/// Envoy's largest ring (`minimum_ring_size` / `maximum_ring_size`, `lte: 8388608`).
+const RING_SIZE_LIMIT: u64 = 8 * 1024 * 1024;
+/// Envoy's largest Maglev table (`table_size`, `lte: 5000011`).
+const MAGLEV_TABLE_LIMIT: u64 = 5_000_011;
+
+/// The proto constraints of the load-balancer configs. Envoy checks them whatever `lb_policy` is,
+/// and so do we: a config that Envoy rejects must not start here.
+fn validate_lb_config(c: &Cluster, path: &str, errors: &mut Vec<ConfigError>) {
+    if let Some(n) = c
+        .least_request_lb_config
+        .as_ref()
+        .and_then(|l| l.choice_count)
+    {
+        if n < 2 {
+            errors.push(ConfigError::new(
+                format!("{path}.least_request_lb_config.choice_count"),
+                format!("must be at least 2, got {n}"),
+            ));
+        }
+    }
+    if let Some(n) = c.maglev_lb_config.as_ref().and_then(|m| m.table_size) {
+        let fpath = format!("{path}.maglev_lb_config.table_size");
+        // The limit first: it also bounds the trial division below. Maglev's permutations only
+        // cover every slot when the table size is prime; with any other size the build loops.
+        if n > MAGLEV_TABLE_LIMIT {
+            errors.push(ConfigError::new(
+                fpath,
+                format!("{n} is larger than {MAGLEV_TABLE_LIMIT}"),
+            ));
+        } else if !is_prime(n) {
+            errors.push(ConfigError::new(fpath, format!("{n} is not a prime")));
+        }
+    }
+    if let Some(r) = &c.ring_hash_lb_config {
+        let rpath = format!("{path}.ring_hash_lb_config");
+        for (name, v) in [
+            ("minimum_ring_size", r.minimum_ring_size),
+            ("maximum_ring_size", r.maximum_ring_size),
+        ] {
+            if let Some(v) = v.filter(|v| *v > RING_SIZE_LIMIT) {
+                errors.push(ConfigError::new(
+                    format!("{rpath}.{name}"),
+                    format!("{v} is larger than {RING_SIZE_LIMIT}"),
+                ));
+            }
+        }
+        if let (Some(min), Some(max)) = (r.minimum_ring_size, r.maximum_ring_size) {
+            if min > max {
+                errors.push(ConfigError::new(
+                    format!("{rpath}.minimum_ring_size"),
+                    format!("{min} is larger than maximum_ring_size {max}"),
+                ));
+            }
+        }
+        if let Some(f) = r.hash_function.as_deref().filter(|f| *f != "XX_HASH") {
+            errors.push(ConfigError::new(
+                format!("{rpath}.hash_function"),
+                format!("unsupported value \"{f}\" (only XX_HASH, the default, is supported)"),
+            ));
+        }
+    }
+}
+
+fn is_prime(n: u64) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u64;
+    while d.saturating_mul(d) <= n {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 1;
+    }
+    true
 }
 
 fn validate_hcm(

@@ -273,3 +273,58 @@ fn stream_and_route_idle_timeouts_are_accepted() {
         .to_string();
     assert!(text.contains("typed_config.request_timeout"), "{text}");
 }
+
+#[test]
+fn load_balancer_configs_are_range_checked() {
+    let cluster = |extra: &str| {
+        GOOD.replace(
+            "    lb_policy: MAGLEV\n",
+            &format!("    lb_policy: MAGLEV\n{extra}"),
+        )
+    };
+    let err = |extra: &str| parse_bootstrap(&cluster(extra)).unwrap_err().to_string();
+    let p = "static_resources.clusters[0]";
+
+    let text = err("    maglev_lb_config: { table_size: 4 }\n");
+    assert_eq!(
+        text,
+        format!("{p}.maglev_lb_config.table_size: 4 is not a prime")
+    );
+    let text = err("    maglev_lb_config: { table_size: 18446744073709551557 }\n");
+    assert!(text.contains("is larger than 5000011"), "{text}");
+    let ok = cluster("    maglev_lb_config: { table_size: 65537 }\n");
+    assert!(parse_bootstrap(&ok).is_ok());
+
+    let text = err("    least_request_lb_config: { choice_count: 1 }\n");
+    assert_eq!(
+        text,
+        format!("{p}.least_request_lb_config.choice_count: must be at least 2, got 1")
+    );
+
+    let text =
+        err("    ring_hash_lb_config: { minimum_ring_size: 2048, maximum_ring_size: 1024 }\n");
+    assert_eq!(
+        text,
+        format!(
+            "{p}.ring_hash_lb_config.minimum_ring_size: 2048 is larger than maximum_ring_size 1024"
+        )
+    );
+    let text = err("    ring_hash_lb_config: { hash_function: MURMUR_HASH_2 }\n");
+    assert!(
+        text.starts_with(&format!(
+            "{p}.ring_hash_lb_config.hash_function: unsupported value \"MURMUR_HASH_2\""
+        )) && text.contains("XX_HASH"),
+        "{text}"
+    );
+    let ok = cluster("    ring_hash_lb_config: { hash_function: XX_HASH, minimum_ring_size: 8, maximum_ring_size: 8 }\n");
+    assert!(parse_bootstrap(&ok).is_ok());
+
+    for zero in ["0s", "0.001s"] {
+        let text = err(&format!("    dns_refresh_rate: {zero}\n"));
+        assert_eq!(
+            text,
+            format!("{p}.dns_refresh_rate: must be greater than 1ms")
+        );
+    }
+    assert!(parse_bootstrap(&cluster("    dns_refresh_rate: 0.002s\n")).is_ok());
+}

@@ -100,6 +100,45 @@ async fn random_and_least_request_spread_load() {
 }
 
 #[tokio::test]
+async fn least_request_follows_weights() {
+    let a = Upstream::echo("heavy").await;
+    let b = Upstream::echo("light").await;
+    let (admin, port) = (free_port(), free_port());
+    let cluster = format!(
+        r#"  - name: c
+    connect_timeout: 1s
+    lb_policy: LEAST_REQUEST
+    load_assignment:
+      cluster_name: c
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}
+          load_balancing_weight: 9
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}
+          load_balancing_weight: 1
+"#,
+        a.addr.port(),
+        b.addr.port()
+    );
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &vhost_routes(
+            "              - match: { prefix: \"/\" }\n                route: { cluster: c }\n",
+        ),
+        &cluster,
+    );
+    let _m = Mecha::start(&cfg, admin).await;
+    // Sequential requests leave both hosts idle at every pick, so only the weights decide:
+    // expected 360 of 400 (sd 6). Ignoring weights (P2C over idle hosts) gives ~200.
+    let d = distribution(port, 400, &[]).await;
+    let heavy = d.get("heavy").copied().unwrap_or(0);
+    assert!((330..=390).contains(&heavy), "{d:?}");
+    assert_eq!(heavy + d.get("light").copied().unwrap_or(0), 400, "{d:?}");
+}
+
+#[tokio::test]
 async fn least_request_avoids_the_busy_host() {
     // Host "slow" holds every request it gets; P2C must steer new requests to the idle hosts.
     let slow = Upstream::start(std::sync::Arc::new(|_req| {
@@ -218,6 +257,82 @@ async fn priorities_fail_over_only_when_needed() {
     assert_eq!(d.get("p0"), Some(&50), "{d:?}");
 }
 
+/// A cluster of one locality per priority; each host is `(name, unhealthy)`.
+async fn start_priorities(levels: &[&[(&str, bool)]]) -> (Mecha, u16, Vec<Upstream>) {
+    let mut ups = vec![];
+    let mut endpoints = String::new();
+    for (p, hosts) in levels.iter().enumerate() {
+        endpoints += &format!("      - priority: {p}\n        lb_endpoints:\n");
+        for (name, unhealthy) in hosts.iter() {
+            let up = Upstream::echo(name).await;
+            endpoints += &format!(
+                "        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}\n",
+                up.addr.port()
+            );
+            if *unhealthy {
+                endpoints += "          health_status: UNHEALTHY\n";
+            }
+            ups.push(up);
+        }
+    }
+    let cluster = format!(
+        "  - name: c\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: c\n      endpoints:\n{endpoints}"
+    );
+    let (admin, port) = (free_port(), free_port());
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &vhost_routes(
+            "              - match: { prefix: \"/\" }\n                route: { cluster: c }\n",
+        ),
+        &cluster,
+    );
+    (Mecha::start(&cfg, admin).await, port, ups)
+}
+
+#[tokio::test]
+async fn a_degraded_priority_spills_over_by_overprovisioned_health() {
+    // P0: 1 of 3 hosts healthy, so its health is 1.4 × 1/3 = 46 %; P1 takes the other 54 %.
+    let (_m, port, _ups) = start_priorities(&[
+        &[("p0", false), ("bad1", true), ("bad2", true)],
+        &[("p1", false)],
+    ])
+    .await;
+    let d = distribution(port, 400, &[]).await;
+    let p0 = d.get("p0").copied().unwrap_or(0);
+    let p1 = d.get("p1").copied().unwrap_or(0);
+    // Expected 184 (sd 10); all-or-nothing failover would give 400 or 0.
+    assert!((144..=224).contains(&p0), "{d:?}");
+    assert_eq!(
+        p0 + p1,
+        400,
+        "unhealthy hosts got traffic outside panic: {d:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_unhealthy_priority_fails_over_entirely() {
+    let (_m, port, _ups) =
+        start_priorities(&[&[("bad1", true), ("bad2", true)], &[("p1", false)]]).await;
+    let d = distribution(port, 50, &[]).await;
+    assert_eq!(d.get("p1"), Some(&50), "{d:?}");
+}
+
+#[tokio::test]
+async fn below_the_panic_threshold_every_host_gets_traffic() {
+    // One level, 1 of 3 healthy: health 46 % is under the 50 % panic threshold, so round robin
+    // runs over all three hosts, ignoring health.
+    let (_m, port, _ups) =
+        start_priorities(&[&[("ok", false), ("bad1", true), ("bad2", true)]]).await;
+    let d = distribution(port, 300, &[]).await;
+    assert_eq!(
+        (d.get("ok"), d.get("bad1"), d.get("bad2")),
+        (Some(&100), Some(&100), Some(&100)),
+        "{d:?}"
+    );
+}
+
 #[tokio::test]
 async fn strict_dns_resolves_localhost() {
     let up = Upstream::echo("dns").await;
@@ -256,6 +371,48 @@ async fn strict_dns_resolves_localhost() {
     );
     assert!(m.stat("cluster.dns.update_success").await.unwrap() >= 1);
     assert_eq!(m.stat("cluster.dns.membership_total").await, Some(1));
+}
+
+#[tokio::test]
+async fn logical_dns_resolves_localhost() {
+    let up = Upstream::echo("logical").await;
+    let (admin, port) = (free_port(), free_port());
+    let cluster = format!(
+        r#"  - name: ldns
+    type: LOGICAL_DNS
+    connect_timeout: 1s
+    dns_lookup_family: V4_ONLY
+    dns_refresh_rate: 0.2s
+    load_assignment:
+      cluster_name: ldns
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: localhost, port_value: {} }} }} }}
+"#,
+        up.addr.port()
+    );
+    let cfg = http_bootstrap(admin, port, "", &vhost_routes("              - match: { prefix: \"/\" }\n                route: { cluster: ldns, auto_host_rewrite: true }\n"), &cluster);
+    let m = Mecha::start(&cfg, admin).await;
+    let mut ok = None;
+    for _ in 0..50 {
+        let r = get(&format!("http://127.0.0.1:{port}/")).await.unwrap();
+        if r.status == 200 {
+            ok = Some(r);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let r = ok.expect("LOGICAL_DNS cluster never resolved localhost");
+    assert_eq!(r.header("x-upstream-name"), Some("logical"));
+    assert_eq!(r.json()["headers"]["host"][0], "localhost");
+    assert_eq!(m.stat("cluster.ldns.membership_total").await, Some(1));
+    // Re-resolved every 0.2 s (the cache is off), each answer the same single host.
+    let first = m.stat("cluster.ldns.update_success").await.unwrap_or(0);
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let later = m.stat("cluster.ldns.update_success").await.unwrap_or(0);
+    assert!(later >= first + 2, "{first} -> {later} resolutions");
+    assert_eq!(m.stat("cluster.ldns.membership_total").await, Some(1));
+    assert_eq!(up.hits(), 1);
 }
 
 #[tokio::test]

@@ -16,6 +16,8 @@ pub enum Lb {
     },
     LeastRequest {
         choices: u32,
+        /// Cumulative weights when the hosts' weights differ; `None` when they are all equal.
+        weighted: Option<Vec<u64>>,
     },
     Random {
         cumulative: Vec<u64>,
@@ -48,22 +50,20 @@ impl Lb {
                 schedule: smooth_wrr(&weights),
                 next: AtomicUsize::new(rand::random::<u32>() as usize),
             },
+            // Validation guarantees choice_count >= 2.
             LbPolicy::LEAST_REQUEST => Lb::LeastRequest {
                 choices: cfg
                     .least_request_lb_config
                     .as_ref()
                     .and_then(|c| c.choice_count)
-                    .unwrap_or(2)
-                    .max(2),
+                    .unwrap_or(2),
+                weighted: weights
+                    .iter()
+                    .any(|w| *w != weights[0])
+                    .then(|| cumulative(&weights)),
             },
             LbPolicy::RANDOM => Lb::Random {
-                cumulative: weights
-                    .iter()
-                    .scan(0u64, |acc, w| {
-                        *acc += w;
-                        Some(*acc)
-                    })
-                    .collect(),
+                cumulative: cumulative(&weights),
             },
             LbPolicy::RING_HASH => {
                 let rc = cfg.ring_hash_lb_config.clone().unwrap_or_default();
@@ -101,7 +101,11 @@ impl Lb {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 Some(schedule[i % schedule.len()] as usize)
             }
-            Lb::LeastRequest { choices } => {
+            // Equal weights: Envoy's power of N choices by active requests.
+            Lb::LeastRequest {
+                choices,
+                weighted: None,
+            } => {
                 let mut best = rand::random_range(0..n);
                 let mut best_active = hosts[best].rq_active.load(Ordering::Relaxed);
                 for _ in 1..*choices {
@@ -110,6 +114,26 @@ impl Lb {
                     if a < best_active {
                         best = c;
                         best_active = a;
+                    }
+                }
+                Some(best)
+            }
+            // Unequal weights. Envoy runs an EDF schedule over weight / (active + 1)^bias, which
+            // needs a shared mutable scheduler (a lock on every pick). Instead: N candidates drawn
+            // in proportion to weight, the one with the fewest active requests per unit of weight
+            // wins, and a tie keeps the first draw. Idle hosts then get traffic exactly in
+            // proportion to weight, and under load the active requests settle proportional to
+            // weight (Envoy's bias-1.0 scheduler settles at active + 1 proportional to weight).
+            // `active_request_bias` is not supported.
+            Lb::LeastRequest {
+                choices,
+                weighted: Some(cumulative),
+            } => {
+                let mut best = weighted_random(cumulative);
+                for _ in 1..*choices {
+                    let c = weighted_random(cumulative);
+                    if fewer_per_weight(&hosts[c], &hosts[best]) {
+                        best = c;
                     }
                 }
                 Some(best)
@@ -126,6 +150,26 @@ impl Lb {
             }
         }
     }
+}
+
+fn cumulative(weights: &[u64]) -> Vec<u64> {
+    weights
+        .iter()
+        .scan(0u64, |acc, w| {
+            *acc += w;
+            Some(*acc)
+        })
+        .collect()
+}
+
+/// Whether `a` has fewer active requests per unit of weight than `b` (cross-multiplied, so no
+/// floating point; weights are at least 1).
+fn fewer_per_weight(a: &Host, b: &Host) -> bool {
+    let wa = a.weight.max(1) as u128;
+    let wb = b.weight.max(1) as u128;
+    let aa = a.rq_active.load(Ordering::Relaxed) as u128;
+    let ab = b.rq_active.load(Ordering::Relaxed) as u128;
+    aa * wb < ab * wa
 }
 
 fn weighted_random(cumulative: &[u64]) -> usize {
@@ -192,7 +236,9 @@ fn build_ring(hosts: &[Arc<Host>], weights: &[u64], min: u64, max: u64) -> Vec<(
 }
 
 fn build_maglev(hosts: &[Arc<Host>], weights: &[u64], size: usize) -> Vec<u32> {
-    let m = size.max(hosts.len()) as u64;
+    // Validation makes `table_size` prime, but more hosts than slots raise the size; the fill
+    // loop below only ends when the size is prime, so round up to one.
+    let m = next_prime(size.max(hosts.len()) as u64);
     let perms: Vec<(u64, u64)> = hosts
         .iter()
         .map(|h| {
@@ -233,9 +279,29 @@ fn build_maglev(hosts: &[Arc<Host>], weights: &[u64], size: usize) -> Vec<u32> {
     table
 }
 
+fn next_prime(mut n: u64) -> u64 {
+    let is_prime = |n: u64| {
+        n >= 2
+            && (2..)
+                .take_while(|d| d * d <= n)
+                .all(|d| !n.is_multiple_of(d))
+    };
+    while !is_prime(n) {
+        n += 1;
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maglev_table_size_is_always_prime() {
+        assert_eq!(next_prime(4), 5);
+        assert_eq!(next_prime(65537), 65537);
+        assert_eq!(next_prime(0), 2);
+    }
 
     #[test]
     fn smooth_wrr_is_proportional_and_interleaved() {

@@ -22,7 +22,7 @@ use mecha_filters::{Body, BoxFuture, Upstream, UpstreamError};
 use pool::{ConnStats, PoolSettings};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The hosts of a cluster at one moment, grouped by priority, with each level's balancer.
@@ -31,6 +31,9 @@ pub struct HostSet {
     levels: Vec<Level>,
     /// `common_lb_config.healthy_panic_threshold` in percent (default 50).
     panic_threshold: f64,
+    /// Which share of requests each level serves and which levels are in panic; recomputed when
+    /// a host's health changes (not per request), read with one lock-free load per pick.
+    loads: ArcSwap<PriorityLoads>,
 }
 
 struct Level {
@@ -38,12 +41,123 @@ struct Level {
     lb: Lb,
 }
 
+/// Envoy's default `overprovisioning_factor`, in percent.
+const OVERPROVISIONING_FACTOR: u64 = 140;
+
+/// Envoy's priority load (`LoadBalancerBase::recalculatePerPriorityState` and
+/// `recalculatePerPriorityPanic`), in the same integer percent arithmetic.
+#[derive(Debug, PartialEq)]
+struct PriorityLoads {
+    /// Running total of each level's load in percent (the last is 100): a draw `r` in `0..100`
+    /// goes to the first level whose total exceeds `r`.
+    cumulative: Vec<u32>,
+    /// Levels in panic balance over all their hosts, ignoring health.
+    panic: Vec<bool>,
+}
+
+impl PriorityLoads {
+    /// `(healthy, total)` host counts per level, in priority order.
+    fn compute(counts: &[(usize, usize)], panic_threshold: f64) -> Self {
+        let n = counts.len();
+        let mut load = vec![0u32; n];
+        let mut panic = vec![false; n];
+        if n > 0 {
+            // A level's health: its healthy share scaled by the overprovisioning factor, so a
+            // level keeps all its load until fewer than 1/1.4 (~71 %) of its hosts are healthy.
+            let health: Vec<u32> = counts
+                .iter()
+                .map(|&(healthy, total)| match total {
+                    0 => 0,
+                    t => (OVERPROVISIONING_FACTOR * healthy as u64 / t as u64).min(100) as u32,
+                })
+                .collect();
+            let normalized = health.iter().sum::<u32>().min(100);
+            if normalized == 0 && panic_threshold <= 0.0 {
+                // No healthy host and panic disabled: the pick finds no host (503), as Envoy.
+                load[0] = 100;
+            } else {
+                if normalized > 0 {
+                    // Levels take load in order until 100 %, scaled up when the total health is
+                    // below 100; the rounding remainder goes to the first level with health.
+                    let mut left = 100u32;
+                    for (l, h) in load.iter_mut().zip(&health) {
+                        *l = left.min((h * 100).checked_div(normalized).unwrap_or(0));
+                        left -= *l;
+                    }
+                    if let Some(first) = health.iter().position(|h| *h > 0) {
+                        load[first] += left;
+                    }
+                }
+                if normalized < 100 {
+                    for (p, &(healthy, total)) in panic.iter_mut().zip(counts) {
+                        let healthy_pct = match total {
+                            0 => 0.0,
+                            t => 100.0 * healthy as f64 / t as f64,
+                        };
+                        *p = healthy_pct < panic_threshold;
+                    }
+                }
+                if (normalized as f64) < panic_threshold {
+                    // Total panic: the load follows the host counts, ignoring health.
+                    let all: usize = counts.iter().map(|c| c.1).sum();
+                    let mut left = 100u32;
+                    for (l, c) in load.iter_mut().zip(counts) {
+                        *l = (100 * c.1 / all.max(1)) as u32;
+                        left -= *l;
+                    }
+                    let first = counts.iter().position(|c| c.1 > 0).unwrap_or(0);
+                    load[first] += left;
+                }
+            }
+        }
+        let cumulative = load
+            .iter()
+            .scan(0u32, |acc, l| {
+                *acc += l;
+                Some(*acc)
+            })
+            .collect();
+        Self { cumulative, panic }
+    }
+}
+
+impl Level {
+    /// A healthy host from the level's balancer. The balancer covers every host of the level (a
+    /// health change does not rebuild it), so unhealthy picks are skipped.
+    fn pick_healthy(&self, hash: Option<u64>) -> Option<Arc<Host>> {
+        // A hash picks the same host every time: one try is all it gets.
+        let tries = if hash.is_some() {
+            1
+        } else {
+            self.hosts.len().max(4)
+        };
+        for _ in 0..tries {
+            let i = self.lb.pick(&self.hosts, hash)?;
+            if self.hosts[i].is_healthy() {
+                return Some(self.hosts[i].clone());
+            }
+        }
+        // Spread the misses over the healthy hosts (by the hash, if any, to stay sticky).
+        let healthy = self.hosts.iter().filter(|h| h.is_healthy()).count();
+        if healthy == 0 {
+            return None;
+        }
+        let k = (hash.unwrap_or_else(rand::random) % healthy as u64) as usize;
+        self.hosts.iter().filter(|h| h.is_healthy()).nth(k).cloned()
+    }
+
+    fn counts(&self) -> (usize, usize) {
+        let healthy = self.hosts.iter().filter(|h| h.is_healthy()).count();
+        (healthy, self.hosts.len())
+    }
+}
+
 impl HostSet {
     pub fn new(cfg: &ClusterConfig, all: Vec<Arc<Host>>) -> Self {
         let mut priorities: Vec<u32> = all.iter().map(|h| h.priority).collect();
         priorities.sort_unstable();
         priorities.dedup();
-        let levels = priorities
+        let levels: Vec<Level> = priorities
             .into_iter()
             .map(|p| {
                 let hosts: Vec<Arc<Host>> =
@@ -56,41 +170,49 @@ impl HostSet {
             .collect();
         let panic_threshold =
             mecha_config::CommonLbConfig::panic_threshold(cfg.common_lb_config.as_ref());
+        let counts: Vec<_> = levels.iter().map(Level::counts).collect();
         Self {
             all,
             levels,
             panic_threshold,
+            loads: ArcSwap::from_pointee(PriorityLoads::compute(&counts, panic_threshold)),
         }
     }
 
-    /// Picks a host: the first priority level with a healthy host serves the request; if no host
-    /// anywhere is healthy, Envoy's panic mode sends to any host.
+    /// Recomputes the priority loads from the hosts' current health flags. `rcu` retries if
+    /// another recompute stored in between, so the last store always saw the latest flags.
+    pub fn recompute_loads(&self) {
+        self.loads.rcu(|_| {
+            let counts: Vec<_> = self.levels.iter().map(Level::counts).collect();
+            PriorityLoads::compute(&counts, self.panic_threshold)
+        });
+    }
+
+    /// Picks a host as Envoy does: a priority level by the precomputed loads (with the route's
+    /// hash, if any, so hashing stays sticky), then a healthy host of that level — or any host of
+    /// it when the level is in panic.
     pub fn pick(&self, hash: Option<u64>) -> Option<Arc<Host>> {
-        for level in &self.levels {
-            let healthy = level.hosts.iter().filter(|h| h.is_healthy()).count();
-            if healthy > 0 {
-                // Envoy's panic mode: below the healthy-panic threshold, balance over every host.
-                if (healthy as f64) * 100.0 < self.panic_threshold * level.hosts.len() as f64 {
-                    return level
-                        .lb
-                        .pick(&level.hosts, hash)
-                        .map(|i| level.hosts[i].clone());
-                }
-                // Try a few picks to skip unhealthy hosts without building a new balancer.
-                for _ in 0..level.hosts.len().max(4) {
-                    let i = level.lb.pick(&level.hosts, hash)?;
-                    if level.hosts[i].is_healthy() {
-                        return Some(level.hosts[i].clone());
-                    }
-                }
-                return level.hosts.iter().find(|h| h.is_healthy()).cloned();
+        let loads = self.loads.load();
+        let p = match self.levels.len() {
+            0 => return None,
+            1 => 0,
+            _ => {
+                let draw = (hash.unwrap_or_else(rand::random) % 100) as u32;
+                loads.cumulative.partition_point(|c| *c <= draw)
             }
+        };
+        let level = self.levels.get(p)?;
+        if loads.panic.get(p).copied().unwrap_or(false) {
+            return level
+                .lb
+                .pick(&level.hosts, hash)
+                .map(|i| level.hosts[i].clone());
         }
-        let level = self.levels.first()?;
+        // The level may have lost its healthy hosts since the loads were computed (the
+        // recompute follows the flag change): any healthy host beats a 503.
         level
-            .lb
-            .pick(&level.hosts, hash)
-            .map(|i| level.hosts[i].clone())
+            .pick_healthy(hash)
+            .or_else(|| self.levels.iter().find_map(|l| l.pick_healthy(hash)))
     }
 }
 
@@ -127,6 +249,9 @@ pub struct HostSpec {
     pub weight: u32,
     pub priority: u32,
     pub locality: Option<mecha_config::Locality>,
+    /// The endpoint's `health_status` is UNHEALTHY, DRAINING or TIMEOUT: the host stays in the
+    /// set (it counts in the priority maths and panic mode) flagged `/failed_eds_health`.
+    pub eds_unhealthy: bool,
 }
 
 /// A `max_connections` unit held by an upstream connection outside the HTTP pools (the TCP
@@ -235,7 +360,17 @@ impl Cluster {
         let hosts: Vec<Arc<Host>> = specs
             .into_iter()
             .map(|s| match by_addr.remove(&(s.addr, s.priority)) {
-                Some(h) if h.weight == s.weight && *h.hostname == *s.hostname => h,
+                Some(h) if h.weight == s.weight && *h.hostname == *s.hostname => {
+                    // EDS may change a kept endpoint's health_status.
+                    if s.eds_unhealthy {
+                        h.health_flags
+                            .fetch_or(host::health::FAILED_EDS_HEALTH, Ordering::AcqRel);
+                    } else {
+                        h.health_flags
+                            .fetch_and(!host::health::FAILED_EDS_HEALTH, Ordering::AcqRel);
+                    }
+                    h
+                }
                 _ => self.new_host(s),
             })
             .collect();
@@ -245,11 +380,15 @@ impl Cluster {
             .set(hosts.iter().filter(|h| h.is_healthy()).count() as i64);
         self.hosts
             .store(Arc::new(HostSet::new(&self.config, hosts)));
+        // A health check may have flipped a kept host's flag while the new set was being built
+        // and refreshed the old set's loads instead: recompute on the set now published.
+        self.hosts.load().recompute_loads();
     }
 
-    /// Recomputes `membership_healthy` after a health flag changed.
+    /// Recomputes the priority loads and `membership_healthy` after a health flag changed.
     pub fn refresh_health_stats(&self) {
         let hosts = self.hosts.load();
+        hosts.recompute_loads();
         self.stats
             .membership_healthy
             .set(hosts.all.iter().filter(|h| h.is_healthy()).count() as i64);
@@ -258,11 +397,14 @@ impl Cluster {
     fn new_host(&self, s: HostSpec) -> Arc<Host> {
         let cx = Arc::new(ConnStats::default());
         // With active health checks a new host is unhealthy until its first check passes.
-        let initial_flags = if self.resilience.has_active_health_checks() {
+        let mut initial_flags = if self.resilience.has_active_health_checks() {
             host::health::FAILED_ACTIVE_HC
         } else {
             0
         };
+        if s.eds_unhealthy {
+            initial_flags |= host::health::FAILED_EDS_HEALTH;
+        }
         Arc::new(Host {
             addr: s.addr,
             hostname: s.hostname.into(),
@@ -430,18 +572,17 @@ fn static_specs(cfg: &ClusterConfig) -> Vec<HostSpec> {
 }
 
 /// A load assignment's endpoints as host specs, for static config and EDS alike. Endpoints
-/// marked unhealthy, draining or timed out are left out, as Envoy does not route to them.
+/// marked unhealthy, draining or timed out are kept but flagged: Envoy routes no traffic to them
+/// outside panic mode, yet counts them when it weighs a priority level's health.
 pub fn assignment_hosts(cla: &mecha_config::ClusterLoadAssignment) -> Vec<HostSpec> {
     use mecha_config::HealthStatus;
     let mut out = vec![];
     for loc in &cla.endpoints {
         for ep in &loc.lb_endpoints {
-            if matches!(
+            let eds_unhealthy = matches!(
                 ep.health_status,
                 Some(HealthStatus::UNHEALTHY | HealthStatus::DRAINING | HealthStatus::TIMEOUT)
-            ) {
-                continue;
-            }
+            );
             let sa = &ep.endpoint.address.socket_address;
             let Ok(ip) = sa.address.parse::<std::net::IpAddr>() else {
                 continue;
@@ -452,6 +593,7 @@ pub fn assignment_hosts(cla: &mecha_config::ClusterLoadAssignment) -> Vec<HostSp
                 weight: ep.load_balancing_weight.unwrap_or(1),
                 priority: loc.priority,
                 locality: loc.locality.clone(),
+                eds_unhealthy,
             });
         }
     }
@@ -613,5 +755,63 @@ impl Upstream for UpstreamHandle {
 
     fn has_cluster(&self, cluster: &str) -> bool {
         self.clusters.load().get(cluster).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PriorityLoads;
+
+    fn loads(counts: &[(usize, usize)], threshold: f64) -> (Vec<u32>, Vec<bool>) {
+        let l = PriorityLoads::compute(counts, threshold);
+        (l.cumulative, l.panic)
+    }
+
+    #[test]
+    fn priority_loads_follow_envoys_overprovisioned_health() {
+        // 1 of 3 healthy: 140 × 1/3 = 46 % stays on P0, the rest spills to P1.
+        assert_eq!(
+            loads(&[(1, 3), (1, 1)], 50.0),
+            (vec![46, 100], vec![false, false])
+        );
+        // A healthy P0 takes everything.
+        assert_eq!(
+            loads(&[(3, 3), (1, 1)], 50.0),
+            (vec![100, 100], vec![false, false])
+        );
+        // No healthy host in P0: P1 takes everything (total health 100 %: no panic anywhere).
+        assert_eq!(
+            loads(&[(0, 2), (1, 1)], 50.0),
+            (vec![0, 100], vec![false, false])
+        );
+        // 3 of 4 healthy: 140 × 3/4 = 105 → 100 %, no spillover.
+        assert_eq!(
+            loads(&[(3, 4), (1, 1)], 50.0),
+            (vec![100, 100], vec![false, false])
+        );
+        // Total health 70 % is scaled up to 100; P1 (no healthy host) is in panic but has no load.
+        assert_eq!(
+            loads(&[(2, 4), (0, 1)], 50.0),
+            (vec![100, 100], vec![false, true])
+        );
+    }
+
+    #[test]
+    fn panic_spreads_over_all_hosts() {
+        // Alone, 1 of 3 healthy is 46 % < 50 %: total panic.
+        assert_eq!(loads(&[(1, 3)], 50.0), (vec![100], vec![true]));
+        // Total panic splits the load by host count (2:1), the remainder to the first level.
+        assert_eq!(
+            loads(&[(0, 2), (0, 1)], 50.0),
+            (vec![67, 100], vec![true, true])
+        );
+        // Threshold 0 disables panic: nothing healthy means no host at all.
+        assert_eq!(
+            loads(&[(0, 2), (0, 1)], 0.0),
+            (vec![100, 100], vec![false, false])
+        );
+        // Below 100 % but above the threshold, only the levels under it are in panic.
+        assert_eq!(loads(&[(2, 5)], 50.0), (vec![100], vec![true]));
+        assert_eq!(loads(&[(3, 5)], 50.0), (vec![100], vec![false]));
     }
 }

@@ -107,6 +107,7 @@ impl Cluster {
                 weight: 1,
                 priority: 0,
                 locality: None,
+                eds_unhealthy: false,
             }),
             used: AtomicBool::new(true),
         });
