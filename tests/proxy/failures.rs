@@ -153,3 +153,68 @@ async fn keep_alive_and_pipelining() {
     // Upstream connections were reused across requests.
     assert_eq!(m.stat("cluster.a.upstream_cx_total").await, Some(1));
 }
+
+/// Sends `request` and reads until the response's status line is in (the connection may stay
+/// open afterwards).
+async fn status_line(port: u16, request: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = vec![];
+    let read = async {
+        while !out.windows(2).any(|w| w == b"\r\n") {
+            let mut buf = [0u8; 1024];
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("no response");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn malformed_request_body_is_the_downstreams_fault() {
+    let up = Upstream::echo("a").await;
+    let od = "    outlier_detection: { consecutive_5xx: 1, interval: 0.1s, base_ejection_time: 30s, max_ejection_percent: 100 }\n";
+    let (m, port) = start(
+        "              - match: { prefix: \"/\" }\n                route: { cluster: a }\n",
+        &static_cluster("a", &[up.addr], "ROUND_ROBIN", od),
+        "",
+    )
+    .await;
+    // An invalid chunk size from the client: 400 (as Envoy answers a downstream codec error),
+    // not a 503 blamed on the upstream.
+    let req = b"POST /c HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n\r\n";
+    let resp = status_line(port, req).await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    // The same with a content-length body the client cuts short (mecha's own upstream codec).
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"POST /l HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nabc")
+        .await
+        .unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = vec![];
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(!out.contains(" 503 "), "{out}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No upstream failure accounting, and the healthy host is not ejected.
+    for stat in ["upstream_rq_5xx", "upstream_rq_rx_reset"] {
+        let v = m.stat(&format!("cluster.a.{stat}")).await.unwrap_or(0);
+        assert_eq!(v, 0, "cluster.a.{stat}");
+    }
+    let ejected = m
+        .stat("cluster.a.outlier_detection.ejections_enforced_total")
+        .await
+        .unwrap_or(0);
+    assert_eq!(ejected, 0);
+    let r = get(&format!("http://127.0.0.1:{port}/ok")).await.unwrap();
+    assert_eq!(r.status, 200);
+}

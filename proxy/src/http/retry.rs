@@ -535,6 +535,9 @@ enum Failure {
     RefusedStream(String),
     PerTryTimeout,
     NoHost,
+    /// The downstream request body failed while it was being sent (see
+    /// [`UpstreamError::RequestBody`]).
+    RequestBody,
 }
 
 impl Failure {
@@ -551,12 +554,13 @@ impl Failure {
             }
             UpstreamError::Connect(r) if r.contains("refused stream") => Failure::RefusedStream(r),
             UpstreamError::Connect(r) => Failure::Reset(r),
+            UpstreamError::RequestBody(_) => Failure::RequestBody,
         }
     }
 
     fn retriable(&self, on: u32) -> bool {
         match self {
-            Failure::Overflow | Failure::NoHost => false,
+            Failure::Overflow | Failure::NoHost | Failure::RequestBody => false,
             Failure::ConnectFailed(_) => on & (on::ANY_RESET | on::CONNECT_FAILURE) != 0,
             Failure::RefusedStream(_) => on & (on::ANY_RESET | on::REFUSED_STREAM) != 0,
             Failure::Reset(_) | Failure::PerTryTimeout => on & on::ANY_RESET != 0,
@@ -586,6 +590,8 @@ impl Failure {
                 "no healthy upstream".to_string(),
                 14,
             ),
+            // As Envoy answers a downstream codec error while no response has started.
+            Failure::RequestBody => (StatusCode::BAD_REQUEST, "Bad Request".to_string(), 13),
         };
         let mut resp = if grpc {
             grpc_reply(grpc_status, &text)
