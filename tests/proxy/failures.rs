@@ -218,3 +218,39 @@ async fn malformed_request_body_is_the_downstreams_fault() {
     let r = get(&format!("http://127.0.0.1:{port}/ok")).await.unwrap();
     assert_eq!(r.status, 200);
 }
+
+#[tokio::test]
+async fn grpc_requests_get_grpc_local_replies() {
+    let routes = r#"              - match: { prefix: "/empty" }
+                route: { cluster: empty }
+              - match: { prefix: "/byheader" }
+                route: { cluster_header: x-cluster }
+              - match: { prefix: "/denied" }
+                direct_response: { status: 403, body: { inline_string: "denied" } }
+"#;
+    let empty = "  - name: empty\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment: { cluster_name: empty, endpoints: [] }\n";
+    let (_m, port) = start(routes, empty, "").await;
+    let base = format!("http://127.0.0.1:{port}");
+    let grpc = ("content-type", "application/grpc");
+    // (path, extra header, grpc-status, grpc-message) per Envoy's httpToGrpcStatus.
+    let cases = [
+        ("/nothing-here", None, "12", None),
+        ("/byheader", Some(("x-cluster", "nope")), "14", None),
+        ("/empty", None, "14", Some("no healthy upstream")),
+        ("/denied", None, "7", Some("denied")),
+    ];
+    for (path, extra, status, message) in cases {
+        let mut h = vec![grpc];
+        h.extend(extra);
+        let r = get_with(&format!("{base}{path}"), &h).await;
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.header("content-type"), Some("application/grpc"), "{path}");
+        assert_eq!(r.header("grpc-status"), Some(status), "{path}");
+        assert_eq!(r.header("grpc-message"), message, "{path}");
+        assert!(r.body.is_empty(), "{path}: trailers-only");
+    }
+    // Not gRPC: plain HTTP local replies as before.
+    let r = get(&format!("{base}/nothing-here")).await.unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("grpc-status"), None);
+}

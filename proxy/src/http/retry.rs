@@ -606,6 +606,29 @@ impl Failure {
     }
 }
 
+/// Envoy's `Grpc::Utility::httpToGrpcStatus`: the gRPC status of a local reply's HTTP status.
+pub(crate) fn http_to_grpc_status(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
+    }
+}
+
+/// A local reply as Envoy's `sendLocalReply` makes it: for a gRPC request a trailers-only
+/// response (HTTP 200, `grpc-status` from the HTTP status, `grpc-message` the text), else the
+/// status with the text as a plain-text body.
+pub(crate) fn local_reply_for(status: StatusCode, text: &str, grpc: bool) -> Response<Body> {
+    if grpc {
+        grpc_reply(http_to_grpc_status(status), text)
+    } else {
+        local_reply(status, text)
+    }
+}
+
 /// A trailers-only gRPC error, as Envoy sends local replies to gRPC requests.
 pub(crate) fn grpc_reply(code: u32, message: &str) -> Response<Body> {
     let mut resp = Response::new(empty());
@@ -615,8 +638,10 @@ pub(crate) fn grpc_reply(code: u32, message: &str) -> Response<Body> {
         HeaderValue::from_static("application/grpc"),
     );
     h.insert("grpc-status", HeaderValue::from(code));
-    if let Ok(v) = HeaderValue::from_str(message) {
-        h.insert("grpc-message", v);
+    if !message.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(message) {
+            h.insert("grpc-message", v);
+        }
     }
     resp
 }
