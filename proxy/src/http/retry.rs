@@ -411,6 +411,48 @@ static ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-coun
 static OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
+/// Headers Envoy's `ConnectionManagerUtility::cleanInternalHeaders` removes from every request
+/// it judges external: with them a client could steer retries and timeouts.
+const EXTERNAL_STRIPPED: [&str; 14] = [
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-max-retries",
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-force-trace",
+    "x-envoy-ip-tags",
+    "x-envoy-original-url",
+];
+/// Removed as well when the request is an edge request (external, with `use_remote_address`).
+const EDGE_STRIPPED: [&str; 3] = [
+    "x-envoy-decorator-operation",
+    "x-envoy-downstream-service-cluster",
+    "x-envoy-downstream-service-node",
+];
+
+/// Envoy's `cleanInternalHeaders`, for the connection manager to apply to a request it judged
+/// external (`edge`: and it uses the remote address) before the filters and the router see it.
+/// Costs one scan of the header names when the request carries no `x-envoy-*` header.
+pub fn clean_internal_headers(headers: &mut HeaderMap, edge: bool) {
+    if !headers.keys().any(|k| k.as_str().starts_with("x-envoy-")) {
+        return;
+    }
+    for name in EXTERNAL_STRIPPED {
+        headers.remove(name);
+    }
+    if edge {
+        for name in EDGE_STRIPPED {
+            headers.remove(name);
+        }
+    }
+}
+
 /// One request's effective retry and timeout settings.
 pub struct Plan<'a> {
     policy: &'a RoutePolicy,
@@ -1097,6 +1139,22 @@ mod tests {
             }
             b.next();
         }
+    }
+
+    #[test]
+    fn external_requests_lose_the_headers_that_steer_the_router() {
+        let mut h = HeaderMap::new();
+        for name in EXTERNAL_STRIPPED.iter().chain(&EDGE_STRIPPED) {
+            h.insert(*name, HeaderValue::from_static("1"));
+        }
+        h.insert("x-envoy-attempt-count", HeaderValue::from_static("1"));
+        h.insert("host", HeaderValue::from_static("x"));
+        clean_internal_headers(&mut h, false);
+        assert_eq!(h.len(), 2 + EDGE_STRIPPED.len(), "{h:?}");
+        clean_internal_headers(&mut h, true);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(h.contains_key("host") && h.contains_key("x-envoy-attempt-count"));
     }
 
     #[test]
