@@ -609,37 +609,34 @@ impl Failure {
         }
     }
 
+    /// The local reply, gRPC-converted as Envoy's router does it (`sendLocalReply` with no
+    /// explicit gRPC status: `httpToGrpcStatus`, so an upstream timeout is 14 UNAVAILABLE).
     fn reply(&self, grpc: bool) -> Response<Body> {
-        let (status, text, grpc_status) = match self {
+        let (status, text) = match self {
             Failure::Overflow => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
-                    .to_string(),
-                14,
+                Cow::Borrowed(
+                    "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                ),
             ),
             Failure::ConnectFailed(r) | Failure::Reset(r) | Failure::RefusedStream(r) => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("upstream connect error or disconnect/reset before headers. {r}"),
-                14,
+                Cow::Owned(format!(
+                    "upstream connect error or disconnect/reset before headers. {r}"
+                )),
             ),
             Failure::PerTryTimeout => (
                 StatusCode::GATEWAY_TIMEOUT,
-                "upstream request timeout".to_string(),
-                4,
+                Cow::Borrowed("upstream request timeout"),
             ),
             Failure::NoHost => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "no healthy upstream".to_string(),
-                14,
+                Cow::Borrowed("no healthy upstream"),
             ),
             // As Envoy answers a downstream codec error while no response has started.
-            Failure::RequestBody => (StatusCode::BAD_REQUEST, "Bad Request".to_string(), 13),
+            Failure::RequestBody => (StatusCode::BAD_REQUEST, Cow::Borrowed("Bad Request")),
         };
-        let mut resp = if grpc {
-            grpc_reply(grpc_status, &text)
-        } else {
-            local_reply(status, &text)
-        };
+        let mut resp = local_reply_for(status, &text, grpc);
         if matches!(self, Failure::Overflow) {
             resp.headers_mut()
                 .insert(OVERLOADED.clone(), HeaderValue::from_static("true"));
