@@ -227,6 +227,8 @@ async fn grpc_requests_get_grpc_local_replies() {
                 route: { cluster_header: x-cluster }
               - match: { prefix: "/denied" }
                 direct_response: { status: 403, body: { inline_string: "denied" } }
+              - match: { prefix: "/limited" }
+                direct_response: { status: 429, body: { inline_string: "100% used\nüber" } }
 "#;
     let empty = "  - name: empty\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment: { cluster_name: empty, endpoints: [] }\n";
     let (_m, port) = start(routes, empty, "").await;
@@ -238,6 +240,8 @@ async fn grpc_requests_get_grpc_local_replies() {
         ("/byheader", Some(("x-cluster", "nope")), "14", None),
         ("/empty", None, "14", Some("no healthy upstream")),
         ("/denied", None, "7", Some("denied")),
+        // grpc-message is percent-encoded (`%`, control and non-ASCII bytes).
+        ("/limited", None, "14", Some("100%25 used%0A%C3%BCber")),
     ];
     for (path, extra, status, message) in cases {
         let mut h = vec![grpc];

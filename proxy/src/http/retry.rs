@@ -678,11 +678,32 @@ pub(crate) fn grpc_reply(code: u32, message: &str) -> Response<Body> {
     );
     h.insert("grpc-status", HeaderValue::from(code));
     if !message.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(message) {
+        if let Some(v) = grpc_message(message) {
             h.insert("grpc-message", v);
         }
     }
     resp
+}
+
+/// `grpc-message` as gRPC's wire format wants it (and Envoy's `PercentEncoding::encode` makes
+/// it): bytes outside printable ASCII, and `%`, percent-encoded. Copies only when needed.
+fn grpc_message(message: &str) -> Option<HeaderValue> {
+    let plain = |b: u8| (0x20..=0x7e).contains(&b) && b != b'%';
+    if message.bytes().all(plain) {
+        return HeaderValue::from_str(message).ok();
+    }
+    let mut out = String::with_capacity(message.len() + 16);
+    for b in message.bytes() {
+        if plain(b) {
+            out.push(b as char);
+        } else {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            out.push('%');
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 15) as usize] as char);
+        }
+    }
+    HeaderValue::from_str(&out).ok()
 }
 
 /// The reply for a request whose route timeout expired.
