@@ -15,6 +15,10 @@ pub enum UpstreamError {
     Timeout,
     #[error("upstream overflow: {0}")]
     Overflow(String),
+    /// The request's body failed while it was being sent: the downstream's fault (e.g. a
+    /// malformed chunked body), not the upstream's.
+    #[error("downstream request body error: {0}")]
+    RequestBody(String),
 }
 
 /// A filter's own upstream call to a named cluster: load balancing, pools, stats and the

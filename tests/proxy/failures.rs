@@ -153,3 +153,108 @@ async fn keep_alive_and_pipelining() {
     // Upstream connections were reused across requests.
     assert_eq!(m.stat("cluster.a.upstream_cx_total").await, Some(1));
 }
+
+/// Sends `request` and reads until the response's status line is in (the connection may stay
+/// open afterwards).
+async fn status_line(port: u16, request: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = vec![];
+    let read = async {
+        while !out.windows(2).any(|w| w == b"\r\n") {
+            let mut buf = [0u8; 1024];
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("no response");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn malformed_request_body_is_the_downstreams_fault() {
+    let up = Upstream::echo("a").await;
+    let od = "    outlier_detection: { consecutive_5xx: 1, interval: 0.1s, base_ejection_time: 30s, max_ejection_percent: 100 }\n";
+    let (m, port) = start(
+        "              - match: { prefix: \"/\" }\n                route: { cluster: a }\n",
+        &static_cluster("a", &[up.addr], "ROUND_ROBIN", od),
+        "",
+    )
+    .await;
+    // An invalid chunk size from the client: 400 (as Envoy answers a downstream codec error),
+    // not a 503 blamed on the upstream.
+    let req = b"POST /c HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n\r\n";
+    let resp = status_line(port, req).await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    // The same with a content-length body the client cuts short (mecha's own upstream codec).
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"POST /l HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nabc")
+        .await
+        .unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = vec![];
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(!out.contains(" 503 "), "{out}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No upstream failure accounting, and the healthy host is not ejected.
+    for stat in ["upstream_rq_5xx", "upstream_rq_rx_reset"] {
+        let v = m.stat(&format!("cluster.a.{stat}")).await.unwrap_or(0);
+        assert_eq!(v, 0, "cluster.a.{stat}");
+    }
+    let ejected = m
+        .stat("cluster.a.outlier_detection.ejections_enforced_total")
+        .await
+        .unwrap_or(0);
+    assert_eq!(ejected, 0);
+    let r = get(&format!("http://127.0.0.1:{port}/ok")).await.unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn grpc_requests_get_grpc_local_replies() {
+    let routes = r#"              - match: { prefix: "/empty" }
+                route: { cluster: empty }
+              - match: { prefix: "/byheader" }
+                route: { cluster_header: x-cluster }
+              - match: { prefix: "/denied" }
+                direct_response: { status: 403, body: { inline_string: "denied" } }
+              - match: { prefix: "/limited" }
+                direct_response: { status: 429, body: { inline_string: "100% used\nüber" } }
+"#;
+    let empty = "  - name: empty\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment: { cluster_name: empty, endpoints: [] }\n";
+    let (_m, port) = start(routes, empty, "").await;
+    let base = format!("http://127.0.0.1:{port}");
+    let grpc = ("content-type", "application/grpc");
+    // (path, extra header, grpc-status, grpc-message) per Envoy's httpToGrpcStatus.
+    let cases = [
+        ("/nothing-here", None, "12", None),
+        ("/byheader", Some(("x-cluster", "nope")), "14", None),
+        ("/empty", None, "14", Some("no healthy upstream")),
+        ("/denied", None, "7", Some("denied")),
+        // grpc-message is percent-encoded (`%`, control and non-ASCII bytes).
+        ("/limited", None, "14", Some("100%25 used%0A%C3%BCber")),
+    ];
+    for (path, extra, status, message) in cases {
+        let mut h = vec![grpc];
+        h.extend(extra);
+        let r = get_with(&format!("{base}{path}"), &h).await;
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.header("content-type"), Some("application/grpc"), "{path}");
+        assert_eq!(r.header("grpc-status"), Some(status), "{path}");
+        assert_eq!(r.header("grpc-message"), message, "{path}");
+        assert!(r.body.is_empty(), "{path}: trailers-only");
+    }
+    // Not gRPC: plain HTTP local replies as before.
+    let r = get(&format!("{base}/nothing-here")).await.unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("grpc-status"), None);
+}

@@ -313,3 +313,95 @@ async fn http2_request_reaches_an_http1_upstream_with_a_host_header() {
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), format!("host=127.0.0.1:{port}"));
 }
+
+#[tokio::test]
+async fn early_response_is_forwarded_before_the_body_is_sent() {
+    // An upstream that answers 413 as soon as it has the head and never reads the body; it
+    // keeps the connection open. Every other request gets a 200.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let a = accepts.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while find(&buf, b"\r\n\r\n").is_none() {
+                    let mut chunk = [0u8; 4096];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+                if buf.starts_with(b"POST") {
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo big!",
+                        )
+                        .await;
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                } else {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                }
+            });
+        }
+    });
+    let up = RawUpstream {
+        addr,
+        accepts: accepts.clone(),
+        bodies: Arc::default(),
+    };
+    let (_m, port) = start_mecha(&up).await;
+
+    let started = std::time::Instant::now();
+    let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    const LEN: usize = 20 << 20;
+    let writer = tokio::spawn(async move {
+        let head = format!("POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {LEN}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..LEN / chunk.len() {
+            wr.write_all(&chunk).await?;
+        }
+        Ok::<_, std::io::Error>(wr)
+    });
+    let mut out = Vec::new();
+    let read = async {
+        while !out.ends_with(b"too big!") {
+            let mut chunk = [0u8; 4096];
+            match rd.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => out.extend_from_slice(&chunk[..k]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), read).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.ends_with("too big!"), "{text}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "held for {:?}",
+        started.elapsed()
+    );
+    writer.abort();
+
+    // The connection the early response came on is not reused: the next request gets a new
+    // one (the old one would never answer).
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        get(&format!("http://127.0.0.1:{port}/next")),
+    )
+    .await
+    .expect("reused the early response's connection")
+    .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    assert_eq!(accepts.load(Ordering::SeqCst), 2);
+}

@@ -52,7 +52,9 @@ async fn route_timeout_answers_504_and_cancels_the_upstream() {
     ];
     let r = request(port, "POST", "/grpc", &h, vec![0, 0, 0, 0, 0]).await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.header("grpc-status"), Some("4"));
+    // Envoy's router replies with httpToGrpcStatus(504): 14 UNAVAILABLE (DEADLINE_EXCEEDED is
+    // only the connection manager's max_stream_duration reply).
+    assert_eq!(r.header("grpc-status"), Some("14"));
     assert_eq!(r.header("grpc-message"), Some("upstream request timeout"));
     assert!(eventually(5, || async { ctl.cancelled.load(Ordering::SeqCst) == 3 }).await);
     assert_eq!(m.stat("cluster.a.upstream_rq_timeout").await, Some(3));

@@ -28,7 +28,7 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Envoy's defaults: `max_response_headers_kb` 60, `max_headers_count` 100.
 const MAX_HEAD: usize = 60 * 1024;
@@ -113,7 +113,7 @@ pub(crate) async fn send(
     reused: bool,
     pool: &Arc<Inner>,
 ) -> Result<http::Response<H1Body>, (H1Error, Option<http::Request<Body>>)> {
-    let (parts, mut body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let no_body = body.is_end_stream();
     let len = if no_body {
         0
@@ -128,34 +128,50 @@ pub(crate) async fn send(
         no_body,
     );
 
-    let mut sent_body = false;
-    let written = async {
-        conn.io.write_all(&conn.head).await?;
-        if !no_body {
-            sent_body = true;
-            let mut remaining = len;
-            while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-                let frame = frame.map_err(H1Error::Body)?;
-                if let Ok(data) = frame.into_data() {
-                    if data.len() as u64 > remaining {
-                        return Err(H1Error::Protocol("request body longer than its length"));
-                    }
-                    remaining -= data.len() as u64;
-                    conn.io.write_all(&data).await?;
+    let head_request = parts.method == Method::HEAD;
+    let mut up = Upload {
+        body,
+        pending: Bytes::new(),
+        remaining: len,
+        done: no_body,
+    };
+    let written = match conn.io.write_all(&conn.head).await {
+        Err(e) => Sent::Done(Err(H1Error::Io(e))),
+        // The body is written while it comes; only when that has to wait (the socket is full or
+        // the downstream body has nothing yet) is the connection also watched for a response
+        // that comes first (e.g. a 413 from a server that will not read the body), so the
+        // ordinary request costs no extra read.
+        Ok(()) if no_body => Sent::Done(Ok(())),
+        Ok(()) => {
+            poll_fn(|cx| {
+                if let Poll::Ready(r) = poll_upload(&mut conn.io, &mut up, cx) {
+                    return Poll::Ready(Sent::Done(r));
                 }
-            }
-            if remaining != 0 {
-                return Err(H1Error::Protocol("request body shorter than its length"));
-            }
+                poll_head(&mut conn, head_request, cx).map(Sent::Early)
+            })
+            .await
         }
-        Ok::<_, H1Error>(())
-    }
-    .await;
+    };
+    let written = match written {
+        Sent::Done(r) => r,
+        Sent::Early(Ok(head)) => {
+            // Envoy forwards the response at once; the rest of the body is still offered to the
+            // server while the response body is read, and the connection is not reused.
+            recycle(parts.headers);
+            mecha_filters::spare::recycle_extensions(parts.extensions);
+            let mut resp = into_response(conn, head, pool, false);
+            if !resp.body().is_end_stream() {
+                resp.body_mut().upload = Some(Box::new(up));
+            }
+            return Ok(resp);
+        }
+        Sent::Early(Err(e)) => Err(e),
+    };
     if let Err(e) = written {
         // The server may have answered early (e.g. 413) and closed: that answer, if complete,
         // is still the response; otherwise the error stands.
-        if sent_body && matches!(e, H1Error::Io(_)) {
-            if let Ok(resp) = read_head(&mut conn, parts.method == Method::HEAD).await {
+        if !no_body && matches!(e, H1Error::Io(_)) {
+            if let Ok(resp) = read_head(&mut conn, head_request).await {
                 return Ok(into_response(conn, resp, pool, false));
             }
         }
@@ -163,7 +179,7 @@ pub(crate) async fn send(
         return Err(failure(e, replayable, parts));
     }
 
-    match read_head(&mut conn, parts.method == Method::HEAD).await {
+    match read_head(&mut conn, head_request).await {
         Ok(head) => {
             recycle(parts.headers);
             mecha_filters::spare::recycle_extensions(parts.extensions);
@@ -241,28 +257,98 @@ enum Framing {
 
 /// Reads until a final (non-1xx) response head is complete, skipping interim responses.
 async fn read_head(conn: &mut Conn, head_request: bool) -> Result<Head, H1Error> {
+    poll_fn(|cx| poll_head(conn, head_request, cx)).await
+}
+
+fn poll_head(
+    conn: &mut Conn,
+    head_request: bool,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Head, H1Error>> {
     loop {
         if !conn.buf.is_empty() {
             if let Some(head) = parse_head(&mut conn.buf, head_request)? {
                 if head.status.is_informational() {
                     if head.status == StatusCode::SWITCHING_PROTOCOLS {
-                        return Err(H1Error::Protocol("unexpected 101 response"));
+                        return Poll::Ready(Err(H1Error::Protocol("unexpected 101 response")));
                     }
                     continue;
                 }
-                return Ok(head);
+                return Poll::Ready(Ok(head));
             }
             if conn.buf.len() >= MAX_HEAD {
-                return Err(H1Error::Protocol("response headers too large"));
+                return Poll::Ready(Err(H1Error::Protocol("response headers too large")));
             }
         }
-        let n = poll_fn(|cx| poll_fill(&mut conn.io, &mut conn.buf, cx, READ_CHUNK)).await?;
+        let n = ready!(poll_fill(&mut conn.io, &mut conn.buf, cx, READ_CHUNK))?;
         if n == 0 {
-            return Err(if conn.buf.is_empty() {
+            return Poll::Ready(Err(if conn.buf.is_empty() {
                 H1Error::Closed
             } else {
                 H1Error::Protocol("connection closed in the response head")
-            });
+            }));
+        }
+    }
+}
+
+/// How writing the request ended.
+enum Sent {
+    /// The whole body went out (or writing it failed).
+    Done(Result<(), H1Error>),
+    /// A final response head arrived before the body was all written.
+    Early(Result<Head, H1Error>),
+}
+
+/// The request body still to be written.
+pub(crate) struct Upload {
+    body: Body,
+    /// The frame being written.
+    pending: Bytes,
+    /// Bytes the request's length still promises.
+    remaining: u64,
+    /// The body ended.
+    done: bool,
+}
+
+/// Writes the request body as it comes; ready when all of it is out, or on the first error.
+fn poll_upload(
+    io: &mut UpstreamStream,
+    up: &mut Upload,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), H1Error>> {
+    loop {
+        if !up.pending.is_empty() {
+            let n = ready!(Pin::new(&mut *io).poll_write(cx, &up.pending))?;
+            if n == 0 {
+                return Poll::Ready(Err(H1Error::Io(io::ErrorKind::WriteZero.into())));
+            }
+            bytes::Buf::advance(&mut up.pending, n);
+            continue;
+        }
+        if up.done {
+            return Poll::Ready(Ok(()));
+        }
+        match ready!(Pin::new(&mut up.body).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if data.len() as u64 > up.remaining {
+                        return Poll::Ready(Err(H1Error::Protocol(
+                            "request body longer than its length",
+                        )));
+                    }
+                    up.remaining -= data.len() as u64;
+                    up.pending = data;
+                }
+            }
+            Some(Err(e)) => return Poll::Ready(Err(H1Error::Body(e))),
+            None => {
+                up.done = true;
+                if up.remaining != 0 {
+                    return Poll::Ready(Err(H1Error::Protocol(
+                        "request body shorter than its length",
+                    )));
+                }
+            }
         }
     }
 }
@@ -380,6 +466,7 @@ fn into_response(
         pool: reusable.then(|| pool.clone()),
         decoder,
         read_chunk: READ_CHUNK,
+        upload: None,
     };
     if body.decoder == Decoder::Done {
         body.finish();
@@ -527,12 +614,15 @@ pub struct H1Body {
     pool: Option<Arc<Inner>>,
     decoder: Decoder,
     read_chunk: usize,
+    /// The rest of the request body when the response came before it was all written.
+    upload: Option<Box<Upload>>,
 }
 
 impl H1Body {
     /// The body ended: the connection goes back to the pool if it can carry another request.
     fn finish(&mut self) {
         self.decoder = Decoder::Done;
+        self.upload = None;
         if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.take()) {
             if conn.buf.is_empty() {
                 pool.put_idle_raw(conn);
@@ -544,6 +634,7 @@ impl H1Body {
         self.decoder = Decoder::Done;
         self.conn = None;
         self.pool = None;
+        self.upload = None;
         Poll::Ready(Some(Err(Box::new(e.into()))))
     }
 }
@@ -557,6 +648,13 @@ impl http_body::Body for H1Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let (Some(up), Some(conn)) = (this.upload.as_mut(), this.conn.as_mut()) {
+            // An early response: keep offering the rest of the request body meanwhile. Once it
+            // is all out, or writing failed, stop; a failure surfaces through the reads, if at all.
+            if poll_upload(&mut conn.io, up, cx).is_ready() {
+                this.upload = None;
+            }
+        }
         loop {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);

@@ -520,6 +520,11 @@ impl Cluster {
                 stats.upstream_rq_completed.inc();
                 Err(UpstreamError::Overflow(what.into()))
             }
+            Err(e) if e.is_request_body_error() => {
+                // The downstream body failed: no upstream failure, no outlier report.
+                stats.upstream_rq_completed.inc();
+                Err(UpstreamError::RequestBody(failure_reason(&e)))
+            }
             Err(e) => {
                 host.rq_error
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -113,6 +113,21 @@ pub enum PoolError {
     H1(#[source] h1::H1Error),
 }
 
+impl PoolError {
+    /// The request's own body failed while it was being sent (a downstream client's malformed
+    /// or truncated body, or a filter's error): the downstream's fault, not the upstream's.
+    /// Envoy answers it as a downstream protocol error and does not count it against the host.
+    pub fn is_request_body_error(&self) -> bool {
+        match self {
+            PoolError::H1(h1::H1Error::Body(_)) => true,
+            // hyper's "error from user's Body stream": the only client-side user error that
+            // carries a cause.
+            PoolError::Http(e) => e.is_user() && std::error::Error::source(e).is_some(),
+            _ => false,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Pool {
     inner: Arc<Inner>,

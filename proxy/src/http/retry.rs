@@ -411,6 +411,48 @@ static ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-coun
 static OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
+/// Headers Envoy's `ConnectionManagerUtility::cleanInternalHeaders` removes from every request
+/// it judges external: with them a client could steer retries and timeouts.
+const EXTERNAL_STRIPPED: [&str; 14] = [
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-max-retries",
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-force-trace",
+    "x-envoy-ip-tags",
+    "x-envoy-original-url",
+];
+/// Removed as well when the request is an edge request (external, with `use_remote_address`).
+const EDGE_STRIPPED: [&str; 3] = [
+    "x-envoy-decorator-operation",
+    "x-envoy-downstream-service-cluster",
+    "x-envoy-downstream-service-node",
+];
+
+/// Envoy's `cleanInternalHeaders`, for the connection manager to apply to a request it judged
+/// external (`edge`: and it uses the remote address) before the filters and the router see it.
+/// Costs one scan of the header names when the request carries no `x-envoy-*` header.
+pub fn clean_internal_headers(headers: &mut HeaderMap, edge: bool) {
+    if !headers.keys().any(|k| k.as_str().starts_with("x-envoy-")) {
+        return;
+    }
+    for name in EXTERNAL_STRIPPED {
+        headers.remove(name);
+    }
+    if edge {
+        for name in EDGE_STRIPPED {
+            headers.remove(name);
+        }
+    }
+}
+
 /// One request's effective retry and timeout settings.
 pub struct Plan<'a> {
     policy: &'a RoutePolicy,
@@ -535,6 +577,9 @@ enum Failure {
     RefusedStream(String),
     PerTryTimeout,
     NoHost,
+    /// The downstream request body failed while it was being sent (see
+    /// [`UpstreamError::RequestBody`]).
+    RequestBody,
 }
 
 impl Failure {
@@ -551,52 +596,75 @@ impl Failure {
             }
             UpstreamError::Connect(r) if r.contains("refused stream") => Failure::RefusedStream(r),
             UpstreamError::Connect(r) => Failure::Reset(r),
+            UpstreamError::RequestBody(_) => Failure::RequestBody,
         }
     }
 
     fn retriable(&self, on: u32) -> bool {
         match self {
-            Failure::Overflow | Failure::NoHost => false,
+            Failure::Overflow | Failure::NoHost | Failure::RequestBody => false,
             Failure::ConnectFailed(_) => on & (on::ANY_RESET | on::CONNECT_FAILURE) != 0,
             Failure::RefusedStream(_) => on & (on::ANY_RESET | on::REFUSED_STREAM) != 0,
             Failure::Reset(_) | Failure::PerTryTimeout => on & on::ANY_RESET != 0,
         }
     }
 
+    /// The local reply, gRPC-converted as Envoy's router does it (`sendLocalReply` with no
+    /// explicit gRPC status: `httpToGrpcStatus`, so an upstream timeout is 14 UNAVAILABLE).
     fn reply(&self, grpc: bool) -> Response<Body> {
-        let (status, text, grpc_status) = match self {
+        let (status, text) = match self {
             Failure::Overflow => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
-                    .to_string(),
-                14,
+                Cow::Borrowed(
+                    "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                ),
             ),
             Failure::ConnectFailed(r) | Failure::Reset(r) | Failure::RefusedStream(r) => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("upstream connect error or disconnect/reset before headers. {r}"),
-                14,
+                Cow::Owned(format!(
+                    "upstream connect error or disconnect/reset before headers. {r}"
+                )),
             ),
             Failure::PerTryTimeout => (
                 StatusCode::GATEWAY_TIMEOUT,
-                "upstream request timeout".to_string(),
-                4,
+                Cow::Borrowed("upstream request timeout"),
             ),
             Failure::NoHost => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "no healthy upstream".to_string(),
-                14,
+                Cow::Borrowed("no healthy upstream"),
             ),
+            // As Envoy answers a downstream codec error while no response has started.
+            Failure::RequestBody => (StatusCode::BAD_REQUEST, Cow::Borrowed("Bad Request")),
         };
-        let mut resp = if grpc {
-            grpc_reply(grpc_status, &text)
-        } else {
-            local_reply(status, &text)
-        };
+        let mut resp = local_reply_for(status, &text, grpc);
         if matches!(self, Failure::Overflow) {
             resp.headers_mut()
                 .insert(OVERLOADED.clone(), HeaderValue::from_static("true"));
         }
         resp
+    }
+}
+
+/// Envoy's `Grpc::Utility::httpToGrpcStatus`: the gRPC status of a local reply's HTTP status.
+pub(crate) fn http_to_grpc_status(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
+    }
+}
+
+/// A local reply as Envoy's `sendLocalReply` makes it: for a gRPC request a trailers-only
+/// response (HTTP 200, `grpc-status` from the HTTP status, `grpc-message` the text), else the
+/// status with the text as a plain-text body.
+pub(crate) fn local_reply_for(status: StatusCode, text: &str, grpc: bool) -> Response<Body> {
+    if grpc {
+        grpc_reply(http_to_grpc_status(status), text)
+    } else {
+        local_reply(status, text)
     }
 }
 
@@ -609,10 +677,33 @@ pub(crate) fn grpc_reply(code: u32, message: &str) -> Response<Body> {
         HeaderValue::from_static("application/grpc"),
     );
     h.insert("grpc-status", HeaderValue::from(code));
-    if let Ok(v) = HeaderValue::from_str(message) {
-        h.insert("grpc-message", v);
+    if !message.is_empty() {
+        if let Some(v) = grpc_message(message) {
+            h.insert("grpc-message", v);
+        }
     }
     resp
+}
+
+/// `grpc-message` as gRPC's wire format wants it (and Envoy's `PercentEncoding::encode` makes
+/// it): bytes outside printable ASCII, and `%`, percent-encoded. Copies only when needed.
+fn grpc_message(message: &str) -> Option<HeaderValue> {
+    let plain = |b: u8| (0x20..=0x7e).contains(&b) && b != b'%';
+    if message.bytes().all(plain) {
+        return HeaderValue::from_str(message).ok();
+    }
+    let mut out = String::with_capacity(message.len() + 16);
+    for b in message.bytes() {
+        if plain(b) {
+            out.push(b as char);
+        } else {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            out.push('%');
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 15) as usize] as char);
+        }
+    }
+    HeaderValue::from_str(&out).ok()
 }
 
 /// The reply for a request whose route timeout expired.
@@ -1066,6 +1157,22 @@ mod tests {
             }
             b.next();
         }
+    }
+
+    #[test]
+    fn external_requests_lose_the_headers_that_steer_the_router() {
+        let mut h = HeaderMap::new();
+        for name in EXTERNAL_STRIPPED.iter().chain(&EDGE_STRIPPED) {
+            h.insert(*name, HeaderValue::from_static("1"));
+        }
+        h.insert("x-envoy-attempt-count", HeaderValue::from_static("1"));
+        h.insert("host", HeaderValue::from_static("x"));
+        clean_internal_headers(&mut h, false);
+        assert_eq!(h.len(), 2 + EDGE_STRIPPED.len(), "{h:?}");
+        clean_internal_headers(&mut h, true);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(h.contains_key("host") && h.contains_key("x-envoy-attempt-count"));
     }
 
     #[test]

@@ -14,8 +14,8 @@ use arc_swap::ArcSwap;
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use mecha_filters::{
-    empty, full, local_reply, Body, BoxFuture, ClearRouteCache, HandBackIfNoRoute, HttpService,
-    NoRoute, RequestInfo, Unrouted,
+    empty, full, Body, BoxFuture, ClearRouteCache, HandBackIfNoRoute, HttpService, NoRoute,
+    RequestInfo, Unrouted,
 };
 use std::sync::Arc;
 
@@ -89,7 +89,8 @@ impl Router {
                     return resp;
                 }
                 self.stats.no_route.inc();
-                let mut resp = local_reply(StatusCode::NOT_FOUND, "");
+                let grpc = super::headers::request_is_grpc(&req);
+                let mut resp = retry::local_reply_for(StatusCode::NOT_FOUND, "", grpc);
                 resp.extensions_mut().insert(NoRoute);
                 return resp;
             }
@@ -114,8 +115,15 @@ impl Router {
         let action = match &route.action {
             Action::Direct { status, body } => {
                 self.stats.rq_direct_response.inc();
-                let mut resp = if body.is_empty() {
-                    local_reply(*status, "")
+                let grpc = super::headers::request_is_grpc(&req);
+                let mut resp = if body.is_empty() || grpc {
+                    // Envoy sends direct responses with sendLocalReply: gRPC-converted.
+                    let text = if grpc {
+                        std::str::from_utf8(body).unwrap_or("")
+                    } else {
+                        ""
+                    };
+                    retry::local_reply_for(*status, text, grpc)
                 } else {
                     let mut r = Response::new(full(body.clone()));
                     *r.status_mut() = *status;
@@ -138,7 +146,8 @@ impl Router {
                     .unwrap_or("/")
                     .to_string();
                 let location = rd.location(&route, "http", &host, &pq);
-                let mut resp = local_reply(rd.status, "");
+                let grpc = super::headers::request_is_grpc(&req);
+                let mut resp = retry::local_reply_for(rd.status, "", grpc);
                 if let Ok(v) = HeaderValue::from_str(&location) {
                     resp.headers_mut().insert(http::header::LOCATION, v);
                 }
@@ -156,7 +165,8 @@ impl Router {
             .and_then(|(c, ops)| cm.get(c).map(|cluster| (cluster, ops.cloned())));
         let Some((cluster, weighted_ops)) = picked else {
             self.stats.no_cluster.inc();
-            return local_reply(action.not_found_status, "");
+            let grpc = super::headers::request_is_grpc(&req);
+            return retry::local_reply_for(action.not_found_status, "", grpc);
         };
         let query = req.uri().query();
         let hash = if action.hash_policy.is_empty() {
@@ -168,7 +178,12 @@ impl Router {
         let dst = cluster.http_destination(req.headers(), local);
         let Some(host) = cluster.pick_for(hash, dst) else {
             cluster.stats.upstream_cx_none_healthy.inc();
-            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+            let grpc = super::headers::request_is_grpc(&req);
+            return retry::local_reply_for(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream",
+                grpc,
+            );
         };
         vars.upstream = Some(host.addr);
 
