@@ -389,3 +389,87 @@ async fn a_client_hanging_up_cancels_its_request_upstream() {
     }
     assert!(ok, "the upstream request was not cancelled");
 }
+
+#[tokio::test]
+async fn active_requests_are_uncounted_when_the_client_hangs_up() {
+    let up = Upstream::start(Arc::new(
+        move |req: http::Request<hyper::body::Incoming>| {
+            Box::pin(async move {
+                // Reads the body (which never completes), or hangs.
+                let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                http::Response::new(http_body_util::Full::new(Bytes::new()))
+            })
+        },
+    ))
+    .await;
+    let (m, port) = start(&up).await;
+    let active = "http.ingress_http.downstream_rq_active";
+    for (i, req) in [
+        // Part of a body (hyper's), then nothing.
+        &b"POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nabc"[..],
+        // An ordinary request (our codec) to an upstream that never answers.
+        &b"GET /hang HTTP/1.1\r\nhost: x\r\n\r\n"[..],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(req).await.unwrap();
+        for _ in 0..100 {
+            if up.hits() == i as u64 + 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(up.hits(), i as u64 + 1);
+        assert_eq!(m.stat(active).await, Some(1));
+        drop(s);
+        let mut n = None;
+        for _ in 0..100 {
+            n = m.stat(active).await;
+            if n == Some(0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(n, Some(0), "request {i} still counted active");
+    }
+    // HTTP/2: a stream whose body never ends, then the connection goes away.
+    let (tx, rx) =
+        tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::io::Error>>(1);
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    let conn_task = tokio::spawn(conn);
+    let req = http::Request::post(format!("http://127.0.0.1:{port}/h2"))
+        .body(body)
+        .unwrap();
+    let resp = tokio::spawn(sender.send_request(req));
+    tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"abc"))))
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if up.hits() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up.hits(), 3);
+    assert_eq!(m.stat(active).await, Some(1));
+    resp.abort();
+    conn_task.abort();
+    drop(tx);
+    let mut n = None;
+    for _ in 0..100 {
+        n = m.stat(active).await;
+        if n == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(n, Some(0), "the h2 request is still counted active");
+}

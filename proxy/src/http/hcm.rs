@@ -305,7 +305,6 @@ impl Hcm {
         let start = crate::clock::now_std();
         let stats = &self.stats;
         stats.downstream_rq_total.inc();
-        stats.downstream_rq_active.inc();
         match req.version() {
             http::Version::HTTP_2 => stats.downstream_rq_http2_total.inc(),
             _ => stats.downstream_rq_http1_total.inc(),
@@ -329,6 +328,10 @@ impl Hcm {
             start,
         } = accepted;
         let stats = &self.stats;
+        // Counted here and uncounted when this future ends, however it ends: a client that
+        // hangs up drops it mid-request.
+        stats.downstream_rq_active.inc();
+        let _active = ActiveRq(&stats.downstream_rq_active);
         let mut resp = match self.prepare(&mut req, info) {
             Err(local) => local,
             Ok(()) => {
@@ -359,7 +362,6 @@ impl Hcm {
             .downstream_rq_time
             .record_duration_ms(crate::clock::now_std().saturating_duration_since(start));
         stats.downstream_rq_completed.inc();
-        stats.downstream_rq_active.dec();
         resp
     }
 
@@ -468,6 +470,15 @@ pub fn authority(req: &Request<Body>) -> &str {
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
         .unwrap_or("")
+}
+
+/// Uncounts an active request when dropped.
+struct ActiveRq<'a>(&'a mecha_filters::stats::Gauge);
+
+impl Drop for ActiveRq<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// A request counted and with its body boxed, ready for the chain.
