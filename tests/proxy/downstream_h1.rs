@@ -643,3 +643,30 @@ async fn ambiguous_request_lengths_are_refused() {
         Some(3)
     );
 }
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_here_and_not_forwarded() {
+    let up = Upstream::echo("up").await;
+    let (_m, port) = start(&up).await;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut buf = Vec::new();
+    s.write_all(
+        b"POST /e HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    while find(&buf, b"\r\n\r\n").is_none() {
+        fill(&mut s, &mut buf).await;
+    }
+    assert!(
+        buf.starts_with(b"HTTP/1.1 100 Continue\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    let end = find(&buf, b"\r\n\r\n").unwrap();
+    buf.drain(..end + 4);
+    s.write_all(b"hello").await.unwrap();
+    let j = read_response(&mut s, &mut buf, false).await.json();
+    assert_eq!(j["body_len"], 5);
+    assert!(j["headers"]["expect"].is_null(), "expect forwarded: {j}");
+}

@@ -326,7 +326,8 @@ impl Hcm {
     /// What Envoy's codecs and connection manager check of a request before it becomes a stream,
     /// for requests hyper read: HTTP/1.0 (`accept_http_10`, `default_host_for_http_10`), a
     /// missing host, an HTTP/1 head over `max_request_headers_kb` (hyper's own limit is at least
-    /// 8 KiB; HTTP/2's is `max_header_list_size`).
+    /// 8 KiB; HTTP/2's is `max_header_list_size`). Also drops `expect: 100-continue`, which
+    /// hyper has answered (Envoy's `proxy_100_continue: false`).
     fn check_codec<B>(&self, req: &mut Request<B>) -> Result<(), StatusCode> {
         let version = req.version();
         let h1 = version != http::Version::HTTP_2;
@@ -342,9 +343,14 @@ impl Hcm {
         }
         let mut size = 0;
         let mut host = false;
+        let mut expect = false;
         for (k, v) in req.headers() {
             size += k.as_str().len() + v.len() + 4;
-            host |= k == http::header::HOST;
+            if k == http::header::HOST {
+                host = true;
+            } else if k == http::header::EXPECT {
+                expect |= v.as_bytes().eq_ignore_ascii_case(b"100-continue");
+            }
         }
         if h1 && self.max_headers_bytes < 8192 {
             let line = req.method().as_str().len()
@@ -356,6 +362,9 @@ impl Hcm {
         }
         if !host && req.uri().authority().is_none() {
             return Err(StatusCode::BAD_REQUEST);
+        }
+        if expect {
+            req.headers_mut().remove(http::header::EXPECT);
         }
         Ok(())
     }
