@@ -624,6 +624,32 @@ async fn active_requests_are_uncounted_when_the_client_hangs_up() {
 }
 
 #[tokio::test]
+async fn an_h2c_upgrade_request_is_served_as_http_11() {
+    let up = Upstream::echo("up").await;
+    let (_m, port) = start(&up).await;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /up HTTP/1.1\r\nhost: x\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let r = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(r.status, 200);
+    let j = r.json();
+    assert_eq!(j["path"], "/up");
+    for h in ["upgrade", "http2-settings", "connection"] {
+        assert!(j["headers"][h].is_null(), "{h} forwarded: {j}");
+    }
+    // The connection goes on in HTTP/1.1.
+    s.write_all(b"GET /next HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_response(&mut s, &mut buf, false).await.json()["path"],
+        "/next"
+    );
+}
+
+#[tokio::test]
 async fn ambiguous_request_lengths_are_refused() {
     let up = Upstream::echo("up").await;
     let (m, port) = start(&up).await;
@@ -642,6 +668,25 @@ async fn ambiguous_request_lengths_are_refused() {
         m.stat("http.ingress_http.downstream_rq_total").await,
         Some(3)
     );
+}
+
+#[tokio::test]
+async fn via_goes_upstream_too() {
+    let up = Upstream::echo("up").await;
+    let (_m, port) = start_with(up.addr, "          via: mecha-via\n").await;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut buf = Vec::new();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(r.header("via"), Some("mecha-via"));
+    assert_eq!(r.json()["headers"]["via"][0], "mecha-via");
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nvia: 1.1 edge\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(r.json()["headers"]["via"][0], "1.1 edge, mecha-via");
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 //! selects the route, and runs the HTTP filter chain that ends in the router.
 
 use super::h1_server::{Exit, H1Conn};
-use super::headers::{strip_hop_by_hop, upgrade_type, uuid_v4_header};
+use super::headers::{append_via, strip_hop_by_hop, upgrade_type, uuid_v4_header};
 use super::idle::StreamTimeouts;
 use crate::drain::Drain;
 use crate::route::RouteTable;
@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 #[derive(Clone, Copy, Debug)]
 pub struct ConnInfo {
@@ -417,7 +418,7 @@ impl Hcm {
             ServerHeader::PassThrough => {}
         }
         if let Some(via) = &self.via {
-            h.append(http::header::VIA, via.clone());
+            append_via(h, via);
         }
     }
 
@@ -483,15 +484,25 @@ impl Hcm {
     // path (every proxied request) only moves a discriminant.
     #[allow(clippy::result_large_err)]
     pub fn prepare(&self, req: &mut Request<Body>, info: ConnInfo) -> Result<(), Response<Body>> {
-        let upgrade = upgrade_type(req.headers());
-        if let Some(kind) = &upgrade {
-            if !(kind == "websocket" && self.websocket) {
-                return Err(local_reply(StatusCode::FORBIDDEN, ""));
+        let mut upgrade = upgrade_type(req.headers());
+        match upgrade.as_deref() {
+            None => {}
+            Some("websocket") if self.websocket => {
+                self.stats.downstream_cx_upgrades_total.inc();
             }
-            self.stats.downstream_cx_upgrades_total.inc();
+            // Envoy ignores an HTTP/1.1 upgrade to h2c (`curl --http2`): the request goes on as
+            // HTTP/1.1 without it.
+            Some("h2c") => {
+                req.headers_mut().remove(&HTTP2_SETTINGS);
+                upgrade = None;
+            }
+            Some(_) => return Err(local_reply(StatusCode::FORBIDDEN, "")),
         }
         let headers = req.headers_mut();
         strip_hop_by_hop(headers, upgrade.is_some());
+        if let Some(via) = &self.via {
+            append_via(headers, via);
+        }
         if self.use_remote_address {
             if !self.skip_xff_append {
                 let ip = info.remote.ip().to_string();
