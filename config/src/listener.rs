@@ -287,8 +287,12 @@ pub struct HttpProtocolOptionsCommon {
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Http1ProtocolOptions {
+    /// Serve HTTP/1.0 (and 0.9) requests; Envoy's default (false) answers them 426.
     #[serde(default)]
     pub accept_http_10: bool,
+    /// The `Host` given to HTTP/1.0 requests that carry none (only with `accept_http_10`).
+    #[serde(default)]
+    pub default_host_for_http_10: Option<String>,
 }
 
 /// `envoy.config.core.v3.Http2ProtocolOptions`.

@@ -132,12 +132,17 @@ async fn start(up: &Upstream) -> (Mecha, u16) {
 
 /// mecha with one route to the upstream at `addr`.
 async fn start_at(addr: std::net::SocketAddr) -> (Mecha, u16) {
+    start_with(addr, "").await
+}
+
+/// mecha with one route to the upstream at `addr`, and more connection manager fields.
+async fn start_with(addr: std::net::SocketAddr, hcm_extra: &str) -> (Mecha, u16) {
     let (admin, port) = (free_port(), free_port());
     let m = Mecha::start(
         &http_bootstrap(
             admin,
             port,
-            "",
+            hcm_extra,
             &vhost_routes("              - match: { prefix: \"/\" }\n                route: { cluster: up }\n"),
             &static_cluster("up", &[addr], "ROUND_ROBIN", ""),
         ),
@@ -328,19 +333,6 @@ async fn unusual_requests_are_handed_to_hyper_mid_connection() {
     s.write_all(&big).await.unwrap();
     let j = read_response(&mut s, &mut buf, false).await.json();
     assert_eq!(j["body_len"].as_u64(), Some(big.len() as u64));
-    // HTTP/1.0 is hyper's from the start, and still answered.
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(b"GET /old HTTP/1.0\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut all = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut all))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&all);
-    assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}");
-    assert!(text.contains("\"path\":\"/old\""), "{text}");
 }
 
 #[tokio::test]
@@ -388,4 +380,338 @@ async fn a_client_hanging_up_cancels_its_request_upstream() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(ok, "the upstream request was not cancelled");
+}
+
+/// Everything the server writes until it closes the connection.
+async fn until_close(s: &mut TcpStream) -> String {
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut all))
+        .await
+        .expect("closed in time")
+        .ok();
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+/// Sends `req` on a new connection and returns all the server wrote before closing.
+async fn exchange(port: u16, req: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(req).await.unwrap();
+    until_close(&mut s).await
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+#[tokio::test]
+async fn codec_type_http1_refuses_http2_prior_knowledge() {
+    let up = Upstream::echo("up").await;
+    let (_m, port) = start_with(up.addr, "          codec_type: HTTP1\n").await;
+    let text = exchange(port, H2_PREFACE).await;
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text:?}");
+    let r = send(
+        &h2_client(),
+        http::Request::get(format!("http://127.0.0.1:{port}/"))
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert!(r.is_err(), "served as h2: {r:?}");
+    assert_eq!(up.hits(), 0);
+    // HTTP/1.1 is served.
+    let r = get(&format!("http://127.0.0.1:{port}/")).await.unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn codec_type_http2_refuses_http1() {
+    let up = Upstream::echo("up").await;
+    let (_m, port) = start_with(up.addr, "          codec_type: HTTP2\n").await;
+    let text = exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(
+        !text.starts_with("HTTP/1.1"),
+        "served as HTTP/1.1: {text:?}"
+    );
+    assert!(get(&format!("http://127.0.0.1:{port}/")).await.is_err());
+    assert_eq!(up.hits(), 0);
+    let r = send(
+        &h2_client(),
+        http::Request::get(format!("http://127.0.0.1:{port}/"))
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.status, r.version), (200, http::Version::HTTP_2));
+}
+
+#[tokio::test]
+async fn heads_over_a_small_max_request_headers_kb_get_431_on_every_path() {
+    let up = Upstream::echo("up").await;
+    let (m, port) = start_with(up.addr, "          max_request_headers_kb: 2\n").await;
+    let big = "b".repeat(3000);
+    // Our codec: a complete head, and one that never ends.
+    let text = exchange(
+        port,
+        format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 431 "), "{text:?}");
+    assert!(text.contains("server: mecha\r\n"), "{text:?}");
+    let text = exchange(
+        port,
+        format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {big}").as_bytes(),
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 431 "), "{text:?}");
+    // hyper, after a hand-off (a chunked upload), on the same connection.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(
+        b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(read_response(&mut s, &mut buf, false).await.status, 200);
+    s.write_all(format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut s, &mut buf, false).await.status, 431);
+    // HTTP/2 (prior knowledge, under AUTO).
+    let r = send(
+        &h2_client(),
+        http::Request::get(format!("http://127.0.0.1:{port}/"))
+            .header("x-big", big.as_str())
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        r.as_ref().map_or(true, |r| r.status == 431),
+        "h2 served: {r:?}"
+    );
+    assert_eq!(up.hits(), 1, "only the upload reached the upstream");
+    // Codec-level replies are counted as requests.
+    assert!(m.stat("http.ingress_http.downstream_rq_4xx").await >= Some(3));
+    // Small heads still pass.
+    assert_eq!(
+        get(&format!("http://127.0.0.1:{port}/"))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn missing_host_and_http_10_are_refused_as_envoy_does() {
+    let up = Upstream::echo("up").await;
+    let (m, port) = start(&up).await;
+    // No Host: our codec, and hyper (a chunked upload is handed off).
+    let text = exchange(port, b"GET / HTTP/1.1\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text:?}");
+    assert!(text.contains("server: mecha\r\n"), "{text:?}");
+    let text = exchange(
+        port,
+        b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text:?}");
+    // HTTP/1.0 by default (accept_http_10: false): 426.
+    let text = exchange(port, b"GET /old HTTP/1.0\r\nhost: x\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.0 426 "), "{text:?}");
+    assert_eq!(up.hits(), 0);
+    assert_eq!(m.stat("http.ingress_http.downstream_rq_4xx").await, Some(3));
+    assert_eq!(
+        m.stat("http.ingress_http.downstream_rq_total").await,
+        Some(3)
+    );
+    drop(m);
+
+    let (_m, port) = start_with(
+        up.addr,
+        "          http_protocol_options: { accept_http_10: true, default_host_for_http_10: dflt }\n",
+    )
+    .await;
+    let text = exchange(port, b"GET /old HTTP/1.0\r\nhost: x\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}");
+    assert!(text.contains("\"path\":\"/old\""), "{text}");
+    let text = exchange(port, b"GET /nohost HTTP/1.0\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}");
+    assert!(text.contains("\"host\":[\"dflt\"]"), "{text}");
+}
+
+#[tokio::test]
+async fn active_requests_are_uncounted_when_the_client_hangs_up() {
+    let up = Upstream::start(Arc::new(
+        move |req: http::Request<hyper::body::Incoming>| {
+            Box::pin(async move {
+                // Reads the body (which never completes), or hangs.
+                let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                http::Response::new(http_body_util::Full::new(Bytes::new()))
+            })
+        },
+    ))
+    .await;
+    let (m, port) = start(&up).await;
+    let active = "http.ingress_http.downstream_rq_active";
+    for (i, req) in [
+        // Part of a body (hyper's), then nothing.
+        &b"POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nabc"[..],
+        // An ordinary request (our codec) to an upstream that never answers.
+        &b"GET /hang HTTP/1.1\r\nhost: x\r\n\r\n"[..],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(req).await.unwrap();
+        for _ in 0..100 {
+            if up.hits() == i as u64 + 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(up.hits(), i as u64 + 1);
+        assert_eq!(m.stat(active).await, Some(1));
+        drop(s);
+        let mut n = None;
+        for _ in 0..100 {
+            n = m.stat(active).await;
+            if n == Some(0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(n, Some(0), "request {i} still counted active");
+    }
+    // HTTP/2: a stream whose body never ends, then the connection goes away.
+    let (tx, rx) =
+        tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::io::Error>>(1);
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    let conn_task = tokio::spawn(conn);
+    let req = http::Request::post(format!("http://127.0.0.1:{port}/h2"))
+        .body(body)
+        .unwrap();
+    let resp = tokio::spawn(sender.send_request(req));
+    tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"abc"))))
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if up.hits() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up.hits(), 3);
+    assert_eq!(m.stat(active).await, Some(1));
+    resp.abort();
+    conn_task.abort();
+    drop(tx);
+    let mut n = None;
+    for _ in 0..100 {
+        n = m.stat(active).await;
+        if n == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(n, Some(0), "the h2 request is still counted active");
+}
+
+#[tokio::test]
+async fn an_h2c_upgrade_request_is_served_as_http_11() {
+    let up = Upstream::echo("up").await;
+    let (_m, port) = start(&up).await;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /up HTTP/1.1\r\nhost: x\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let r = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(r.status, 200);
+    let j = r.json();
+    assert_eq!(j["path"], "/up");
+    for h in ["upgrade", "http2-settings", "connection"] {
+        assert!(j["headers"][h].is_null(), "{h} forwarded: {j}");
+    }
+    // The connection goes on in HTTP/1.1.
+    s.write_all(b"GET /next HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_response(&mut s, &mut buf, false).await.json()["path"],
+        "/next"
+    );
+}
+
+#[tokio::test]
+async fn ambiguous_request_lengths_are_refused() {
+    let up = Upstream::echo("up").await;
+    let (m, port) = start(&up).await;
+    for req in [
+        &b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"[..],
+        &b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n3\r\nabc\r\n0\r\n\r\n"[..],
+        &b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\ncontent-length: 3\r\n\r\nabc"[..],
+    ] {
+        let text = exchange(port, req).await;
+        assert!(text.starts_with("HTTP/1.1 400 "), "{text:?}");
+        assert!(text.contains("server: mecha\r\n"), "{text:?}");
+    }
+    assert_eq!(up.hits(), 0);
+    assert_eq!(m.stat("http.ingress_http.downstream_rq_4xx").await, Some(3));
+    assert_eq!(
+        m.stat("http.ingress_http.downstream_rq_total").await,
+        Some(3)
+    );
+}
+
+#[tokio::test]
+async fn via_goes_upstream_too() {
+    let up = Upstream::echo("up").await;
+    let (_m, port) = start_with(up.addr, "          via: mecha-via\n").await;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut buf = Vec::new();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(r.header("via"), Some("mecha-via"));
+    assert_eq!(r.json()["headers"]["via"][0], "mecha-via");
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nvia: 1.1 edge\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(r.json()["headers"]["via"][0], "1.1 edge, mecha-via");
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_here_and_not_forwarded() {
+    let up = Upstream::echo("up").await;
+    let (_m, port) = start(&up).await;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut buf = Vec::new();
+    s.write_all(
+        b"POST /e HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    while find(&buf, b"\r\n\r\n").is_none() {
+        fill(&mut s, &mut buf).await;
+    }
+    assert!(
+        buf.starts_with(b"HTTP/1.1 100 Continue\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    let end = find(&buf, b"\r\n\r\n").unwrap();
+    buf.drain(..end + 4);
+    s.write_all(b"hello").await.unwrap();
+    let j = read_response(&mut s, &mut buf, false).await.json();
+    assert_eq!(j["body_len"], 5);
+    assert!(j["headers"]["expect"].is_null(), "expect forwarded: {j}");
 }

@@ -24,9 +24,12 @@ use crate::http1::{
     plain_connection, recycle, Fields,
 };
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HOST, SERVER, TE, TRANSFER_ENCODING, UPGRADE,
+};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
+use mecha_config::CodecType;
 use mecha_filters::Body;
 use std::future::{poll_fn, Future};
 use std::io;
@@ -82,8 +85,10 @@ enum Parse {
     Partial,
     /// Not ours: hyper serves the connection from here.
     Handoff,
-    /// A head we accepted whose request-target is not a valid URI.
-    BadTarget,
+    /// Answered with this status, and the connection closed: a request-target that is not a
+    /// valid URI, no `Host`, both `Content-Length` and `Transfer-Encoding` or more than one
+    /// `Content-Length` (400, as Envoy), a head over `max_request_headers_kb` (431).
+    Reject(StatusCode),
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> H1Conn<IO> {
@@ -123,9 +128,23 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> H1Conn<IO> {
                     match parse_request(&mut self.rbuf, max_head, max_headers) {
                         Parse::Request(p) => break p,
                         Parse::Partial if self.rbuf.len() <= max_head => {}
-                        Parse::Partial | Parse::Handoff => return Exit::Handoff,
-                        Parse::BadTarget => {
-                            self.reject(StatusCode::BAD_REQUEST).await;
+                        Parse::Partial => {
+                            self.reject(hcm, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+                                .await;
+                            return Exit::Closed;
+                        }
+                        Parse::Handoff => {
+                            // Envoy's HTTP/1 codec takes HTTP/2's preface for a bad request.
+                            if hcm.codec == CodecType::HTTP1
+                                && self.rbuf.starts_with(b"PRI * HTTP/2.0")
+                            {
+                                self.reject(hcm, StatusCode::BAD_REQUEST).await;
+                                return Exit::Closed;
+                            }
+                            return Exit::Handoff;
+                        }
+                        Parse::Reject(status) => {
+                            self.reject(hcm, status).await;
                             return Exit::Closed;
                         }
                     }
@@ -332,7 +351,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> H1Conn<IO> {
     }
 
     /// Answers a request we can't serve with an empty `status` and closes, as hyper does.
-    async fn reject(&mut self, status: StatusCode) {
+    async fn reject(&mut self, hcm: &Hcm, status: StatusCode) {
+        hcm.count_codec_reply(status, http::Version::HTTP_11);
         self.wbuf.clear();
         self.wbuf.extend_from_slice(b"HTTP/1.1 ");
         self.wbuf.extend_from_slice(status.as_str().as_bytes());
@@ -341,6 +361,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> H1Conn<IO> {
             .extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
         self.wbuf
             .extend_from_slice(b"\r\ncontent-length: 0\r\nconnection: close\r\n");
+        if let Some(server) = hcm.server_value() {
+            encode_field(&mut self.wbuf, &SERVER, server);
+        }
         append_date(&mut self.wbuf);
         self.wbuf.extend_from_slice(b"\r\n");
         let _ = self.flush().await;
@@ -349,7 +372,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> H1Conn<IO> {
 }
 
 /// Parses a request head off the front of `buf`. The head is consumed only when the request is
-/// ours (`Request` or `BadTarget`); otherwise `buf` is left as it was, for hyper.
+/// ours (`Request`, or `Reject` of a bad request-target); otherwise `buf` is left as it was, for
+/// hyper.
 fn parse_request(buf: &mut BytesMut, max_head: usize, max_headers: usize) -> Parse {
     let mut slots: [MaybeUninit<httparse::Header<'_>>; MAX_HEADERS] =
         [const { MaybeUninit::uninit() }; MAX_HEADERS];
@@ -363,7 +387,10 @@ fn parse_request(buf: &mut BytesMut, max_head: usize, max_headers: usize) -> Par
         Ok(httparse::Status::Partial) => return Parse::Partial,
         Err(_) => return Parse::Handoff,
     };
-    if n > max_head || req.version != Some(1) {
+    if n > max_head {
+        return Parse::Reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
+    if req.version != Some(1) {
         return Parse::Handoff;
     }
     let (Some(method), Some(path)) = (req.method, req.path) else {
@@ -380,19 +407,37 @@ fn parse_request(buf: &mut BytesMut, max_head: usize, max_headers: usize) -> Par
     let mut length: Option<u64> = None;
     let mut keep_alive = true;
     let mut te_trailers = false;
+    let mut host = false;
+    let mut chunked = false;
+    let mut handoff = false;
     let mut fields = Fields::new();
     for h in req.headers.iter() {
         let Ok(name) = crate::http1::field_name(h.name.as_bytes()) else {
             return Parse::Handoff;
         };
         let value = h.value;
-        if name == CONTENT_LENGTH {
-            match parse_length(value) {
-                Some(v) if length.is_none_or(|l| l == v) => length = Some(v),
-                _ => return Parse::Handoff,
+        if name == HOST {
+            host = true;
+        } else if name == CONTENT_LENGTH {
+            if length.is_some() {
+                // Envoy refuses a second one even when it agrees with the first.
+                return Parse::Reject(StatusCode::BAD_REQUEST);
             }
-        } else if name == TRANSFER_ENCODING || name == EXPECT || name == UPGRADE {
-            return Parse::Handoff;
+            match parse_length(value) {
+                Some(v) => length = Some(v),
+                None => return Parse::Handoff,
+            }
+            // With `transfer-encoding` the request is refused below.
+            if chunked {
+                continue;
+            }
+        } else if name == TRANSFER_ENCODING {
+            chunked = true;
+            continue;
+        } else if name == EXPECT || name == UPGRADE {
+            // hyper's, but the fields after this one are still checked.
+            handoff = true;
+            continue;
         } else if name == CONNECTION {
             if has_token(value, b"close") {
                 keep_alive = false;
@@ -406,6 +451,16 @@ fn parse_request(buf: &mut BytesMut, max_head: usize, max_headers: usize) -> Par
         let (start, end) = offsets(buf, value);
         fields.push((name, start, end));
     }
+    if chunked && length.is_some() {
+        // Envoy: content_length_and_chunked_not_allowed (a smuggling vector).
+        return Parse::Reject(StatusCode::BAD_REQUEST);
+    }
+    if chunked || handoff {
+        return Parse::Handoff;
+    }
+    if !host {
+        return Parse::Reject(StatusCode::BAD_REQUEST);
+    }
     let body_len = length.unwrap_or(0);
     // A body that did not arrive with its head streams through hyper: waiting for it here would
     // hold back the request (and its timers) until the last byte.
@@ -416,7 +471,7 @@ fn parse_request(buf: &mut BytesMut, max_head: usize, max_headers: usize) -> Par
 
     let head = buf.split_to(n).freeze();
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path_start..path_end)) else {
-        return Parse::BadTarget;
+        return Parse::Reject(StatusCode::BAD_REQUEST);
     };
     // Room for what the connection manager and router add (x-forwarded-*, x-request-id,
     // x-envoy-*), so those inserts do not rehash the map.
@@ -625,9 +680,8 @@ mod tests {
             "CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 100000\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nabc",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nabc",
             "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
             "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             "GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
@@ -653,10 +707,27 @@ mod tests {
         let mut buf = BytesMut::from("GET / HTTP/1.1\r\nHost: xxxxxxxx\r\n\r\n".as_bytes());
         assert!(matches!(
             parse_request(&mut buf, 16, MAX_HEADERS),
-            Parse::Handoff
+            Parse::Reject(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
         ));
         let mut buf = BytesMut::from("GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n".as_bytes());
         assert!(matches!(parse_request(&mut buf, 1024, 1), Parse::Handoff));
+    }
+
+    #[test]
+    fn bad_requests_are_refused() {
+        for text in [
+            "GET / HTTP/1.1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nHost: a\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse(text), Parse::Reject(StatusCode::BAD_REQUEST)),
+                "{text:?}"
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! selects the route, and runs the HTTP filter chain that ends in the router.
 
 use super::h1_server::{Exit, H1Conn};
-use super::headers::{strip_hop_by_hop, upgrade_type, uuid_v4_header};
+use super::headers::{append_via, strip_hop_by_hop, upgrade_type, uuid_v4_header};
 use super::idle::StreamTimeouts;
 use crate::drain::Drain;
 use crate::route::RouteTable;
@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 #[derive(Clone, Copy, Debug)]
 pub struct ConnInfo {
@@ -43,7 +44,11 @@ pub struct Hcm {
     /// Shared with the router, which re-selects routes when a filter clears the route cache.
     pub routes: Arc<ArcSwap<RouteTable>>,
     pub chain: FilterChain,
-    codec: CodecType,
+    pub(super) codec: CodecType,
+    /// `http_protocol_options.accept_http_10`: otherwise HTTP/1.0 requests get 426.
+    accept_http_10: bool,
+    /// `http_protocol_options.default_host_for_http_10`.
+    default_host_10: Option<HeaderValue>,
     pub(super) max_headers_bytes: usize,
     pub(super) max_headers_count: Option<usize>,
     use_remote_address: bool,
@@ -98,12 +103,19 @@ impl Hcm {
     ) -> Self {
         let common = cfg.common_http_protocol_options.clone().unwrap_or_default();
         let h2 = cfg.http2_protocol_options.clone().unwrap_or_default();
+        let h1 = cfg.http_protocol_options.clone().unwrap_or_default();
         Self {
             stat_prefix: cfg.stat_prefix.clone(),
             stats,
             routes,
             chain,
             codec: cfg.codec_type,
+            accept_http_10: h1.accept_http_10,
+            default_host_10: h1
+                .default_host_for_http_10
+                .as_deref()
+                .filter(|h| !h.is_empty())
+                .and_then(|h| HeaderValue::from_str(h).ok()),
             max_headers_bytes: cfg.max_request_headers_bytes(),
             max_headers_count: common.max_headers_count.map(|n| n as usize),
             use_remote_address: cfg.use_remote_address,
@@ -223,11 +235,6 @@ impl Hcm {
                 h2.max_concurrent_streams(n);
             }
         }
-        let builder = match self.codec {
-            CodecType::AUTO => builder,
-            CodecType::HTTP1 => builder.http1_only(),
-            CodecType::HTTP2 => builder.http2_only(),
-        };
         let hcm = self.clone();
         let act = activity.clone();
         // hyper moves each stream's future several times on its way into a spawned task (the
@@ -242,27 +249,46 @@ impl Hcm {
                 Ok::<_, Infallible>(resp)
             })
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        tokio::pin!(conn);
-        if sup.shutting_down {
-            conn.as_mut().graceful_shutdown();
+        // Drives a hyper connection until it ends, shutting it down gracefully (or dropping it)
+        // as the supervisor says.
+        macro_rules! drive {
+            ($conn:expr) => {{
+                let conn = $conn;
+                tokio::pin!(conn);
+                if sup.shutting_down {
+                    conn.as_mut().graceful_shutdown();
+                }
+                sup.side.woken.store(true, Ordering::Release);
+                loop {
+                    let event = std::future::poll_fn(|cx| {
+                        if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                            return Poll::Ready(Event::Closed(res));
+                        }
+                        sup.poll_side(cx, self, activity).map(Event::Side)
+                    })
+                    .await;
+                    match event {
+                        Event::Closed(Err(e)) => {
+                            tracing::debug!(error = %e, remote = %info.remote, "downstream connection error");
+                            break;
+                        }
+                        Event::Closed(Ok(())) | Event::Side(Side::Abort) => break,
+                        Event::Side(Side::Shutdown) => conn.as_mut().graceful_shutdown(),
+                    }
+                }
+            }};
         }
-        sup.side.woken.store(true, Ordering::Release);
-        loop {
-            let event = std::future::poll_fn(|cx| {
-                if let Poll::Ready(res) = conn.as_mut().poll(cx) {
-                    return Poll::Ready(Event::Closed(res));
-                }
-                sup.poll_side(cx, self, activity).map(Event::Side)
-            })
-            .await;
-            match event {
-                Event::Closed(Err(e)) => {
-                    tracing::debug!(error = %e, remote = %info.remote, "downstream connection error");
-                    break;
-                }
-                Event::Closed(Ok(())) | Event::Side(Side::Abort) => break,
-                Event::Side(Side::Shutdown) => conn.as_mut().graceful_shutdown(),
+        match self.codec {
+            // hyper-util's `serve_connection_with_upgrades` detects the version itself, whatever
+            // `http2_only` says; `serve_connection` honours it (HTTP/2 needs no HTTP/1 upgrades).
+            CodecType::HTTP2 => {
+                let builder = builder.http2_only();
+                drive!(builder.serve_connection(TokioIo::new(io), service))
+            }
+            // HTTP1: our codec answers an HTTP/2 preface 400 before a hand-off, and hyper's
+            // HTTP/1 server never switches to HTTP/2 mid-connection.
+            CodecType::AUTO | CodecType::HTTP1 => {
+                drive!(builder.serve_connection_with_upgrades(TokioIo::new(io), service))
             }
         }
     }
@@ -289,9 +315,111 @@ impl Hcm {
     }
 
     /// Handles one request end to end; never fails (errors become local replies).
-    pub async fn handle(&self, req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
+    /// (hyper's path: our codec makes these checks on the requests it reads itself.)
+    pub async fn handle(&self, mut req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
+        if let Err(status) = self.check_codec(&mut req) {
+            return self.codec_reply(status, req.version());
+        }
         let req = self.accept(req);
         self.respond(req, info).await
+    }
+
+    /// What Envoy's codecs and connection manager check of a request before it becomes a stream,
+    /// for requests hyper read: HTTP/1.0 (`accept_http_10`, `default_host_for_http_10`), a
+    /// missing host, an HTTP/1 head over `max_request_headers_kb` (hyper's own limit is at least
+    /// 8 KiB; HTTP/2's is `max_header_list_size`). Also drops `expect: 100-continue`, which
+    /// hyper has answered (Envoy's `proxy_100_continue: false`).
+    fn check_codec<B>(&self, req: &mut Request<B>) -> Result<(), StatusCode> {
+        let version = req.version();
+        let h1 = version != http::Version::HTTP_2;
+        if version < http::Version::HTTP_11 {
+            if !self.accept_http_10 {
+                return Err(StatusCode::UPGRADE_REQUIRED);
+            }
+            if let Some(host) = &self.default_host_10 {
+                if let Entry::Vacant(e) = req.headers_mut().entry(http::header::HOST) {
+                    e.insert(host.clone());
+                }
+            }
+        }
+        let mut size = 0;
+        let mut host = false;
+        let mut expect = false;
+        for (k, v) in req.headers() {
+            size += k.as_str().len() + v.len() + 4;
+            if k == http::header::HOST {
+                host = true;
+            } else if k == http::header::EXPECT {
+                expect |= v.as_bytes().eq_ignore_ascii_case(b"100-continue");
+            }
+        }
+        if h1 && self.max_headers_bytes < 8192 {
+            let line = req.method().as_str().len()
+                + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
+                + 12;
+            if size + line + 2 > self.max_headers_bytes {
+                return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+            }
+        }
+        if !host && req.uri().authority().is_none() {
+            return Err(StatusCode::BAD_REQUEST);
+        }
+        if expect {
+            req.headers_mut().remove(http::header::EXPECT);
+        }
+        Ok(())
+    }
+
+    /// A local reply to a request rejected before it became a stream (by our codec or
+    /// [`Self::check_codec`]): counted as a request, with the `server` header, and closing an
+    /// HTTP/1 connection.
+    pub(super) fn codec_reply(&self, status: StatusCode, version: http::Version) -> Response<Body> {
+        self.count_codec_reply(status, version);
+        let mut resp = local_reply(status, "");
+        *resp.version_mut() = version;
+        if version != http::Version::HTTP_2 {
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        self.response_headers(resp.headers_mut());
+        resp
+    }
+
+    /// The stats of a request rejected by a codec.
+    pub(super) fn count_codec_reply(&self, status: StatusCode, version: http::Version) {
+        let stats = &self.stats;
+        stats.downstream_rq_total.inc();
+        match version {
+            http::Version::HTTP_2 => stats.downstream_rq_http2_total.inc(),
+            _ => stats.downstream_rq_http1_total.inc(),
+        }
+        stats.record_status(status.as_u16());
+    }
+
+    /// The `server` header a local reply carries, if any.
+    pub(super) fn server_value(&self) -> Option<&HeaderValue> {
+        match &self.server_header {
+            ServerHeader::Overwrite(v) | ServerHeader::AppendIfAbsent(v) => Some(v),
+            ServerHeader::PassThrough => None,
+        }
+    }
+
+    /// `server` and `via` on a response.
+    fn response_headers(&self, h: &mut http::HeaderMap) {
+        match &self.server_header {
+            ServerHeader::Overwrite(v) => {
+                h.insert(http::header::SERVER, v.clone());
+            }
+            ServerHeader::AppendIfAbsent(v) => {
+                if !h.contains_key(http::header::SERVER) {
+                    h.insert(http::header::SERVER, v.clone());
+                }
+            }
+            ServerHeader::PassThrough => {}
+        }
+        if let Some(via) = &self.via {
+            append_via(h, via);
+        }
     }
 
     /// Counts a request and boxes its body (with stream timers configured, watching its
@@ -305,7 +433,6 @@ impl Hcm {
         let start = crate::clock::now_std();
         let stats = &self.stats;
         stats.downstream_rq_total.inc();
-        stats.downstream_rq_active.inc();
         match req.version() {
             http::Version::HTTP_2 => stats.downstream_rq_http2_total.inc(),
             _ => stats.downstream_rq_http1_total.inc(),
@@ -329,6 +456,10 @@ impl Hcm {
             start,
         } = accepted;
         let stats = &self.stats;
+        // Counted here and uncounted when this future ends, however it ends: a client that
+        // hangs up drops it mid-request.
+        stats.downstream_rq_active.inc();
+        let _active = ActiveRq(&stats.downstream_rq_active);
         let mut resp = match self.prepare(&mut req, info) {
             Err(local) => local,
             Ok(()) => {
@@ -338,28 +469,13 @@ impl Hcm {
         };
         // The downstream codec decides the response version, whatever the upstream spoke.
         *resp.version_mut() = version;
-        let h = resp.headers_mut();
-        match &self.server_header {
-            ServerHeader::Overwrite(v) => {
-                h.insert(http::header::SERVER, v.clone());
-            }
-            ServerHeader::AppendIfAbsent(v) => {
-                if !h.contains_key(http::header::SERVER) {
-                    h.insert(http::header::SERVER, v.clone());
-                }
-            }
-            ServerHeader::PassThrough => {}
-        }
-        if let Some(via) = &self.via {
-            h.append(http::header::VIA, via.clone());
-        }
+        self.response_headers(resp.headers_mut());
         let status = resp.status().as_u16();
         stats.record_status(status);
         stats
             .downstream_rq_time
             .record_duration_ms(crate::clock::now_std().saturating_duration_since(start));
         stats.downstream_rq_completed.inc();
-        stats.downstream_rq_active.dec();
         resp
     }
 
@@ -368,15 +484,25 @@ impl Hcm {
     // path (every proxied request) only moves a discriminant.
     #[allow(clippy::result_large_err)]
     pub fn prepare(&self, req: &mut Request<Body>, info: ConnInfo) -> Result<(), Response<Body>> {
-        let upgrade = upgrade_type(req.headers());
-        if let Some(kind) = &upgrade {
-            if !(kind == "websocket" && self.websocket) {
-                return Err(local_reply(StatusCode::FORBIDDEN, ""));
+        let mut upgrade = upgrade_type(req.headers());
+        match upgrade.as_deref() {
+            None => {}
+            Some("websocket") if self.websocket => {
+                self.stats.downstream_cx_upgrades_total.inc();
             }
-            self.stats.downstream_cx_upgrades_total.inc();
+            // Envoy ignores an HTTP/1.1 upgrade to h2c (`curl --http2`): the request goes on as
+            // HTTP/1.1 without it.
+            Some("h2c") => {
+                req.headers_mut().remove(&HTTP2_SETTINGS);
+                upgrade = None;
+            }
+            Some(_) => return Err(local_reply(StatusCode::FORBIDDEN, "")),
         }
         let headers = req.headers_mut();
         strip_hop_by_hop(headers, upgrade.is_some());
+        if let Some(via) = &self.via {
+            append_via(headers, via);
+        }
         if self.use_remote_address {
             if !self.skip_xff_append {
                 let ip = info.remote.ip().to_string();
@@ -468,6 +594,15 @@ pub fn authority(req: &Request<Body>) -> &str {
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
         .unwrap_or("")
+}
+
+/// Uncounts an active request when dropped.
+struct ActiveRq<'a>(&'a mecha_filters::stats::Gauge);
+
+impl Drop for ActiveRq<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// A request counted and with its body boxed, ready for the chain.

@@ -107,7 +107,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Whether this is an HTTP/1.1 upgrade request, and of which protocol (lower-cased).
+/// Appends `via` to a message's `via` header as Envoy does: one field, values joined by `, `.
+pub fn append_via(headers: &mut HeaderMap, via: &HeaderValue) {
+    match headers.entry(header::VIA) {
+        header::Entry::Vacant(e) => {
+            e.insert(via.clone());
+        }
+        header::Entry::Occupied(mut e) => {
+            let mut joined = Vec::new();
+            for v in e.iter() {
+                joined.extend_from_slice(v.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(via.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&joined) {
+                e.insert(v);
+            }
+        }
+    }
+}
+
 /// Whether `headers` say gRPC (`content-type: application/grpc…`).
 pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers
@@ -125,6 +144,7 @@ pub fn request_is_grpc<B>(req: &http::Request<B>) -> bool {
     }
 }
 
+/// Whether this is an HTTP/1.1 upgrade request, and of which protocol (lower-cased).
 pub fn upgrade_type(headers: &HeaderMap) -> Option<String> {
     let conn = headers.get(header::CONNECTION)?.to_str().ok()?;
     if !conn
