@@ -370,11 +370,31 @@ async fn forwarded_headers_at_the_edge() {
             ("x-request-id", "external"),
             ("connection", "keep-alive, x-hop"),
             ("x-hop", "1"),
+            ("x-envoy-internal", "true"),
+            ("x-envoy-decorator-operation", "spoofed"),
+            ("x-envoy-original-url", "spoofed"),
         ],
     )
     .await;
     let h = &r.json()["headers"];
     assert_eq!(h["x-forwarded-for"][0], "10.0.0.1, 127.0.0.1");
+    // Two XFF addresses after the append: an external (edge) request, cleaned as Envoy does.
+    for stripped in [
+        "x-envoy-internal",
+        "x-envoy-decorator-operation",
+        "x-envoy-original-url",
+    ] {
+        assert!(h.get(stripped).is_none(), "{stripped} was forwarded");
+    }
+    // A loopback peer without XFF is internal: Envoy marks it and keeps its x-envoy-* headers.
+    let r = get_with(
+        &format!("http://127.0.0.1:{port}/"),
+        &[("x-envoy-original-url", "kept")],
+    )
+    .await;
+    let h2 = &r.json()["headers"];
+    assert_eq!(h2["x-envoy-internal"][0], "true");
+    assert_eq!(h2["x-envoy-original-url"][0], "kept");
     assert_ne!(
         h["x-request-id"][0], "external",
         "edge proxies regenerate x-request-id"

@@ -58,10 +58,28 @@ async fn fail_twice_then_succeed_counts_attempts_and_stats() {
     );
     assert_eq!(m.stat("cluster.a.upstream_rq_retry_success").await, Some(1));
 
-    // x-envoy-max-retries overrides num_retries and is not forwarded.
-    let r = request(port, "GET", "/x", &[("x-envoy-max-retries", "1")], vec![]).await;
+    // x-envoy-max-retries from an internal client (one internal XFF address) overrides
+    // num_retries and is not forwarded.
+    let internal = ("x-forwarded-for", "10.0.0.1");
+    let r = request(
+        port,
+        "GET",
+        "/x",
+        &[("x-envoy-max-retries", "1"), internal],
+        vec![],
+    )
+    .await;
     assert_eq!(r.status, 503);
     assert_eq!(ctl.take_log().len(), 2);
+    // From an external client (no XFF, or an external address) Envoy strips it: num_retries
+    // (3) applies.
+    for xff in [None, Some("203.0.113.7"), Some("10.0.0.1, 10.0.0.2")] {
+        let mut h = vec![("x-envoy-max-retries", "1")];
+        h.extend(xff.map(|x| ("x-forwarded-for", x)));
+        let r = request(port, "GET", "/x", &h, vec![]).await;
+        assert_eq!(r.status, 503);
+        assert_eq!(ctl.take_log().len(), 4, "xff {xff:?}");
+    }
 }
 
 #[tokio::test]
@@ -211,6 +229,7 @@ async fn status_code_header_and_grpc_conditions() {
     let h = [
         ("x-envoy-retry-on", "retriable-status-codes"),
         ("x-envoy-retriable-status-codes", "418"),
+        ("x-forwarded-for", "192.168.1.2"),
     ];
     let r = request(port, "GET", "/plain", &h, vec![]).await;
     assert_eq!(r.status, 200);
@@ -219,6 +238,7 @@ async fn status_code_header_and_grpc_conditions() {
     let h = [
         ("x-envoy-retry-grpc-on", "unavailable"),
         ("content-type", "application/grpc"),
+        ("x-forwarded-for", "127.0.0.1"),
     ];
     let r = request(port, "POST", "/plain", &h, vec![0, 0, 0, 0, 0]).await;
     assert_eq!(r.header("grpc-status"), Some("0"));

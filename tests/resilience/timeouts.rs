@@ -38,7 +38,10 @@ async fn route_timeout_answers_504_and_cancels_the_upstream() {
         port,
         "GET",
         "/off",
-        &[("x-envoy-upstream-rq-timeout-ms", "200")],
+        &[
+            ("x-envoy-upstream-rq-timeout-ms", "200"),
+            ("x-forwarded-for", "10.1.2.3"),
+        ],
         vec![],
     )
     .await;

@@ -30,6 +30,7 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+static X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal");
 
 #[derive(Clone, Copy, Debug)]
 pub struct ConnInfo {
@@ -503,9 +504,36 @@ impl Hcm {
         if let Some(via) = &self.via {
             append_via(headers, via);
         }
+        // Envoy's internal/external decision (ConnectionManagerUtility::mutateRequestHeaders): a
+        // request is internal when, after the append below, `x-forwarded-for` holds one address
+        // and it is internal (RFC 1918, 127.0.0.1, fd00::/8, ::1). A client's own
+        // `x-envoy-internal` never counts. Without use_remote_address and without XFF a request
+        // is external even from an internal peer, as in Envoy.
+        headers.remove(&X_ENVOY_INTERNAL);
+        let internal = if self.use_remote_address {
+            !headers.contains_key(&X_FORWARDED_FOR) && is_internal(info.remote.ip())
+        } else {
+            headers
+                .get(&X_FORWARDED_FOR)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.contains(','))
+                .and_then(|v| v.trim().parse::<std::net::IpAddr>().ok())
+                .is_some_and(is_internal)
+        };
+        if internal {
+            headers.insert(X_ENVOY_INTERNAL.clone(), HeaderValue::from_static("true"));
+        } else {
+            // A client outside must not steer retries and timeouts (cleanInternalHeaders).
+            super::retry::clean_internal_headers(headers, self.use_remote_address);
+        }
         if self.use_remote_address {
             if !self.skip_xff_append {
-                let ip = info.remote.ip().to_string();
+                // Envoy appends its own address for a loopback peer (a local sidecar hop).
+                let ip = if info.remote.ip().is_loopback() {
+                    info.local.ip().to_string()
+                } else {
+                    info.remote.ip().to_string()
+                };
                 let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
                     Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
                     _ => ip,
@@ -584,6 +612,14 @@ impl Hcm {
             .and_then(|i| entries[i].parse::<std::net::IpAddr>().ok())
             .map(|ip| SocketAddr::new(ip, 0))
             .unwrap_or(peer)
+    }
+}
+
+/// Envoy's default internal addresses (`Network::Utility::isInternalAddress`).
+fn is_internal(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_private() || v4 == std::net::Ipv4Addr::LOCALHOST,
+        std::net::IpAddr::V6(v6) => v6 == std::net::Ipv6Addr::LOCALHOST || v6.octets()[0] == 0xfd,
     }
 }
 
