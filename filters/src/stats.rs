@@ -128,6 +128,17 @@ enum Metric {
     Histogram(Histogram),
 }
 
+impl Metric {
+    /// Whether `?usedonly` shows it: Envoy's "used" flag approximated by a non-zero value.
+    fn used(&self) -> bool {
+        match self {
+            Metric::Counter(c) => c.value() != 0,
+            Metric::Gauge(g) => g.value() != 0,
+            Metric::Histogram(h) => h.count() != 0,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Entry {
     /// What the Prometheus family name and labels are derived from (at render time): shared by
@@ -138,11 +149,48 @@ struct Entry {
 }
 
 impl Entry {
-    /// Prometheus family name, e.g. `envoy_cluster_upstream_rq_total`, of the stat `name`.
-    fn family(&self, name: &str) -> String {
+    /// Prometheus family name, e.g. `envoy_cluster_upstream_rq_total`, of the stat `name`, and
+    /// the tag Envoy's default extractors pull out of the stat's own name, if any.
+    fn family(&self, name: &str) -> (String, Option<Tag>) {
         let stat = name.get(self.scope.prefix_len..).unwrap_or(name);
-        sanitize(&format!("envoy_{}_{}", self.scope.family_prefix, stat))
+        let (stat, tag) = extract_response_code(stat);
+        (
+            sanitize(&format!("envoy_{}_{}", self.scope.family_prefix, stat)),
+            tag,
+        )
     }
+}
+
+/// A Prometheus label: name and value.
+type Tag = (&'static str, String);
+
+/// Envoy's `envoy.response_code_class` (`_rq_(\d)xx$`, the digit removed: `upstream_rq_2xx` →
+/// `upstream_rq_xx`) and `envoy.response_code` (`_rq(_(\d{3}))$`, the whole suffix removed:
+/// `upstream_rq_503` → `upstream_rq`) tag extractors.
+fn extract_response_code(
+    stat: &str,
+) -> (std::borrow::Cow<'_, str>, Option<(&'static str, String)>) {
+    use std::borrow::Cow;
+    let b = stat.as_bytes();
+    let n = b.len();
+    if n >= 7
+        && stat.ends_with("xx")
+        && b[n - 3].is_ascii_digit()
+        && stat[..n - 3].ends_with("_rq_")
+    {
+        let class = stat[n - 3..n - 2].to_string();
+        return (
+            Cow::Owned(format!("{}xx", &stat[..n - 3])),
+            Some(("envoy_response_code_class", class)),
+        );
+    }
+    if n >= 7 && b[n - 3..].iter().all(u8::is_ascii_digit) && stat[..n - 3].ends_with("_rq_") {
+        return (
+            Cow::Borrowed(&stat[..n - 4]),
+            Some(("envoy_response_code", stat[n - 3..].to_string())),
+        );
+    }
+    (Cow::Borrowed(stat), None)
 }
 
 /// The process-wide stats registry.
@@ -334,21 +382,39 @@ impl Store {
 
     /// Prometheus text exposition format 0.0.4, families grouped as the format requires.
     pub fn render_prometheus(&self) -> String {
+        self.render_prometheus_filtered(&|_| true, false)
+    }
+
+    /// As [`Store::render_prometheus`], with only the stats whose dotted name passes `keep`
+    /// and, with `used_only`, only counters and gauges that are not zero and histograms that
+    /// recorded something (Envoy's `?filter=` and `?usedonly`).
+    pub fn render_prometheus_filtered(
+        &self,
+        keep: &dyn Fn(&str) -> bool,
+        used_only: bool,
+    ) -> String {
         let entries = self.entries.lock().clone();
-        let mut families: BTreeMap<String, Vec<&Entry>> = BTreeMap::new();
+        let mut families: BTreeMap<String, Vec<(Option<Tag>, &Entry)>> = BTreeMap::new();
         for (name, e) in entries.iter() {
-            families.entry(e.family(name)).or_default().push(e);
+            if !keep(name) || (used_only && !e.metric.used()) {
+                continue;
+            }
+            let (family, tag) = e.family(name);
+            families.entry(family).or_default().push((tag, e));
         }
         let mut out = String::new();
         for (family, list) in families {
-            let kind = match list[0].metric {
+            let kind = match list[0].1.metric {
                 Metric::Counter(_) => "counter",
                 Metric::Gauge(_) => "gauge",
                 Metric::Histogram(_) => "histogram",
             };
             writeln!(out, "# TYPE {family} {kind}").ok();
-            for e in list {
-                let labels = render_labels(&e.scope.labels, None);
+            for (tag, e) in list {
+                // As Envoy, the tag taken from the stat's own name comes before the scope's.
+                let mut tags: Vec<(&'static str, String)> = tag.into_iter().collect();
+                tags.extend(e.scope.labels.iter().cloned());
+                let labels = render_labels(&tags, None);
                 match &e.metric {
                     Metric::Counter(c) => writeln!(out, "{family}{labels} {}", c.value()).ok(),
                     Metric::Gauge(g) => writeln!(out, "{family}{labels} {}", g.value()).ok(),
@@ -359,7 +425,7 @@ impl Store {
                             .chain(["+Inf".to_string()])
                             .zip(h.cumulative())
                         {
-                            let l = render_labels(&e.scope.labels, Some(&bound));
+                            let l = render_labels(&tags, Some(&bound));
                             writeln!(out, "{family}_bucket{l} {count}").ok();
                         }
                         writeln!(out, "{family}_sum{labels} {}", h.sum()).ok();
@@ -412,6 +478,37 @@ mod tests {
         assert!(s
             .render_text(None)
             .contains("cluster.backend.upstream_rq_total: 2"));
+    }
+
+    #[test]
+    fn response_code_tags_as_envoy_default_extractors() {
+        let s = Store::new();
+        let c = Scope::cluster("backend");
+        s.counter(&c, "upstream_rq_2xx").add(7);
+        s.counter(&c, "upstream_rq_5xx").inc();
+        s.counter(&c, "upstream_rq_503").inc();
+        s.counter(&c, "upstream_rq_per_try_timeout").inc();
+        s.counter(&Scope::http("in"), "downstream_rq_4xx").add(3);
+        let text = s.render_prometheus();
+        for line in [
+            "# TYPE envoy_cluster_upstream_rq_xx counter",
+            "envoy_cluster_upstream_rq_xx{envoy_response_code_class=\"2\",envoy_cluster_name=\"backend\"} 7",
+            "envoy_cluster_upstream_rq_xx{envoy_response_code_class=\"5\",envoy_cluster_name=\"backend\"} 1",
+            "envoy_cluster_upstream_rq{envoy_response_code=\"503\",envoy_cluster_name=\"backend\"} 1",
+            "envoy_cluster_upstream_rq_per_try_timeout{envoy_cluster_name=\"backend\"} 1",
+            "envoy_http_downstream_rq_xx{envoy_response_code_class=\"4\",envoy_http_conn_manager_prefix=\"in\"} 3",
+        ] {
+            assert!(text.contains(&format!("{line}\n")), "{line} in\n{text}");
+        }
+        assert_eq!(
+            text.matches("# TYPE envoy_cluster_upstream_rq_xx ").count(),
+            1
+        );
+        let only = s.render_prometheus_filtered(&|n| n.ends_with("_503"), true);
+        assert_eq!(
+            only,
+            "# TYPE envoy_cluster_upstream_rq counter\nenvoy_cluster_upstream_rq{envoy_response_code=\"503\",envoy_cluster_name=\"backend\"} 1\n"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The admin endpoint (Envoy's admin API subset): `/ready`, `/server_info`, `/listeners`,
-//! `/clusters`, `/config_dump`, `/stats`, `/stats/prometheus`.
+//! `/clusters`, `/config_dump`, `/stats`, `/stats/prometheus` (see docs/configuration.md, Admin API).
 
 use crate::server::ServerState;
 use bytes::Bytes;
@@ -74,15 +74,13 @@ pub fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Full<Byte
         "/listeners" => listeners(state, json_format),
         "/clusters" => clusters(state, json_format),
         "/config_dump" => json_resp(config_dump(state)),
+        "/stats" if query_param(&req, "format") == Some("prometheus") => prometheus(state, &req),
+        "/stats/prometheus" => prometheus(state, &req),
         "/stats" => {
-            // Envoy's `filter` is a regular expression over stat names; `usedonly` hides zeros.
-            let filter = query_param(&req, "filter").map(|f| regex::Regex::new(&percent_decode(f)));
-            let filter = match filter {
-                Some(Err(e)) => return text(StatusCode::BAD_REQUEST, format!("invalid regex: {e}\n"), "text/plain"),
-                Some(Ok(re)) => Some(re),
-                None => None,
+            let (filter, used_only) = match stats_filter(&req) {
+                Ok(f) => f,
+                Err(resp) => return resp,
             };
-            let used_only = query_param(&req, "usedonly").is_some();
             let body: String = state
                 .ctx
                 .stats
@@ -108,7 +106,6 @@ pub fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Full<Byte
                 text(StatusCode::OK, body, "text/plain")
             }
         }
-        "/stats/prometheus" => text(StatusCode::OK, state.ctx.stats.render_prometheus(), "text/plain; version=0.0.4"),
         "/" | "/help" => text(
             StatusCode::OK,
             "admin commands are:\n  /clusters\n  /config_dump\n  /listeners\n  /ready\n  /server_info\n  /stats\n  /stats/prometheus\n".into(),
@@ -116,6 +113,40 @@ pub fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Full<Byte
         ),
         _ => text(StatusCode::NOT_FOUND, "invalid path. admin commands are listed at /help\n".into(), "text/plain"),
     }
+}
+
+/// Envoy's `filter` (a regular expression over the dotted stat names) and `usedonly` (hide what
+/// was never used); a bad regex is a 400.
+#[allow(clippy::result_large_err)]
+fn stats_filter(
+    req: &Request<Incoming>,
+) -> Result<(Option<regex::Regex>, bool), Response<Full<Bytes>>> {
+    let filter = match query_param(req, "filter").map(|f| regex::Regex::new(&percent_decode(f))) {
+        Some(Err(e)) => {
+            return Err(text(
+                StatusCode::BAD_REQUEST,
+                format!("invalid regex: {e}\n"),
+                "text/plain",
+            ))
+        }
+        Some(Ok(re)) => Some(re),
+        None => None,
+    };
+    Ok((filter, query_param(req, "usedonly").is_some()))
+}
+
+/// `/stats/prometheus` and `/stats?format=prometheus`.
+fn prometheus(state: &ServerState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (filter, used_only) = match stats_filter(req) {
+        Ok(f) => f,
+        Err(resp) => return resp,
+    };
+    let keep = |name: &str| filter.as_ref().is_none_or(|re| re.is_match(name));
+    text(
+        StatusCode::OK,
+        state.ctx.stats.render_prometheus_filtered(&keep, used_only),
+        "text/plain; version=0.0.4",
+    )
 }
 
 fn percent_decode(s: &str) -> String {

@@ -103,6 +103,33 @@ async fn admin_endpoints_after_known_traffic() {
         "envoy_http_downstream_rq_total{envoy_http_conn_manager_prefix=\"ingress_http\"} 10"
     ));
     assert!(prom.contains("envoy_http_downstream_rq_time_bucket{envoy_http_conn_manager_prefix=\"ingress_http\",le=\"+Inf\"} 10"));
+    // Envoy's default tag extractors: the class and the code become labels.
+    for line in [
+        "envoy_cluster_upstream_rq_xx{envoy_response_code_class=\"2\",envoy_cluster_name=\"backend\"} 7",
+        "envoy_http_downstream_rq_xx{envoy_response_code_class=\"2\",envoy_http_conn_manager_prefix=\"ingress_http\"} 7",
+        "envoy_http_downstream_rq_xx{envoy_response_code_class=\"4\",envoy_http_conn_manager_prefix=\"ingress_http\"} 3",
+    ] {
+        assert!(prom.contains(&format!("{line}\n")), "{line} in\n{prom}");
+    }
+    assert!(!prom.contains("envoy_cluster_upstream_rq_2xx"), "{prom}");
+    let same = m.admin_get("/stats?format=prometheus").await;
+    assert!(same
+        .text()
+        .contains("# TYPE envoy_cluster_upstream_rq_xx counter"));
+    let only = m
+        .admin_get(
+            "/stats/prometheus?usedonly&filter=%5Ehttp%5C.ingress_http%5C.downstream_rq_%5Cdxx%24",
+        )
+        .await
+        .text();
+    assert_eq!(
+        only,
+        "# TYPE envoy_http_downstream_rq_xx counter\n\
+         envoy_http_downstream_rq_xx{envoy_response_code_class=\"2\",envoy_http_conn_manager_prefix=\"ingress_http\"} 7\n\
+         envoy_http_downstream_rq_xx{envoy_response_code_class=\"4\",envoy_http_conn_manager_prefix=\"ingress_http\"} 3\n",
+        "filter and usedonly on /stats/prometheus"
+    );
+    assert_eq!(m.admin_get("/stats/prometheus?filter=(").await.status, 400);
 
     let clusters = m.admin_get("/clusters").await.text();
     let host = format!("backend::{}", up.addr);
