@@ -56,6 +56,56 @@ impl Gauge {
     }
 }
 
+/// The lowest and highest status codes [`CodeCounters`] count (others are only in the class).
+const FIRST_CODE: u16 = 100;
+const LAST_CODE: u16 = 599;
+
+/// One counter per HTTP status code (`upstream_rq_200`, `upstream_rq_503`, …), as Envoy creates
+/// them on first use. The slots are allocated by the first response (most stat scopes never see
+/// one) and a code's stat is listed once it is non-zero, so counting never registers a name and
+/// never takes the store's lock.
+#[derive(Clone, Default, Debug)]
+pub struct CodeCounters(Arc<std::sync::OnceLock<Box<[AtomicU64]>>>);
+
+impl CodeCounters {
+    #[inline]
+    pub fn inc(&self, code: u16) {
+        if !(FIRST_CODE..=LAST_CODE).contains(&code) {
+            return;
+        }
+        let slots = self.0.get_or_init(|| {
+            (FIRST_CODE..=LAST_CODE)
+                .map(|_| AtomicU64::new(0))
+                .collect()
+        });
+        slots[usize::from(code - FIRST_CODE)].fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn value(&self, code: u16) -> u64 {
+        match (self.0.get(), code.checked_sub(FIRST_CODE)) {
+            (Some(slots), Some(i)) => slots
+                .get(usize::from(i))
+                .map_or(0, |c| c.load(Ordering::Relaxed)),
+            _ => 0,
+        }
+    }
+    /// The non-zero codes and their counts.
+    fn used(&self) -> Vec<(u16, u64)> {
+        let Some(slots) = self.0.get() else {
+            return vec![];
+        };
+        (FIRST_CODE..=LAST_CODE)
+            .zip(slots.iter())
+            .map(|(code, c)| (code, c.load(Ordering::Relaxed)))
+            .filter(|(_, v)| *v != 0)
+            .collect()
+    }
+    fn reset(&self) {
+        if let Some(slots) = self.0.get() {
+            slots.iter().for_each(|c| c.store(0, Ordering::Relaxed));
+        }
+    }
+}
+
 /// Envoy's default histogram bucket bounds (milliseconds for time histograms).
 pub const BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
@@ -126,6 +176,8 @@ enum Metric {
     Counter(Counter),
     Gauge(Gauge),
     Histogram(Histogram),
+    /// Registered as `<scope><stat>`, listed as `<scope><stat>_<code>` per used code.
+    Codes(CodeCounters),
 }
 
 impl Metric {
@@ -135,6 +187,7 @@ impl Metric {
             Metric::Counter(c) => c.value() != 0,
             Metric::Gauge(g) => g.value() != 0,
             Metric::Histogram(h) => h.count() != 0,
+            Metric::Codes(_) => true,
         }
     }
 }
@@ -335,18 +388,78 @@ impl Store {
         }
     }
 
+    /// Registers a per-status-code family (`cluster.<name>.upstream_rq_<code>`).
+    pub fn codes(&self, scope: &Scope, stat: &str) -> CodeCounters {
+        match self.get_or_insert(scope, stat, || Metric::Codes(CodeCounters::default())) {
+            Metric::Codes(c) => c,
+            _ => CodeCounters::default(),
+        }
+    }
+
     /// The current value of a counter or gauge by its dotted name (tests and admin use this).
     pub fn value(&self, name: &str) -> Option<i64> {
-        match &self.entries.lock().get(name)?.metric {
-            Metric::Counter(c) => Some(c.value() as i64),
-            Metric::Gauge(g) => Some(g.value()),
-            Metric::Histogram(h) => Some(h.count() as i64),
+        let entries = self.entries.lock();
+        match entries.get(name).map(|e| &e.metric) {
+            Some(Metric::Counter(c)) => Some(c.value() as i64),
+            Some(Metric::Gauge(g)) => Some(g.value()),
+            Some(Metric::Histogram(h)) => Some(h.count() as i64),
+            Some(Metric::Codes(_)) => None,
+            None => {
+                let (base, code) = name.rsplit_once('_')?;
+                let code: u16 = code.parse().ok()?;
+                match &entries.get(base)?.metric {
+                    Metric::Codes(c) => Some(c.value(code) as i64),
+                    _ => None,
+                }
+            }
+        }
+    }
+
+    /// Every stat by name, sorted, with each used status code of a [`CodeCounters`] as a
+    /// counter of its own (a snapshot of its value).
+    fn listed(&self) -> Vec<(String, Entry)> {
+        let entries = self.entries.lock().clone();
+        let mut out = Vec::with_capacity(entries.len());
+        let mut codes = vec![];
+        for (name, e) in entries {
+            match &e.metric {
+                Metric::Codes(c) => {
+                    for (code, v) in c.used() {
+                        let counter = Counter::default();
+                        counter.add(v);
+                        codes.push((
+                            format!("{name}_{code}"),
+                            Entry {
+                                scope: e.scope.clone(),
+                                metric: Metric::Counter(counter),
+                            },
+                        ));
+                    }
+                }
+                _ => out.push((name, e)),
+            }
+        }
+        if !codes.is_empty() {
+            out.extend(codes);
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        out
+    }
+
+    /// Zeroes every counter (Envoy's `/reset_counters`); gauges and histograms keep their values.
+    pub fn reset_counters(&self) {
+        for e in self.entries.lock().values() {
+            match &e.metric {
+                Metric::Counter(c) => c.0.store(0, Ordering::Relaxed),
+                Metric::Codes(c) => c.reset(),
+                _ => {}
+            }
         }
     }
 
     /// Envoy's `/stats` text: `name: value`, sorted by name.
     pub fn render_text(&self, filter: Option<&str>) -> String {
-        let entries = self.entries.lock().clone();
+        let entries = self.listed();
         let mut out = String::new();
         for (name, e) in entries.iter() {
             if filter.is_some_and(|f| !name.contains(f)) {
@@ -355,6 +468,7 @@ impl Store {
             match &e.metric {
                 Metric::Counter(c) => writeln!(out, "{name}: {}", c.value()).ok(),
                 Metric::Gauge(g) => writeln!(out, "{name}: {}", g.value()).ok(),
+                Metric::Codes(_) => None,
                 Metric::Histogram(h) => {
                     let q = |p: f64| {
                         h.quantile(p)
@@ -393,7 +507,7 @@ impl Store {
         keep: &dyn Fn(&str) -> bool,
         used_only: bool,
     ) -> String {
-        let entries = self.entries.lock().clone();
+        let entries = self.listed();
         let mut families: BTreeMap<String, Vec<(Option<Tag>, &Entry)>> = BTreeMap::new();
         for (name, e) in entries.iter() {
             if !keep(name) || (used_only && !e.metric.used()) {
@@ -408,6 +522,8 @@ impl Store {
                 Metric::Counter(_) => "counter",
                 Metric::Gauge(_) => "gauge",
                 Metric::Histogram(_) => "histogram",
+                // Not listed: `listed` turned them into counters.
+                Metric::Codes(_) => continue,
             };
             writeln!(out, "# TYPE {family} {kind}").ok();
             for (tag, e) in list {
@@ -418,6 +534,7 @@ impl Store {
                 match &e.metric {
                     Metric::Counter(c) => writeln!(out, "{family}{labels} {}", c.value()).ok(),
                     Metric::Gauge(g) => writeln!(out, "{family}{labels} {}", g.value()).ok(),
+                    Metric::Codes(_) => None,
                     Metric::Histogram(h) => {
                         for (bound, count) in BUCKETS
                             .iter()
@@ -509,6 +626,29 @@ mod tests {
             only,
             "# TYPE envoy_cluster_upstream_rq counter\nenvoy_cluster_upstream_rq{envoy_response_code=\"503\",envoy_cluster_name=\"backend\"} 1\n"
         );
+    }
+
+    #[test]
+    fn code_counters_are_listed_per_used_code() {
+        let s = Store::new();
+        let c = Scope::cluster("b");
+        let codes = s.codes(&c, "upstream_rq");
+        s.counter(&c, "upstream_rq_total").add(3);
+        codes.inc(200);
+        codes.inc(200);
+        codes.inc(503);
+        codes.inc(1000);
+        assert_eq!(s.value("cluster.b.upstream_rq_200"), Some(2));
+        assert_eq!(s.value("cluster.b.upstream_rq_404"), Some(0));
+        assert_eq!(
+            s.render_text(None),
+            "cluster.b.upstream_rq_200: 2\ncluster.b.upstream_rq_503: 1\ncluster.b.upstream_rq_total: 3\n"
+        );
+        assert!(s.render_prometheus().contains(
+            "envoy_cluster_upstream_rq{envoy_response_code=\"200\",envoy_cluster_name=\"b\"} 2\n"
+        ));
+        s.reset_counters();
+        assert_eq!(s.render_text(None), "cluster.b.upstream_rq_total: 0\n");
     }
 
     #[test]

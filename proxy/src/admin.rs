@@ -239,6 +239,8 @@ fn clusters(state: &ServerState, json_format: bool) -> Response<Full<Bytes>> {
                                 {"name": "rq_active", "type": "GAUGE", "value": h.rq_active.load(Ordering::Relaxed)},
                                 {"name": "rq_total", "value": h.rq_total.load(Ordering::Relaxed)},
                                 {"name": "rq_error", "value": h.rq_error.load(Ordering::Relaxed)},
+                                {"name": "rq_success", "value": h.rq_success.load(Ordering::Relaxed)},
+                                {"name": "rq_timeout", "value": h.rq_timeout.load(Ordering::Relaxed)},
                             ],
                             "health_status": {"eds_health_status": if h.is_healthy() { "HEALTHY" } else { "UNHEALTHY" }, "flags": h.health_text()},
                             "weight": h.weight,
@@ -275,6 +277,14 @@ fn clusters(state: &ServerState, json_format: bool) -> Response<Full<Bytes>> {
                 ),
                 ("rq_active", h.rq_active.load(Ordering::Relaxed).to_string()),
                 ("rq_error", h.rq_error.load(Ordering::Relaxed).to_string()),
+                (
+                    "rq_success",
+                    h.rq_success.load(Ordering::Relaxed).to_string(),
+                ),
+                (
+                    "rq_timeout",
+                    h.rq_timeout.load(Ordering::Relaxed).to_string(),
+                ),
                 ("rq_total", h.rq_total.load(Ordering::Relaxed).to_string()),
                 ("hostname", h.hostname.to_string()),
                 ("health_flags", h.health_text()),

@@ -42,7 +42,6 @@ impl TcpProxy {
             tracing::debug!(cluster = %cluster.name, "tcp_proxy: max_connections overflow");
             return;
         };
-        let _active = ActiveRequest::new(host.clone());
         let s = &cluster.stats;
         s.upstream_cx_total.inc();
         host.cx.cx_total.fetch_add(1, Ordering::Relaxed);
@@ -62,9 +61,16 @@ impl TcpProxy {
             Err(_) => {
                 s.upstream_cx_connect_timeout.inc();
                 s.upstream_cx_connect_fail.inc();
+                host.cx.cx_connect_fail.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         };
+        // As Envoy's TCP connection pool: a connection handed to the proxy counts as one
+        // request, on the cluster and on the host, for as long as it lives.
+        let _active = ActiveRequest::new(host.clone());
+        s.upstream_rq_total.inc();
+        s.upstream_rq_active.inc();
+        let _rq_active = RqActive(s.upstream_rq_active.clone());
         let _ = upstream.set_nodelay(true);
         s.upstream_cx_active.inc();
         host.cx.cx_active.fetch_add(1, Ordering::Relaxed);
@@ -104,6 +110,15 @@ impl TcpProxy {
         s.upstream_cx_active.dec();
         s.upstream_cx_destroy.inc();
         host.cx.cx_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Decrements the cluster's `upstream_rq_active` when the proxied connection ends.
+struct RqActive(mecha_filters::stats::Gauge);
+
+impl Drop for RqActive {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -168,3 +168,99 @@ async fn admin_endpoints_after_known_traffic() {
 
     assert_eq!(m.admin_get("/nope").await.status, 404);
 }
+
+/// An upstream answering `/s/<code>` with that status and sleeping 2 s on `/slow`.
+fn status_upstream() -> Handler {
+    std::sync::Arc::new(|req: http::Request<hyper::body::Incoming>| {
+        Box::pin(async move {
+            let path = req.uri().path().to_string();
+            if path == "/slow" {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            let code = path
+                .strip_prefix("/s/")
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(200);
+            http::Response::builder()
+                .status(code)
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap()
+        })
+    })
+}
+
+#[tokio::test]
+async fn host_stats_and_per_code_cluster_stats() {
+    let up = Upstream::start(status_upstream()).await;
+    let (admin, port) = (free_port(), free_port());
+    let routes = "              - match: { prefix: \"/\" }\n                route: { cluster: backend, timeout: 0.3s }\n";
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &vhost_routes(routes),
+        &static_cluster("backend", &[up.addr], "ROUND_ROBIN", ""),
+    );
+    let m = Mecha::start(&cfg, admin).await;
+    for (path, n, want) in [
+        ("/s/200", 3, 200),
+        ("/s/404", 2, 404),
+        ("/s/503", 4, 503),
+        ("/slow", 1, 504),
+    ] {
+        for _ in 0..n {
+            let r = get(&format!("http://127.0.0.1:{port}{path}"))
+                .await
+                .unwrap();
+            assert_eq!(r.status, want, "{path}");
+        }
+    }
+    let clusters = m.admin_get("/clusters").await.text();
+    let host = format!("backend::{}", up.addr);
+    for (k, v) in [
+        ("rq_total", 10),
+        ("rq_success", 5),
+        // Four 503 responses and the timed-out request (answered 504).
+        ("rq_error", 5),
+        ("rq_timeout", 1),
+    ] {
+        assert!(
+            clusters.contains(&format!("{host}::{k}::{v}\n")),
+            "{host}::{k}::{v} in\n{clusters}"
+        );
+    }
+    let cj = m.admin_get("/clusters?format=json").await.json();
+    let stats = &cj["cluster_statuses"][0]["host_statuses"][0]["stats"];
+    let stat = |name: &str| {
+        stats
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .map(|s| s["value"].as_u64().unwrap())
+    };
+    assert_eq!((stat("rq_success"), stat("rq_error")), (Some(5), Some(5)));
+
+    for (name, v) in [
+        ("cluster.backend.upstream_rq_200", Some(3)),
+        ("cluster.backend.upstream_rq_404", Some(2)),
+        ("cluster.backend.upstream_rq_503", Some(4)),
+        ("cluster.backend.upstream_rq_5xx", Some(4)),
+        // Listed once used, as Envoy creates them.
+        ("cluster.backend.upstream_rq_201", None),
+    ] {
+        assert_eq!(m.stat(name).await, v, "{name}");
+    }
+    let prom = m.admin_get("/stats/prometheus").await.text();
+    for line in [
+        "envoy_cluster_upstream_rq{envoy_response_code=\"503\",envoy_cluster_name=\"backend\"} 4\n",
+        "envoy_cluster_upstream_rq{envoy_response_code=\"200\",envoy_cluster_name=\"backend\"} 3\n",
+    ] {
+        assert!(prom.contains(line), "{line} in\n{prom}");
+    }
+    assert_eq!(
+        prom.matches("# TYPE envoy_cluster_upstream_rq counter")
+            .count(),
+        1
+    );
+}
