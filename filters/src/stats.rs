@@ -112,29 +112,70 @@ pub const BUCKETS: [f64; 19] = [
     60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
+/// The quantiles Envoy's `/stats` prints, as fractions.
+pub const SUPPORTED_QUANTILES: [f64; 10] =
+    [0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 1.0];
+
+const NBUCKETS: usize = BUCKETS.len() + 1;
+
 #[derive(Default, Debug)]
 struct HistogramInner {
-    buckets: [AtomicU64; BUCKETS.len() + 1],
+    buckets: [AtomicU64; NBUCKETS],
     count: AtomicU64,
     /// Sum in thousandths of a unit, to stay integral.
     sum_milli: AtomicU64,
+    /// Extremes as f64 bits (values are clamped to >= 0, whose bits order like the values); the
+    /// minimum is stored inverted so that 0 means "none" for both. They narrow the first and
+    /// last buckets, so a single 1.2 ms request reads 1.2 at every quantile, not 1 to 5.
+    max: AtomicU64,
+    min_inv: AtomicU64,
+    /// The extremes since the last flush.
+    since_max: AtomicU64,
+    since_min_inv: AtomicU64,
+    /// Bucket counts at the last flush, and what the interval before it added.
+    flushed: [AtomicU64; NBUCKETS],
+    interval: [AtomicU64; NBUCKETS],
+    interval_max: AtomicU64,
+    interval_min_inv: AtomicU64,
+}
+
+#[inline]
+fn raise(a: &AtomicU64, v: u64) {
+    // A plain load first: once the extremes settle, recording writes nothing but its bucket.
+    if a.load(Ordering::Relaxed) < v {
+        a.fetch_max(v, Ordering::Relaxed);
+    }
 }
 
 #[derive(Clone, Default, Debug)]
 pub struct Histogram(Arc<HistogramInner>);
 
+/// A histogram's quantiles ([`SUPPORTED_QUANTILES`]) over the last flush interval and since
+/// start; NaN where there are no values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistogramSummary {
+    pub interval: [f64; 10],
+    pub cumulative: [f64; 10],
+}
+
 impl Histogram {
     #[inline]
     pub fn record(&self, value: f64) {
+        let value = value.max(0.0);
         let idx = BUCKETS
             .iter()
             .position(|b| value <= *b)
             .unwrap_or(BUCKETS.len());
-        self.0.buckets[idx].fetch_add(1, Ordering::Relaxed);
-        self.0.count.fetch_add(1, Ordering::Relaxed);
-        self.0
-            .sum_milli
+        let h = &self.0;
+        h.buckets[idx].fetch_add(1, Ordering::Relaxed);
+        h.count.fetch_add(1, Ordering::Relaxed);
+        h.sum_milli
             .fetch_add((value * 1000.0) as u64, Ordering::Relaxed);
+        let bits = value.to_bits();
+        raise(&h.max, bits);
+        raise(&h.min_inv, !bits);
+        raise(&h.since_max, bits);
+        raise(&h.since_min_inv, !bits);
     }
     #[inline]
     pub fn record_duration_ms(&self, d: std::time::Duration) {
@@ -158,17 +199,82 @@ impl Histogram {
             })
             .collect()
     }
-    /// An upper-bound estimate of quantile `q` from the buckets.
+    /// Quantile `q` of every value so far, interpolated linearly within its bucket.
     pub fn quantile(&self, q: f64) -> Option<f64> {
-        let cum = self.cumulative();
-        let total = *cum.last()?;
-        if total == 0 {
-            return None;
-        }
-        let target = (q * total as f64).ceil().max(1.0) as u64;
-        let idx = cum.iter().position(|c| *c >= target)?;
-        Some(BUCKETS.get(idx).copied().unwrap_or(f64::INFINITY))
+        let counts = load(&self.0.buckets);
+        let v = quantile(&counts, extremes(&self.0.min_inv, &self.0.max), q);
+        (!v.is_nan()).then_some(v)
     }
+    /// Ends a flush interval (Envoy's `stats_flush_interval`): what was recorded since the
+    /// previous flush becomes the interval the quantiles' first value reports.
+    pub fn flush(&self) {
+        let h = &self.0;
+        for i in 0..NBUCKETS {
+            let cur = h.buckets[i].load(Ordering::Relaxed);
+            let prev = h.flushed[i].swap(cur, Ordering::Relaxed);
+            h.interval[i].store(cur.saturating_sub(prev), Ordering::Relaxed);
+        }
+        h.interval_max
+            .store(h.since_max.swap(0, Ordering::Relaxed), Ordering::Relaxed);
+        h.interval_min_inv.store(
+            h.since_min_inv.swap(0, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+    }
+    pub fn summary(&self) -> HistogramSummary {
+        let h = &self.0;
+        let (cum, int) = (load(&h.buckets), load(&h.interval));
+        let (ce, ie) = (
+            extremes(&h.min_inv, &h.max),
+            extremes(&h.interval_min_inv, &h.interval_max),
+        );
+        HistogramSummary {
+            interval: SUPPORTED_QUANTILES.map(|q| quantile(&int, ie, q)),
+            cumulative: SUPPORTED_QUANTILES.map(|q| quantile(&cum, ce, q)),
+        }
+    }
+}
+
+fn load(a: &[AtomicU64; NBUCKETS]) -> [u64; NBUCKETS] {
+    std::array::from_fn(|i| a[i].load(Ordering::Relaxed))
+}
+
+/// (min, max) when some value was recorded.
+fn extremes(min_inv: &AtomicU64, max: &AtomicU64) -> Option<(f64, f64)> {
+    match min_inv.load(Ordering::Relaxed) {
+        0 => None,
+        m => Some((
+            f64::from_bits(!m),
+            f64::from_bits(max.load(Ordering::Relaxed)),
+        )),
+    }
+}
+
+/// Quantile `q` of bucket `counts`, interpolated linearly within the bucket it falls in, with
+/// the buckets narrowed to the recorded extremes; NaN without values.
+fn quantile(counts: &[u64; NBUCKETS], extremes: Option<(f64, f64)>, q: f64) -> f64 {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return f64::NAN;
+    }
+    let (min, max) = extremes.unwrap_or((0.0, f64::INFINITY));
+    let target = q.clamp(0.0, 1.0) * total as f64;
+    let mut below = 0u64;
+    for (i, &c) in counts.iter().enumerate() {
+        if c == 0 {
+            continue;
+        }
+        if (below + c) as f64 >= target {
+            let lo = if i == 0 { 0.0 } else { BUCKETS[i - 1] };
+            // The overflow bucket ends at the maximum (or, without one, reads as its start).
+            let hi = BUCKETS.get(i).copied().unwrap_or(max.max(lo));
+            let (lo, hi) = (lo.max(min).min(hi), hi.min(max).max(lo.max(min).min(hi)));
+            let frac = ((target - below as f64) / c as f64).clamp(0.0, 1.0);
+            return lo + frac * (hi - lo);
+        }
+        below += c;
+    }
+    max
 }
 
 #[derive(Clone, Debug)]
@@ -446,6 +552,36 @@ impl Store {
         out
     }
 
+    /// The histograms by name, with their quantile summaries (`/stats?format=json`).
+    pub fn histograms(&self) -> Vec<(String, HistogramSummary, u64)> {
+        self.entries
+            .lock()
+            .iter()
+            .filter_map(|(name, e)| match &e.metric {
+                Metric::Histogram(h) => Some((name.clone(), h.clone())),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|(name, h)| (name, h.summary(), h.count()))
+            .collect()
+    }
+
+    /// Ends a flush interval for every histogram (called every `stats_flush_interval`, off the
+    /// request path).
+    pub fn flush_histograms(&self) {
+        let hs: Vec<Histogram> = self
+            .entries
+            .lock()
+            .values()
+            .filter_map(|e| match &e.metric {
+                Metric::Histogram(h) => Some(h.clone()),
+                _ => None,
+            })
+            .collect();
+        hs.iter().for_each(Histogram::flush);
+    }
+
     /// Zeroes every counter (Envoy's `/reset_counters`); gauges and histograms keep their values.
     pub fn reset_counters(&self) {
         for e in self.entries.lock().values() {
@@ -469,26 +605,7 @@ impl Store {
                 Metric::Counter(c) => writeln!(out, "{name}: {}", c.value()).ok(),
                 Metric::Gauge(g) => writeln!(out, "{name}: {}", g.value()).ok(),
                 Metric::Codes(_) => None,
-                Metric::Histogram(h) => {
-                    let q = |p: f64| {
-                        h.quantile(p)
-                            .map(|v| format!("{v}"))
-                            .unwrap_or_else(|| "nan".into())
-                    };
-                    writeln!(
-                        out,
-                        "{name}: P0({0},{0}) P25({1},{1}) P50({2},{2}) P75({3},{3}) P90({4},{4}) P95({5},{5}) P99({6},{6}) P100({7},{7})",
-                        q(0.0),
-                        q(0.25),
-                        q(0.5),
-                        q(0.75),
-                        q(0.9),
-                        q(0.95),
-                        q(0.99),
-                        q(1.0)
-                    )
-                    .ok()
-                }
+                Metric::Histogram(h) => writeln!(out, "{name}: {}", histogram_text(h)).ok(),
             };
         }
         out
@@ -553,6 +670,28 @@ impl Store {
         }
         out
     }
+}
+
+/// Envoy's `/stats` text for a histogram: `P0(interval,cumulative) … P100(…)`, or
+/// `No recorded values`.
+fn histogram_text(h: &Histogram) -> String {
+    if h.count() == 0 {
+        return "No recorded values".into();
+    }
+    let s = h.summary();
+    let num = |v: f64| {
+        if v.is_nan() {
+            "nan".to_string()
+        } else {
+            format!("{v}")
+        }
+    };
+    let parts: Vec<String> = SUPPORTED_QUANTILES
+        .iter()
+        .zip(s.interval.iter().zip(s.cumulative.iter()))
+        .map(|(q, (i, c))| format!("P{}({},{})", q * 100.0, num(*i), num(*c)))
+        .collect();
+    parts.join(" ")
 }
 
 fn render_labels(labels: &[(&'static str, String)], le: Option<&str>) -> String {
@@ -679,8 +818,39 @@ mod tests {
             h.record(v);
         }
         assert_eq!(h.count(), 4);
-        assert_eq!(h.quantile(0.5), Some(5.0));
-        assert_eq!(h.quantile(1.0), Some(1000.0));
+        // Half the values are at or below the middle of (1, 5]: interpolated, 1 + 4 * 1/2.
+        assert_eq!(h.quantile(0.5), Some(3.0));
+        assert_eq!(h.quantile(0.0), Some(0.3), "P0 is the minimum");
+        assert_eq!(h.quantile(1.0), Some(700.0), "P100 is the maximum");
         assert_eq!(*h.cumulative().last().unwrap(), 4);
+    }
+
+    #[test]
+    fn histogram_text_interval_and_cumulative() {
+        let s = Store::new();
+        let h = s.histogram(&Scope::cluster("b"), "upstream_rq_time");
+        assert_eq!(
+            s.render_text(None),
+            "cluster.b.upstream_rq_time: No recorded values\n"
+        );
+        h.record(1.2);
+        assert_eq!(
+            s.render_text(None),
+            "cluster.b.upstream_rq_time: P0(nan,1.2) P25(nan,1.2) P50(nan,1.2) P75(nan,1.2) P90(nan,1.2) P95(nan,1.2) P99(nan,1.2) P99.5(nan,1.2) P99.9(nan,1.2) P100(nan,1.2)\n"
+        );
+        s.flush_histograms();
+        h.record(20.0);
+        let sum = h.summary();
+        assert_eq!(
+            sum.interval[0], 1.2,
+            "the interval holds what the flush closed"
+        );
+        assert_eq!(sum.interval[9], 1.2);
+        assert_eq!(sum.cumulative[9], 20.0);
+        s.flush_histograms();
+        assert_eq!(h.summary().interval[0], 20.0);
+        s.flush_histograms();
+        assert!(h.summary().interval[0].is_nan(), "nothing recorded since");
+        assert_eq!(h.summary().cumulative[0], 1.2);
     }
 }

@@ -81,6 +81,7 @@ pub fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Full<Byte
                 Ok(f) => f,
                 Err(resp) => return resp,
             };
+            let keep = |name: &str| filter.as_ref().is_none_or(|re| re.is_match(name));
             let body: String = state
                 .ctx
                 .stats
@@ -88,19 +89,41 @@ pub fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Full<Byte
                 .lines()
                 .filter(|l| {
                     let (name, value) = l.split_once(": ").unwrap_or((l, ""));
-                    filter.as_ref().is_none_or(|re| re.is_match(name)) && !(used_only && (value == "0" || value.starts_with("P0(nan")))
+                    keep(name) && !(used_only && (value == "0" || value == "No recorded values"))
                 })
                 .flat_map(|l| [l, "\n"])
                 .collect();
             if json_format {
-                let stats: Vec<Value> = body
+                let mut stats: Vec<Value> = body
                     .lines()
                     .filter_map(|l| l.split_once(": "))
-                    .map(|(k, v)| match v.parse::<i64>() {
-                        Ok(n) => json!({"name": k, "value": n}),
-                        Err(_) => json!({"name": k, "histograms": v}),
+                    .filter_map(|(k, v)| Some(json!({"name": k, "value": v.parse::<i64>().ok()?})))
+                    .collect();
+                let computed: Vec<Value> = state
+                    .ctx
+                    .stats
+                    .histograms()
+                    .into_iter()
+                    .filter(|(name, _, count)| keep(name) && !(used_only && *count == 0))
+                    .map(|(name, s, _)| {
+                        // Envoy's JSON has null where its text has nan.
+                        let num = |v: f64| if v.is_nan() { Value::Null } else { json!(v) };
+                        let values: Vec<Value> = s
+                            .interval
+                            .iter()
+                            .zip(s.cumulative.iter())
+                            .map(|(i, c)| json!({"interval": num(*i), "cumulative": num(*c)}))
+                            .collect();
+                        json!({"name": name, "values": values})
                     })
                     .collect();
+                if !computed.is_empty() {
+                    let supported: Vec<f64> = mecha_filters::stats::SUPPORTED_QUANTILES
+                        .iter()
+                        .map(|q| (q * 1000.0).round() / 10.0)
+                        .collect();
+                    stats.push(json!({"histograms": {"supported_quantiles": supported, "computed_quantiles": computed}}));
+                }
                 json_resp(json!({ "stats": stats }))
             } else {
                 text(StatusCode::OK, body, "text/plain")

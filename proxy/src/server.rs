@@ -64,6 +64,20 @@ impl ServerState {
     }
 }
 
+/// Envoy's default `stats_flush_interval`: histograms' interval quantiles cover one of these.
+pub const STATS_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Ends a stats flush interval every [`STATS_FLUSH_INTERVAL`], off the request path.
+async fn flush_stats(stats: Arc<Store>) {
+    let mut tick = tokio::time::interval(STATS_FLUSH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        stats.flush_histograms();
+    }
+}
+
 impl Server {
     /// Builds the snapshot, binds every listener (and the admin listener), and starts serving.
     pub async fn start(
@@ -120,6 +134,7 @@ impl Server {
             None => None,
         };
         tokio::spawn(crate::timer_anchor::run());
+        tokio::spawn(flush_stats(ctx.stats.clone()));
         let mut listeners = vec![];
         for (tcp, rt, addr) in bound {
             tracing::info!(listener = %rt.name, %addr, "listening");

@@ -169,13 +169,17 @@ async fn admin_endpoints_after_known_traffic() {
     assert_eq!(m.admin_get("/nope").await.status, 404);
 }
 
-/// An upstream answering `/s/<code>` with that status and sleeping 2 s on `/slow`.
+/// An upstream answering `/s/<code>` with that status, sleeping 2 s on `/slow` and `<ms>` on
+/// `/sleep/<ms>`.
 fn status_upstream() -> Handler {
     std::sync::Arc::new(|req: http::Request<hyper::body::Incoming>| {
         Box::pin(async move {
             let path = req.uri().path().to_string();
             if path == "/slow" {
                 tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            if let Some(ms) = path.strip_prefix("/sleep/").and_then(|m| m.parse().ok()) {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             }
             let code = path
                 .strip_prefix("/s/")
@@ -263,4 +267,103 @@ async fn host_stats_and_per_code_cluster_stats() {
             .count(),
         1
     );
+}
+
+/// The `P<q>(interval,cumulative)` pairs of one `/stats` histogram line.
+fn quantile_pairs(line: &str) -> Vec<(String, String, String)> {
+    line.split_once(": ")
+        .unwrap()
+        .1
+        .split(' ')
+        .map(|p| {
+            let (q, rest) = p.split_once('(').unwrap();
+            let (i, c) = rest.trim_end_matches(')').split_once(',').unwrap();
+            (q.to_string(), i.to_string(), c.to_string())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn histograms_interpolate_and_report_the_flush_interval() {
+    let up = Upstream::start(status_upstream()).await;
+    let (admin, port) = (free_port(), free_port());
+    let routes =
+        "              - match: { prefix: \"/\" }\n                route: { cluster: backend }\n";
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &vhost_routes(routes),
+        &static_cluster("backend", &[up.addr], "ROUND_ROBIN", ""),
+    );
+    let m = Mecha::start(&cfg, admin).await;
+    for path in ["/s/200", "/sleep/30"] {
+        assert_eq!(
+            get(&format!("http://127.0.0.1:{port}{path}"))
+                .await
+                .unwrap()
+                .status,
+            200
+        );
+    }
+    let filter = "/stats?filter=%5Ecluster%5C.backend%5C.upstream_rq_time%24";
+    let line = m.admin_get(filter).await.text();
+    let pairs = quantile_pairs(line.trim_end());
+    let names: Vec<&str> = pairs.iter().map(|(q, _, _)| q.as_str()).collect();
+    assert_eq!(
+        names,
+        ["P0", "P25", "P50", "P75", "P90", "P95", "P99", "P99.5", "P99.9", "P100"],
+        "{line}"
+    );
+    // No flush yet (every 5 s): the interval is empty.
+    assert!(pairs.iter().all(|(_, i, _)| i == "nan"), "{line}");
+    let cum: Vec<f64> = pairs.iter().map(|(_, _, c)| c.parse().unwrap()).collect();
+    assert!(cum.windows(2).all(|w| w[0] <= w[1]), "{line}");
+    // The slowest request took a little over 30 ms: P100 is it, not its bucket's bound (50).
+    assert!((30.0..50.0).contains(&cum[9]), "{line}");
+    assert!(cum[0] < 30.0, "{line}");
+
+    let json = m.admin_get("/stats?format=json").await.json();
+    let hist = json["stats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|s| s.get("histograms"))
+        .expect("a histograms element");
+    assert_eq!(
+        hist["supported_quantiles"],
+        serde_json::json!([0.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 100.0])
+    );
+    let computed = |json: &serde_json::Value| {
+        json["stats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|s| s.get("histograms"))
+            .unwrap()["computed_quantiles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == "cluster.backend.upstream_rq_time")
+            .unwrap()["values"]
+            .clone()
+    };
+    let values = computed(&json);
+    assert_eq!(values.as_array().unwrap().len(), 10);
+    assert!(values[0]["interval"].is_null(), "{values}");
+    assert_eq!(values[9]["cumulative"].as_f64().unwrap(), cum[9]);
+
+    // After the next flush the interval holds both requests.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    loop {
+        let values = computed(&m.admin_get("/stats?format=json").await.json());
+        if let Some(p100) = values[9]["interval"].as_f64() {
+            assert_eq!(p100, cum[9], "{values}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no flush: {values}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let line = m.admin_get(filter).await.text();
+    assert!(line.contains(&format!(" P100({0},{0})", cum[9])), "{line}");
 }
