@@ -65,7 +65,15 @@ const LAST_CODE: u16 = 599;
 /// one) and a code's stat is listed once it is non-zero, so counting never registers a name and
 /// never takes the store's lock.
 #[derive(Clone, Default, Debug)]
-pub struct CodeCounters(Arc<std::sync::OnceLock<Box<[AtomicU64]>>>);
+pub struct CodeCounters(Arc<std::sync::OnceLock<CodeSlots>>);
+
+#[derive(Debug)]
+struct CodeSlots {
+    counts: Box<[AtomicU64]>,
+    /// Codes seen before a `/reset_counters`: still listed (at 0), as Envoy keeps the stat.
+    /// Kept apart so counting touches nothing but the count.
+    zeroed: Box<[std::sync::atomic::AtomicBool]>,
+}
 
 impl CodeCounters {
     #[inline]
@@ -73,35 +81,44 @@ impl CodeCounters {
         if !(FIRST_CODE..=LAST_CODE).contains(&code) {
             return;
         }
-        let slots = self.0.get_or_init(|| {
-            (FIRST_CODE..=LAST_CODE)
+        let slots = self.0.get_or_init(|| CodeSlots {
+            counts: (FIRST_CODE..=LAST_CODE)
                 .map(|_| AtomicU64::new(0))
-                .collect()
+                .collect(),
+            zeroed: (FIRST_CODE..=LAST_CODE)
+                .map(|_| Default::default())
+                .collect(),
         });
-        slots[usize::from(code - FIRST_CODE)].fetch_add(1, Ordering::Relaxed);
+        slots.counts[usize::from(code - FIRST_CODE)].fetch_add(1, Ordering::Relaxed);
     }
     pub fn value(&self, code: u16) -> u64 {
         match (self.0.get(), code.checked_sub(FIRST_CODE)) {
             (Some(slots), Some(i)) => slots
+                .counts
                 .get(usize::from(i))
                 .map_or(0, |c| c.load(Ordering::Relaxed)),
             _ => 0,
         }
     }
-    /// The non-zero codes and their counts.
+    /// The codes seen (now or before a reset) and their counts.
     fn used(&self) -> Vec<(u16, u64)> {
         let Some(slots) = self.0.get() else {
             return vec![];
         };
         (FIRST_CODE..=LAST_CODE)
-            .zip(slots.iter())
-            .map(|(code, c)| (code, c.load(Ordering::Relaxed)))
-            .filter(|(_, v)| *v != 0)
+            .zip(slots.counts.iter().zip(slots.zeroed.iter()))
+            .map(|(code, (c, z))| (code, c.load(Ordering::Relaxed), z.load(Ordering::Relaxed)))
+            .filter(|(_, v, z)| *v != 0 || *z)
+            .map(|(code, v, _)| (code, v))
             .collect()
     }
     fn reset(&self) {
         if let Some(slots) = self.0.get() {
-            slots.iter().for_each(|c| c.store(0, Ordering::Relaxed));
+            for (c, z) in slots.counts.iter().zip(slots.zeroed.iter()) {
+                if c.swap(0, Ordering::Relaxed) != 0 {
+                    z.store(true, Ordering::Relaxed);
+                }
+            }
         }
     }
 }
@@ -787,7 +804,10 @@ mod tests {
             "envoy_cluster_upstream_rq{envoy_response_code=\"200\",envoy_cluster_name=\"b\"} 2\n"
         ));
         s.reset_counters();
-        assert_eq!(s.render_text(None), "cluster.b.upstream_rq_total: 0\n");
+        assert_eq!(
+            s.render_text(None),
+            "cluster.b.upstream_rq_200: 0\ncluster.b.upstream_rq_503: 0\ncluster.b.upstream_rq_total: 0\n"
+        );
     }
 
     #[test]

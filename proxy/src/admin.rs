@@ -1,7 +1,7 @@
 //! The admin endpoint (Envoy's admin API subset): `/ready`, `/server_info`, `/listeners`,
 //! `/clusters`, `/config_dump`, `/stats`, `/stats/prometheus` (see docs/configuration.md, Admin API).
 
-use crate::server::ServerState;
+use crate::server::{ServerLifecycle, ServerState};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
@@ -31,6 +31,55 @@ pub async fn serve(listener: TcpListener, state: Arc<ServerState>) {
     }
 }
 
+/// The admin paths that need POST (Envoy's `mutates_server_state` handlers).
+const MUTATING: [&str; 6] = [
+    "/quitquitquit",
+    "/healthcheck/fail",
+    "/healthcheck/ok",
+    "/drain_listeners",
+    "/reset_counters",
+    "/logging",
+];
+
+fn ok() -> Response<Full<Bytes>> {
+    text(StatusCode::OK, "OK\n".into(), "text/plain")
+}
+
+fn state_quit_later(state: &ServerState) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let quit = state.quit.clone();
+    async move {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        quit.notify_one();
+    }
+}
+
+/// `/logging`: without a query it lists the level; `?level=<level>` sets it for every logger.
+fn logging(state: &ServerState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let Some(ctl) = &state.options.log_control else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "logging is not controlled by this server\n".into(),
+            "text/plain",
+        );
+    };
+    if let Some(level) = query_param(req, "level") {
+        if let Err(e) = (ctl.set)(&percent_decode(level)) {
+            return text(StatusCode::BAD_REQUEST, format!("{e}\n"), "text/plain");
+        }
+    } else if req.uri().query().is_some_and(|q| !q.is_empty()) {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "usage: /logging?level=<trace|debug|info|warning|error|critical|off>\n".into(),
+            "text/plain",
+        );
+    }
+    text(
+        StatusCode::OK,
+        format!("active loggers:\n  mecha: {}\n", (ctl.get)()),
+        "text/plain",
+    )
+}
+
 fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
@@ -58,18 +107,70 @@ fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
 
 pub fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let json_format = query_param(&req, "format") == Some("json");
-    match req.uri().path() {
+    let path = req.uri().path();
+    // As Envoy, endpoints that change the server's state only answer POST.
+    if MUTATING.contains(&path) && req.method() != http::Method::POST {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("Method {} not allowed, POST required.\n", req.method()),
+            "text/plain",
+        );
+    }
+    if path.starts_with("/stats") {
+        // The `server.*` gauges are derived: bring them up to date for this render.
+        state.refresh_server_stats();
+    }
+    match path {
         "/ready" => {
-            if state.ready.load(Ordering::SeqCst) {
-                text(StatusCode::OK, "LIVE\n".into(), "text/plain")
-            } else if state.drain.is_draining() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n".into(), "text/plain")
-            } else if state.initializing.load(Ordering::SeqCst) {
-                text(StatusCode::SERVICE_UNAVAILABLE, "INITIALIZING\n".into(), "text/plain")
+            let l = state.lifecycle();
+            let status = if l == ServerLifecycle::Live {
+                StatusCode::OK
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING\n".into(), "text/plain")
-            }
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            text(status, format!("{}\n", l.as_str()), "text/plain")
         }
+        "/quitquitquit" => {
+            // notify_one keeps the wake-up if the binary is not waiting yet; the short delay
+            // lets this reply reach the client before the runtime shuts down.
+            let quit = state_quit_later(state);
+            tokio::spawn(quit);
+            ok()
+        }
+        "/healthcheck/fail" => {
+            state.healthcheck_failed.store(true, Ordering::SeqCst);
+            state.refresh_server_stats();
+            ok()
+        }
+        "/healthcheck/ok" => {
+            state.healthcheck_failed.store(false, Ordering::SeqCst);
+            state.refresh_server_stats();
+            ok()
+        }
+        "/drain_listeners" => {
+            if query_param(&req, "inboundonly").is_some() {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "inboundonly is not supported: mecha does not tell inbound from outbound listeners\n".into(),
+                    "text/plain",
+                );
+            }
+            if query_param(&req, "graceful").is_some() {
+                // Stop accepting and let in-flight requests finish (up to --drain-time-s).
+                let (drain, timeout) = (state.drain.clone(), state.options.drain_timeout);
+                tokio::spawn(async move {
+                    drain.drain(timeout).await;
+                });
+            } else {
+                state.drain.stop_accepting();
+            }
+            ok()
+        }
+        "/reset_counters" => {
+            state.ctx.stats.reset_counters();
+            ok()
+        }
+        "/logging" => logging(state, &req),
         "/server_info" => json_resp(server_info(state)),
         "/listeners" => listeners(state, json_format),
         "/clusters" => clusters(state, json_format),
@@ -131,7 +232,7 @@ pub fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Full<Byte
         }
         "/" | "/help" => text(
             StatusCode::OK,
-            "admin commands are:\n  /clusters\n  /config_dump\n  /listeners\n  /ready\n  /server_info\n  /stats\n  /stats/prometheus\n".into(),
+            "admin commands are:\n  /clusters\n  /config_dump\n  /drain_listeners (POST)\n  /healthcheck/fail (POST)\n  /healthcheck/ok (POST)\n  /listeners\n  /logging (POST)\n  /quitquitquit (POST)\n  /ready\n  /reset_counters (POST)\n  /server_info\n  /stats\n  /stats/prometheus\n".into(),
             "text/plain",
         ),
         _ => text(StatusCode::NOT_FOUND, "invalid path. admin commands are listed at /help\n".into(), "text/plain"),
@@ -195,15 +296,7 @@ fn percent_decode(s: &str) -> String {
 
 fn server_info(state: &ServerState) -> Value {
     let uptime = state.started.elapsed().as_secs();
-    let st = if state.drain.is_draining() {
-        "DRAINING"
-    } else if state.ready.load(Ordering::SeqCst) {
-        "LIVE"
-    } else if state.initializing.load(Ordering::SeqCst) {
-        "INITIALIZING"
-    } else {
-        "PRE_INITIALIZING"
-    };
+    let st = state.lifecycle().as_str();
     let b = state.bootstrap.load();
     json!({
         "version": format!("mecha/{}", env!("CARGO_PKG_VERSION")),

@@ -204,3 +204,10 @@ stat_struct!(HealthCheckStats {
     gauges: [healthy, degraded],
     histograms: []
 });
+
+// `server.*`, Envoy's names; refreshed by the stats flush and before `/stats` renders.
+stat_struct!(ServerStats {
+    counters: [],
+    gauges: [live, state, uptime, concurrency, total_connections],
+    histograms: []
+});

@@ -367,3 +367,169 @@ async fn histograms_interpolate_and_report_the_flush_interval() {
     let line = m.admin_get(filter).await.text();
     assert!(line.contains(&format!(" P100({0},{0})", cum[9])), "{line}");
 }
+
+async fn admin_post(m: &Mecha, path: &str) -> Response {
+    send(
+        &client(),
+        http::Request::post(format!("http://{}{path}", m.admin))
+            .body(Default::default())
+            .unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Whether a new TCP connection to `port` is refused, within 2 s.
+async fn refuses_connections(port: u16) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn admin_actions_healthcheck_reset_logging_drain_quit() {
+    let up = Upstream::echo("a").await;
+    let (admin, port) = (free_port(), free_port());
+    let routes =
+        "              - match: { prefix: \"/\" }\n                route: { cluster: backend }\n";
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &vhost_routes(routes),
+        &static_cluster("backend", &[up.addr], "ROUND_ROBIN", ""),
+    );
+    let mut m = Mecha::start(&cfg, admin).await;
+
+    // Mutating endpoints need POST, as Envoy.
+    for path in [
+        "/healthcheck/fail",
+        "/quitquitquit",
+        "/reset_counters",
+        "/drain_listeners",
+        "/logging",
+    ] {
+        let r = m.admin_get(path).await;
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (405, "Method GET not allowed, POST required.\n"),
+            "{path}"
+        );
+    }
+    assert_eq!(m.stat("server.live").await, Some(1));
+    assert_eq!(m.stat("server.state").await, Some(0));
+    assert_eq!(m.stat("server.concurrency").await, Some(2));
+    assert!(m.stat("server.uptime").await.is_some());
+
+    assert_eq!(admin_post(&m, "/healthcheck/fail").await.status, 200);
+    let r = m.admin_get("/ready").await;
+    assert_eq!((r.status, r.text().as_str()), (503, "DRAINING\n"));
+    assert_eq!(
+        m.admin_get("/server_info").await.json()["state"],
+        "DRAINING"
+    );
+    assert_eq!(m.stat("server.live").await, Some(0));
+    assert_eq!(m.stat("server.state").await, Some(1));
+    assert_eq!(admin_post(&m, "/healthcheck/ok").await.status, 200);
+    let r = m.admin_get("/ready").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "LIVE\n"));
+    assert_eq!(m.stat("server.live").await, Some(1));
+
+    // Traffic on a keep-alive connection, then counters zeroed while gauges keep their values.
+    let c = client();
+    let url = format!("http://127.0.0.1:{port}/");
+    for _ in 0..2 {
+        let r = send(
+            &c,
+            http::Request::get(&url).body(Default::default()).unwrap(),
+        )
+        .await;
+        assert_eq!(r.unwrap().status, 200);
+    }
+    assert_eq!(m.stat("cluster.backend.upstream_rq_total").await, Some(2));
+    assert!(m.stat("server.total_connections").await >= Some(1));
+    assert_eq!(admin_post(&m, "/reset_counters").await.text(), "OK\n");
+    assert_eq!(m.stat("cluster.backend.upstream_rq_total").await, Some(0));
+    assert_eq!(m.stat("cluster.backend.upstream_rq_200").await, Some(0));
+    assert_eq!(m.stat("cluster.backend.membership_total").await, Some(1));
+
+    let r = admin_post(&m, "/logging").await;
+    assert!(
+        r.text().starts_with("active loggers:\n  mecha: info"),
+        "{}",
+        r.text()
+    );
+    let r = admin_post(&m, "/logging?level=debug").await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("mecha: debug"), "{}", r.text());
+    assert_eq!(admin_post(&m, "/logging?level=loud").await.status, 400);
+    assert!(admin_post(&m, "/logging")
+        .await
+        .text()
+        .contains("mecha: debug"));
+
+    assert_eq!(
+        admin_post(&m, "/drain_listeners?inboundonly").await.status,
+        400
+    );
+    assert_eq!(admin_post(&m, "/drain_listeners").await.text(), "OK\n");
+    assert!(
+        refuses_connections(port).await,
+        "the listener still accepts"
+    );
+    // Without `graceful`, connections already accepted carry on.
+    let r = send(
+        &c,
+        http::Request::get(&url).body(Default::default()).unwrap(),
+    )
+    .await;
+    assert_eq!(r.unwrap().status, 200);
+    assert_eq!(m.admin_get("/ready").await.status, 200);
+
+    let r = admin_post(&m, "/quitquitquit").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "OK\n"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let status = loop {
+        if let Some(s) = m.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn graceful_drain_listeners_reports_draining() {
+    let up = Upstream::echo("a").await;
+    let (admin, port) = (free_port(), free_port());
+    let routes =
+        "              - match: { prefix: \"/\" }\n                route: { cluster: backend }\n";
+    let cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &vhost_routes(routes),
+        &static_cluster("backend", &[up.addr], "ROUND_ROBIN", ""),
+    );
+    let m = Mecha::start(&cfg, admin).await;
+    assert_eq!(
+        admin_post(&m, "/drain_listeners?graceful").await.status,
+        200
+    );
+    assert!(
+        refuses_connections(port).await,
+        "the listener still accepts"
+    );
+    let r = m.admin_get("/ready").await;
+    assert_eq!((r.status, r.text().as_str()), (503, "DRAINING\n"));
+    assert_eq!(m.stat("server.live").await, Some(0));
+}
