@@ -445,7 +445,21 @@ fn config_dump(state: &ServerState) -> Value {
     if let Some(x) = state.xds.load_full() {
         xds_config_dump(&x, &mut dump);
     }
+    // Unset fields are absent from Envoy's dump (proto3 JSON), and `null` is not a value any
+    // field accepts when the dump is read back as a bootstrap.
+    strip_nulls(&mut dump);
     dump
+}
+
+fn strip_nulls(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.retain(|_, v| !v.is_null());
+            m.values_mut().for_each(strip_nulls);
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
 }
 
 /// The dynamic sections (xDS): each resource with its `version_info` and `last_updated`.

@@ -538,3 +538,68 @@ async fn graceful_drain_listeners_reports_draining() {
     assert_eq!((r.status, r.text().as_str()), (503, "DRAINING\n"));
     assert_eq!(m.stat("server.live").await, Some(0));
 }
+
+fn has_null(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Null => true,
+        serde_json::Value::Object(m) => m.values().any(has_null),
+        serde_json::Value::Array(a) => a.iter().any(has_null),
+        _ => false,
+    }
+}
+
+#[tokio::test]
+async fn config_dump_static_resources_validate_again() {
+    let up = Upstream::echo("a").await;
+    let (admin, port, tcp_port) = (free_port(), free_port(), free_port());
+    let routes = "              - match: { prefix: \"/\" }\n                route: { cluster: backend, timeout: 0.25s }\n";
+    let mut cfg = http_bootstrap(
+        admin,
+        port,
+        "",
+        &vhost_routes(routes),
+        &static_cluster("backend", &[up.addr], "ROUND_ROBIN", ""),
+    );
+    // A second listener with a TCP proxy, inserted before `clusters:`.
+    let tcp = format!(
+        "  - name: tcp\n    address:\n      socket_address: {{ address: 127.0.0.1, port_value: {tcp_port} }}\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.tcp_proxy\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\n          stat_prefix: tcp_stats\n          cluster: backend\n  clusters:\n"
+    );
+    cfg = cfg.replacen("  clusters:\n", &tcp, 1);
+    let m = Mecha::start(&cfg, admin).await;
+    let dump = m.admin_get("/config_dump").await.json();
+    assert!(!has_null(&dump), "nulls in the dump");
+    let sr = dump["configs"][0]["bootstrap"]["static_resources"].clone();
+    let l = &sr["listeners"][0];
+    assert!(l.get("capture").is_none(), "{l}");
+    assert_eq!(l["bind_to_port"], true, "capture fields at Envoy's place");
+    let f = &l["filter_chains"][0]["filters"][0];
+    assert!(f.get("config").is_none(), "{f}");
+    assert_eq!(
+        f["typed_config"]["@type"],
+        "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+    );
+    assert_eq!(f["typed_config"]["stat_prefix"], "ingress_http");
+    assert_eq!(
+        sr["listeners"][1]["filter_chains"][0]["filters"][0]["typed_config"]["@type"],
+        "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+    );
+
+    // Round trip: the dumped static_resources are a bootstrap `mecha validate` accepts.
+    let path = m.config_path.with_file_name("dumped.json");
+    std::fs::write(
+        &path,
+        serde_json::to_vec(&serde_json::json!({ "static_resources": sr })).unwrap(),
+    )
+    .unwrap();
+    let out = std::process::Command::new(mecha_bin())
+        .args(["validate", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "validate failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
