@@ -121,12 +121,22 @@ fn run(args: RunArgs) -> i32 {
     // Logs go to stderr, as Envoy's do, so stdout stays free for what a user pipes.
     // Colour only on a terminal: redirected to a file or a log collector, escape codes would
     // split every `key=value` field.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // The filter sits behind a reload handle so that the admin's `/logging` can change it.
+    let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_target(false)
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
+            .init();
+    }
+    let log_control = log_control(reload, &args.log_level);
 
     if args.runtime.app_id.is_some() || args.config.is_none() {
         let concurrency = worker_count(args.concurrency);
@@ -155,6 +165,7 @@ fn run(args: RunArgs) -> i32 {
         concurrency,
         config_path: Some(config_path.display().to_string()),
         drain_timeout: Duration::from_secs(args.drain_time_s),
+        log_control: Some(log_control),
     };
     runtime.block_on(async move {
         let server = match mecha_proxy::Server::start(bootstrap, registry(), options).await {
@@ -170,12 +181,58 @@ fn run(args: RunArgs) -> i32 {
             return 1;
         }
         tracing::info!(concurrency, "mecha started");
-        wait_for_shutdown_signal().await;
+        tokio::select! {
+            _ = wait_for_shutdown_signal() => {}
+            _ = server.quit_requested() => {
+                // Envoy's /quitquitquit exits at once, without a drain.
+                tracing::info!("quitquitquit: exiting");
+                return 0;
+            }
+        }
         tracing::info!("draining");
         let clean = server.drain().await;
         tracing::info!(clean, "stopped");
         0
     })
+}
+
+/// `/logging`'s view of the reloadable filter. Envoy's level names are accepted (`warning`,
+/// `critical`); noisy dependencies stay at `warn` as at startup.
+fn log_control(
+    reload: tracing_subscriber::reload::Handle<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >,
+    initial: &str,
+) -> mecha_proxy::LogControl {
+    // The level as given, not the filter's rendering (which reorders the dependency directives).
+    let current = std::sync::Arc::new(std::sync::Mutex::new(initial.to_string()));
+    let shown = current.clone();
+    mecha_proxy::LogControl {
+        get: std::sync::Arc::new(move || match shown.lock() {
+            Ok(l) => l.clone(),
+            Err(p) => p.into_inner().clone(),
+        }),
+        set: std::sync::Arc::new(move |level: &str| {
+            let directive = match level {
+                "trace" | "debug" | "info" | "error" | "off" => level,
+                "warning" | "warn" => "warn",
+                "critical" => "error",
+                other => return Err(mecha_proxy::LogLevelError::Unknown(other.into())),
+            };
+            let filter =
+                tracing_subscriber::EnvFilter::try_new(format!("{directive},h2=warn,hyper=warn"))
+                    .map_err(|e| mecha_proxy::LogLevelError::Reload(e.to_string()))?;
+            reload
+                .reload(filter)
+                .map_err(|e| mecha_proxy::LogLevelError::Reload(e.to_string()))?;
+            match current.lock() {
+                Ok(mut l) => *l = level.to_string(),
+                Err(p) => *p.into_inner() = level.to_string(),
+            }
+            Ok(())
+        }),
+    }
 }
 
 async fn wait_for_shutdown_signal() {

@@ -413,6 +413,7 @@ async fn serve(
         concurrency,
         config_path: config.map(|p| p.display().to_string()),
         drain_timeout,
+        log_control: None,
     };
     let server = match mecha_proxy::Server::start_with(bootstrap, ctx, options).await {
         Ok(s) => s,

@@ -17,6 +17,8 @@ pub struct Listener {
     pub filter_chains: Vec<FilterChain>,
     pub per_connection_buffer_limit_bytes: Option<u32>,
     /// Transparent capture (`capture.rs`): use_original_dst, listener_filters, bind_to_port...
+    /// Flattened when serialized: these are fields of Envoy's Listener (config dump).
+    #[serde(flatten)]
     pub capture: crate::ListenerCapture,
     /// Used when no `filter_chain_match` matches (Envoy's `default_filter_chain`).
     pub default_filter_chain: Option<FilterChain>,
@@ -32,17 +34,45 @@ pub struct FilterChain {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct NetworkFilter {
     pub name: String,
+    /// Serialized as Envoy's `typed_config`, with its `@type` (config dump).
+    #[serde(rename = "typed_config")]
     pub config: NetworkFilterConfig,
 }
 
 /// The core network filters are typed here; other network filters stay opaque until the
 /// filter registry (in `mecha-filters`) builds them.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum NetworkFilterConfig {
     HttpConnectionManager(Box<HttpConnectionManager>),
     TcpProxy(TcpProxy),
     Other(TypedConfig),
+}
+
+impl serde::Serialize for NetworkFilterConfig {
+    /// As the `typed_config` it was read from: the message's fields plus its `@type`.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct Typed<'a, T> {
+            #[serde(rename = "@type")]
+            type_url: String,
+            #[serde(flatten)]
+            value: &'a T,
+        }
+        let url = |m: &str| format!("type.googleapis.com/{m}");
+        match self {
+            Self::HttpConnectionManager(h) => Typed {
+                type_url: url(HCM_TYPE),
+                value: &**h,
+            }
+            .serialize(s),
+            Self::TcpProxy(t) => Typed {
+                type_url: url(TCP_PROXY_TYPE),
+                value: t,
+            }
+            .serialize(s),
+            Self::Other(tc) => tc.serialize(s),
+        }
+    }
 }
 
 #[derive(Deserialize)]

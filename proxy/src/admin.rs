@@ -1,7 +1,7 @@
 //! The admin endpoint (Envoy's admin API subset): `/ready`, `/server_info`, `/listeners`,
-//! `/clusters`, `/config_dump`, `/stats`, `/stats/prometheus`.
+//! `/clusters`, `/config_dump`, `/stats`, `/stats/prometheus` (see docs/configuration.md, Admin API).
 
-use crate::server::ServerState;
+use crate::server::{ServerLifecycle, ServerState};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
@@ -31,6 +31,55 @@ pub async fn serve(listener: TcpListener, state: Arc<ServerState>) {
     }
 }
 
+/// The admin paths that need POST (Envoy's `mutates_server_state` handlers).
+const MUTATING: [&str; 6] = [
+    "/quitquitquit",
+    "/healthcheck/fail",
+    "/healthcheck/ok",
+    "/drain_listeners",
+    "/reset_counters",
+    "/logging",
+];
+
+fn ok() -> Response<Full<Bytes>> {
+    text(StatusCode::OK, "OK\n".into(), "text/plain")
+}
+
+fn state_quit_later(state: &ServerState) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let quit = state.quit.clone();
+    async move {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        quit.notify_one();
+    }
+}
+
+/// `/logging`: without a query it lists the level; `?level=<level>` sets it for every logger.
+fn logging(state: &ServerState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let Some(ctl) = &state.options.log_control else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "logging is not controlled by this server\n".into(),
+            "text/plain",
+        );
+    };
+    if let Some(level) = query_param(req, "level") {
+        if let Err(e) = (ctl.set)(&percent_decode(level)) {
+            return text(StatusCode::BAD_REQUEST, format!("{e}\n"), "text/plain");
+        }
+    } else if req.uri().query().is_some_and(|q| !q.is_empty()) {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "usage: /logging?level=<trace|debug|info|warning|error|critical|off>\n".into(),
+            "text/plain",
+        );
+    }
+    text(
+        StatusCode::OK,
+        format!("active loggers:\n  mecha: {}\n", (ctl.get)()),
+        "text/plain",
+    )
+}
+
 fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
@@ -58,31 +107,82 @@ fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
 
 pub fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let json_format = query_param(&req, "format") == Some("json");
-    match req.uri().path() {
+    let path = req.uri().path();
+    // As Envoy, endpoints that change the server's state only answer POST.
+    if MUTATING.contains(&path) && req.method() != http::Method::POST {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("Method {} not allowed, POST required.\n", req.method()),
+            "text/plain",
+        );
+    }
+    if path.starts_with("/stats") {
+        // The `server.*` gauges are derived: bring them up to date for this render.
+        state.refresh_server_stats();
+    }
+    match path {
         "/ready" => {
-            if state.ready.load(Ordering::SeqCst) {
-                text(StatusCode::OK, "LIVE\n".into(), "text/plain")
-            } else if state.drain.is_draining() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n".into(), "text/plain")
-            } else if state.initializing.load(Ordering::SeqCst) {
-                text(StatusCode::SERVICE_UNAVAILABLE, "INITIALIZING\n".into(), "text/plain")
+            let l = state.lifecycle();
+            let status = if l == ServerLifecycle::Live {
+                StatusCode::OK
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING\n".into(), "text/plain")
-            }
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            text(status, format!("{}\n", l.as_str()), "text/plain")
         }
+        "/quitquitquit" => {
+            // notify_one keeps the wake-up if the binary is not waiting yet; the short delay
+            // lets this reply reach the client before the runtime shuts down.
+            let quit = state_quit_later(state);
+            tokio::spawn(quit);
+            ok()
+        }
+        "/healthcheck/fail" => {
+            state.healthcheck_failed.store(true, Ordering::SeqCst);
+            state.refresh_server_stats();
+            ok()
+        }
+        "/healthcheck/ok" => {
+            state.healthcheck_failed.store(false, Ordering::SeqCst);
+            state.refresh_server_stats();
+            ok()
+        }
+        "/drain_listeners" => {
+            if query_param(&req, "inboundonly").is_some() {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "inboundonly is not supported: mecha does not tell inbound from outbound listeners\n".into(),
+                    "text/plain",
+                );
+            }
+            if query_param(&req, "graceful").is_some() {
+                // Stop accepting and let in-flight requests finish (up to --drain-time-s).
+                let (drain, timeout) = (state.drain.clone(), state.options.drain_timeout);
+                tokio::spawn(async move {
+                    drain.drain(timeout).await;
+                });
+            } else {
+                state.drain.stop_accepting();
+            }
+            ok()
+        }
+        "/reset_counters" => {
+            state.ctx.stats.reset_counters();
+            ok()
+        }
+        "/logging" => logging(state, &req),
         "/server_info" => json_resp(server_info(state)),
         "/listeners" => listeners(state, json_format),
         "/clusters" => clusters(state, json_format),
         "/config_dump" => json_resp(config_dump(state)),
+        "/stats" if query_param(&req, "format") == Some("prometheus") => prometheus(state, &req),
+        "/stats/prometheus" => prometheus(state, &req),
         "/stats" => {
-            // Envoy's `filter` is a regular expression over stat names; `usedonly` hides zeros.
-            let filter = query_param(&req, "filter").map(|f| regex::Regex::new(&percent_decode(f)));
-            let filter = match filter {
-                Some(Err(e)) => return text(StatusCode::BAD_REQUEST, format!("invalid regex: {e}\n"), "text/plain"),
-                Some(Ok(re)) => Some(re),
-                None => None,
+            let (filter, used_only) = match stats_filter(&req) {
+                Ok(f) => f,
+                Err(resp) => return resp,
             };
-            let used_only = query_param(&req, "usedonly").is_some();
+            let keep = |name: &str| filter.as_ref().is_none_or(|re| re.is_match(name));
             let body: String = state
                 .ctx
                 .stats
@@ -90,32 +190,87 @@ pub fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Full<Byte
                 .lines()
                 .filter(|l| {
                     let (name, value) = l.split_once(": ").unwrap_or((l, ""));
-                    filter.as_ref().is_none_or(|re| re.is_match(name)) && !(used_only && (value == "0" || value.starts_with("P0(nan")))
+                    keep(name) && !(used_only && (value == "0" || value == "No recorded values"))
                 })
                 .flat_map(|l| [l, "\n"])
                 .collect();
             if json_format {
-                let stats: Vec<Value> = body
+                let mut stats: Vec<Value> = body
                     .lines()
                     .filter_map(|l| l.split_once(": "))
-                    .map(|(k, v)| match v.parse::<i64>() {
-                        Ok(n) => json!({"name": k, "value": n}),
-                        Err(_) => json!({"name": k, "histograms": v}),
+                    .filter_map(|(k, v)| Some(json!({"name": k, "value": v.parse::<i64>().ok()?})))
+                    .collect();
+                let computed: Vec<Value> = state
+                    .ctx
+                    .stats
+                    .histograms()
+                    .into_iter()
+                    .filter(|(name, _, count)| keep(name) && !(used_only && *count == 0))
+                    .map(|(name, s, _)| {
+                        // Envoy's JSON has null where its text has nan.
+                        let num = |v: f64| if v.is_nan() { Value::Null } else { json!(v) };
+                        let values: Vec<Value> = s
+                            .interval
+                            .iter()
+                            .zip(s.cumulative.iter())
+                            .map(|(i, c)| json!({"interval": num(*i), "cumulative": num(*c)}))
+                            .collect();
+                        json!({"name": name, "values": values})
                     })
                     .collect();
+                if !computed.is_empty() {
+                    let supported: Vec<f64> = mecha_filters::stats::SUPPORTED_QUANTILES
+                        .iter()
+                        .map(|q| (q * 1000.0).round() / 10.0)
+                        .collect();
+                    stats.push(json!({"histograms": {"supported_quantiles": supported, "computed_quantiles": computed}}));
+                }
                 json_resp(json!({ "stats": stats }))
             } else {
                 text(StatusCode::OK, body, "text/plain")
             }
         }
-        "/stats/prometheus" => text(StatusCode::OK, state.ctx.stats.render_prometheus(), "text/plain; version=0.0.4"),
         "/" | "/help" => text(
             StatusCode::OK,
-            "admin commands are:\n  /clusters\n  /config_dump\n  /listeners\n  /ready\n  /server_info\n  /stats\n  /stats/prometheus\n".into(),
+            "admin commands are:\n  /clusters\n  /config_dump\n  /drain_listeners (POST)\n  /healthcheck/fail (POST)\n  /healthcheck/ok (POST)\n  /listeners\n  /logging (POST)\n  /quitquitquit (POST)\n  /ready\n  /reset_counters (POST)\n  /server_info\n  /stats\n  /stats/prometheus\n".into(),
             "text/plain",
         ),
         _ => text(StatusCode::NOT_FOUND, "invalid path. admin commands are listed at /help\n".into(), "text/plain"),
     }
+}
+
+/// Envoy's `filter` (a regular expression over the dotted stat names) and `usedonly` (hide what
+/// was never used); a bad regex is a 400.
+#[allow(clippy::result_large_err)]
+fn stats_filter(
+    req: &Request<Incoming>,
+) -> Result<(Option<regex::Regex>, bool), Response<Full<Bytes>>> {
+    let filter = match query_param(req, "filter").map(|f| regex::Regex::new(&percent_decode(f))) {
+        Some(Err(e)) => {
+            return Err(text(
+                StatusCode::BAD_REQUEST,
+                format!("invalid regex: {e}\n"),
+                "text/plain",
+            ))
+        }
+        Some(Ok(re)) => Some(re),
+        None => None,
+    };
+    Ok((filter, query_param(req, "usedonly").is_some()))
+}
+
+/// `/stats/prometheus` and `/stats?format=prometheus`.
+fn prometheus(state: &ServerState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (filter, used_only) = match stats_filter(req) {
+        Ok(f) => f,
+        Err(resp) => return resp,
+    };
+    let keep = |name: &str| filter.as_ref().is_none_or(|re| re.is_match(name));
+    text(
+        StatusCode::OK,
+        state.ctx.stats.render_prometheus_filtered(&keep, used_only),
+        "text/plain; version=0.0.4",
+    )
 }
 
 fn percent_decode(s: &str) -> String {
@@ -141,15 +296,7 @@ fn percent_decode(s: &str) -> String {
 
 fn server_info(state: &ServerState) -> Value {
     let uptime = state.started.elapsed().as_secs();
-    let st = if state.drain.is_draining() {
-        "DRAINING"
-    } else if state.ready.load(Ordering::SeqCst) {
-        "LIVE"
-    } else if state.initializing.load(Ordering::SeqCst) {
-        "INITIALIZING"
-    } else {
-        "PRE_INITIALIZING"
-    };
+    let st = state.lifecycle().as_str();
     let b = state.bootstrap.load();
     json!({
         "version": format!("mecha/{}", env!("CARGO_PKG_VERSION")),
@@ -208,6 +355,8 @@ fn clusters(state: &ServerState, json_format: bool) -> Response<Full<Bytes>> {
                                 {"name": "rq_active", "type": "GAUGE", "value": h.rq_active.load(Ordering::Relaxed)},
                                 {"name": "rq_total", "value": h.rq_total.load(Ordering::Relaxed)},
                                 {"name": "rq_error", "value": h.rq_error.load(Ordering::Relaxed)},
+                                {"name": "rq_success", "value": h.rq_success.load(Ordering::Relaxed)},
+                                {"name": "rq_timeout", "value": h.rq_timeout.load(Ordering::Relaxed)},
                             ],
                             "health_status": {"eds_health_status": if h.is_healthy() { "HEALTHY" } else { "UNHEALTHY" }, "flags": h.health_text()},
                             "weight": h.weight,
@@ -244,6 +393,14 @@ fn clusters(state: &ServerState, json_format: bool) -> Response<Full<Bytes>> {
                 ),
                 ("rq_active", h.rq_active.load(Ordering::Relaxed).to_string()),
                 ("rq_error", h.rq_error.load(Ordering::Relaxed).to_string()),
+                (
+                    "rq_success",
+                    h.rq_success.load(Ordering::Relaxed).to_string(),
+                ),
+                (
+                    "rq_timeout",
+                    h.rq_timeout.load(Ordering::Relaxed).to_string(),
+                ),
                 ("rq_total", h.rq_total.load(Ordering::Relaxed).to_string()),
                 ("hostname", h.hostname.to_string()),
                 ("health_flags", h.health_text()),
@@ -288,7 +445,21 @@ fn config_dump(state: &ServerState) -> Value {
     if let Some(x) = state.xds.load_full() {
         xds_config_dump(&x, &mut dump);
     }
+    // Unset fields are absent from Envoy's dump (proto3 JSON), and `null` is not a value any
+    // field accepts when the dump is read back as a bootstrap.
+    strip_nulls(&mut dump);
     dump
+}
+
+fn strip_nulls(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.retain(|_, v| !v.is_null());
+            m.values_mut().for_each(strip_nulls);
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
 }
 
 /// The dynamic sections (xDS): each resource with its `version_info` and `last_updated`.

@@ -13,6 +13,9 @@ const FORCED: u8 = 2;
 #[derive(Clone)]
 pub struct Drain {
     state: watch::Sender<u8>,
+    /// Set by `/drain_listeners` (without `graceful`): listeners stop accepting while the
+    /// connections they accepted carry on undisturbed.
+    accepting_stopped: watch::Sender<bool>,
     conns: Arc<(AtomicUsize, Notify)>,
     /// Set for a [`Drain::child`]: the parent's drain reaches this scope too.
     parent: Option<Box<Drain>>,
@@ -22,6 +25,7 @@ impl Default for Drain {
     fn default() -> Self {
         Self {
             state: watch::Sender::new(RUNNING),
+            accepting_stopped: watch::Sender::new(false),
             conns: Arc::new((AtomicUsize::new(0), Notify::new())),
             parent: None,
         }
@@ -73,6 +77,35 @@ impl Drain {
                     }
                 }
                 None => own.await,
+            }
+        })
+    }
+
+    /// Stops listeners of this scope (and its children) from accepting, without draining.
+    pub fn stop_accepting(&self) {
+        self.accepting_stopped.send_replace(true);
+    }
+
+    /// Resolves once listeners must stop accepting: on [`Drain::stop_accepting`] or when
+    /// draining begins, here or in a parent scope.
+    pub fn accept_stopped(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let mut rx = self.accepting_stopped.subscribe();
+        let draining = self.signaled();
+        let parent = self.parent.as_ref().map(|p| p.accept_stopped());
+        Box::pin(async move {
+            let own = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            let parent = async move {
+                match parent {
+                    Some(p) => p.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = own => {}
+                _ = draining => {}
+                _ = parent => {}
             }
         })
     }

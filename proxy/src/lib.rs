@@ -30,7 +30,7 @@ pub mod timer_anchor;
 pub mod xds_apply;
 
 pub use build::{build, BuildContext, Snapshot};
-pub use server::{Server, ServerOptions};
+pub use server::{LogControl, LogLevelError, Server, ServerOptions};
 
 /// Errors that stop the proxy from starting.
 #[derive(Debug, thiserror::Error)]

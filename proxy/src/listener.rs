@@ -70,7 +70,7 @@ pub fn bind(addr: SocketAddr, ipv4_compat: bool) -> std::io::Result<TcpListener>
 
 /// Accepts until draining starts; each connection is served on its own task.
 pub async fn run(listener: TcpListener, runtime: Arc<ArcSwap<ListenerRuntime>>, drain: Drain) {
-    let mut stop = drain.signaled();
+    let mut stop = drain.accept_stopped();
     loop {
         let (stream, remote) = tokio::select! {
             r = listener.accept() => match r {

@@ -3,10 +3,11 @@
 use crate::build::{build, BuildContext, Snapshot};
 use crate::drain::Drain;
 use crate::listener::{self, ListenerRuntime};
+use crate::stats::ServerStats;
 use crate::ProxyError;
 use arc_swap::ArcSwap;
 use mecha_config::Bootstrap;
-use mecha_filters::stats::Store;
+use mecha_filters::stats::{Scope, Store};
 use mecha_filters::Registry;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +20,8 @@ pub struct ServerOptions {
     pub config_path: Option<String>,
     /// How long in-flight requests may take to finish after a drain starts.
     pub drain_timeout: Duration,
+    /// The process's log filter, for `/logging`; `None` when the embedder owns logging.
+    pub log_control: Option<LogControl>,
 }
 
 impl Default for ServerOptions {
@@ -27,7 +30,34 @@ impl Default for ServerOptions {
             concurrency: 1,
             config_path: None,
             drain_timeout: Duration::from_secs(10),
+            log_control: None,
         }
+    }
+}
+
+/// Reads and replaces the process's log level at runtime (the binary owns the subscriber, so it
+/// hands in closures over its reload handle).
+#[derive(Clone)]
+pub struct LogControl {
+    /// The current level (e.g. `info`).
+    pub get: Arc<dyn Fn() -> String + Send + Sync>,
+    /// Sets every logger's level.
+    pub set: SetLogLevel,
+}
+
+pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), LogLevelError> + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogLevelError {
+    #[error("unknown logger level: {0}")]
+    Unknown(String),
+    #[error("cannot change the log filter: {0}")]
+    Reload(String),
+}
+
+impl std::fmt::Debug for LogControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogControl")
     }
 }
 
@@ -46,6 +76,12 @@ pub struct ServerState {
     pub last_updated: ArcSwap<std::time::SystemTime>,
     /// The xDS resources last applied (`/config_dump`'s dynamic sections); `None` without xDS.
     pub xds: arc_swap::ArcSwapOption<mecha_config::XdsResources>,
+    /// `/healthcheck/fail` was called (and not undone by `/healthcheck/ok`): the server reports
+    /// DRAINING, as Envoy.
+    pub healthcheck_failed: AtomicBool,
+    /// Woken by `/quitquitquit`; see [`Server::quit_requested`].
+    pub quit: Arc<tokio::sync::Notify>,
+    pub server_stats: ServerStats,
 }
 
 pub struct Server {
@@ -53,7 +89,59 @@ pub struct Server {
     pub admin_addr: Option<SocketAddr>,
 }
 
+/// Envoy's `ServerInfo.State`, with its `server.state` gauge value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerLifecycle {
+    Live = 0,
+    Draining = 1,
+    PreInitializing = 2,
+    Initializing = 3,
+}
+
+impl ServerLifecycle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Live => "LIVE",
+            Self::Draining => "DRAINING",
+            Self::PreInitializing => "PRE_INITIALIZING",
+            Self::Initializing => "INITIALIZING",
+        }
+    }
+}
+
 impl ServerState {
+    pub fn lifecycle(&self) -> ServerLifecycle {
+        if self.drain.is_draining() {
+            ServerLifecycle::Draining
+        } else if self.ready.load(Ordering::SeqCst) {
+            if self.healthcheck_failed.load(Ordering::SeqCst) {
+                ServerLifecycle::Draining
+            } else {
+                ServerLifecycle::Live
+            }
+        } else if self.initializing.load(Ordering::SeqCst) {
+            ServerLifecycle::Initializing
+        } else {
+            ServerLifecycle::PreInitializing
+        }
+    }
+
+    /// Brings the `server.*` gauges up to date (they are derived, not counted on any path).
+    pub fn refresh_server_stats(&self) {
+        let s = &self.server_stats;
+        // Envoy's `server.live`: 0 once health checks are failed (or the server drains).
+        s.live.set(i64::from(
+            !self.healthcheck_failed.load(Ordering::SeqCst) && !self.drain.is_draining(),
+        ));
+        s.state.set(self.lifecycle() as i64);
+        s.uptime
+            .set(i64::try_from(self.started.elapsed().as_secs()).unwrap_or(i64::MAX));
+        s.concurrency
+            .set(i64::try_from(self.options.concurrency).unwrap_or(i64::MAX));
+        s.total_connections
+            .set(i64::try_from(self.drain.open_connections()).unwrap_or(i64::MAX));
+    }
+
     /// Initialization is over (first dynamic config applied, or given up waiting for it): the
     /// server is LIVE unless it is already draining.
     pub fn mark_initialized(&self) {
@@ -61,6 +149,21 @@ impl ServerState {
             tracing::info!("initialized: server is LIVE");
             self.ready.store(true, Ordering::SeqCst);
         }
+    }
+}
+
+/// Envoy's default `stats_flush_interval`: histograms' interval quantiles cover one of these.
+pub const STATS_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Ends a stats flush interval every [`STATS_FLUSH_INTERVAL`], off the request path.
+async fn flush_stats(state: Arc<ServerState>) {
+    let mut tick = tokio::time::interval(STATS_FLUSH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        state.refresh_server_stats();
+        state.ctx.stats.flush_histograms();
     }
 }
 
@@ -135,6 +238,7 @@ impl Server {
             .dynamic_resources
             .as_ref()
             .is_some_and(|d| d.lds_config.is_some() || d.cds_config.is_some());
+        let ctx_stats = ctx.stats.clone();
         let state = Arc::new(ServerState {
             ctx,
             bootstrap: ArcSwap::from_pointee(bootstrap),
@@ -146,7 +250,12 @@ impl Server {
             drain,
             last_updated: ArcSwap::from_pointee(std::time::SystemTime::now()),
             xds: Default::default(),
+            healthcheck_failed: AtomicBool::new(false),
+            quit: Arc::new(tokio::sync::Notify::new()),
+            server_stats: ServerStats::new(&ctx_stats, &Scope::plain("server")),
         });
+        state.refresh_server_stats();
+        tokio::spawn(flush_stats(state.clone()));
         let admin_addr = match admin {
             Some(tcp) => {
                 let addr = tcp.local_addr().ok();
@@ -181,6 +290,11 @@ impl Server {
             .into_iter()
             .find(|(n, _)| n == name)
             .map(|(_, a)| a)
+    }
+
+    /// Resolves when `/quitquitquit` asks the process to exit.
+    pub async fn quit_requested(&self) {
+        self.state.quit.notified().await;
     }
 
     /// Stops accepting and waits (up to the drain timeout) for in-flight requests to finish.

@@ -1,15 +1,16 @@
 //! Typed bundles of stat handles, resolved once per cluster / connection manager / TCP proxy so
 //! the request path only touches atomics.
 
-use mecha_filters::stats::{Counter, Gauge, Histogram, Scope, Store};
+use mecha_filters::stats::{CodeCounters, Counter, Gauge, Histogram, Scope, Store};
 
 macro_rules! stat_struct {
-    ($name:ident { counters: [$($c:ident),* $(,)?], gauges: [$($g:ident),* $(,)?], histograms: [$($h:ident),* $(,)?] }) => {
+    ($name:ident { counters: [$($c:ident),* $(,)?], gauges: [$($g:ident),* $(,)?], histograms: [$($h:ident),* $(,)?] $(, codes: [$($k:ident),* $(,)?])? }) => {
         #[derive(Clone, Debug)]
         pub struct $name {
             $(pub $c: Counter,)*
             $(pub $g: Gauge,)*
             $(pub $h: Histogram,)*
+            $($(pub $k: CodeCounters,)*)?
         }
         impl $name {
             pub fn new(store: &Store, scope: &Scope) -> Self {
@@ -17,6 +18,7 @@ macro_rules! stat_struct {
                     $($c: store.counter(scope, stringify!($c)),)*
                     $($g: store.gauge(scope, stringify!($g)),)*
                     $($h: store.histogram(scope, stringify!($h)),)*
+                    $($($k: store.codes(scope, stringify!($k)),)*)?
                 }
             }
         }
@@ -52,11 +54,14 @@ stat_struct!(ClusterStats {
         membership_degraded,
         membership_excluded
     ],
-    histograms: [upstream_rq_time, upstream_cx_connect_ms]
+    histograms: [upstream_rq_time, upstream_cx_connect_ms],
+    // `upstream_rq_<code>`: listed per code once used, as Envoy creates them.
+    codes: [upstream_rq]
 });
 
 impl ClusterStats {
     pub fn record_status(&self, status: u16) {
+        self.upstream_rq.inc(status);
         match status / 100 {
             1 => self.upstream_rq_1xx.inc(),
             2 => self.upstream_rq_2xx.inc(),
@@ -198,5 +203,12 @@ stat_struct!(HealthCheckStats {
         verify_cluster
     ],
     gauges: [healthy, degraded],
+    histograms: []
+});
+
+// `server.*`, Envoy's names; refreshed by the stats flush and before `/stats` renders.
+stat_struct!(ServerStats {
+    counters: [],
+    gauges: [live, state, uptime, concurrency, total_connections],
     histograms: []
 });

@@ -43,12 +43,11 @@ impl TcpProxy {
         };
         let s = &cluster.stats;
         let mut attempts = 0;
-        let (host, upstream, _active) = loop {
+        let (host, upstream) = loop {
             let Some(host) = cluster.pick_for(None, Some(local)) else {
                 cluster.stats.upstream_cx_none_healthy.inc();
                 return;
             };
-            let active = ActiveRequest::new(host.clone());
             s.upstream_cx_total.inc();
             host.cx.cx_total.fetch_add(1, Ordering::Relaxed);
             attempts += 1;
@@ -58,7 +57,7 @@ impl TcpProxy {
             )
             .await
             {
-                Ok(Ok(u)) => break (host, u, active),
+                Ok(Ok(u)) => break (host, u),
                 Ok(Err(e)) => {
                     tracing::debug!(cluster = %cluster.name, host = %host.addr, error = %e, attempt = attempts, "tcp_proxy connect failed");
                     s.upstream_cx_connect_fail.inc();
@@ -75,6 +74,12 @@ impl TcpProxy {
                 return;
             }
         };
+        // As Envoy's TCP connection pool: a connection handed to the proxy counts as one
+        // request, on the cluster and on the host, for as long as it lives.
+        let _active = ActiveRequest::new(host.clone());
+        s.upstream_rq_total.inc();
+        s.upstream_rq_active.inc();
+        let _rq_active = RqActive(s.upstream_rq_active.clone());
         let _ = upstream.set_nodelay(true);
         s.upstream_cx_active.inc();
         host.cx.cx_active.fetch_add(1, Ordering::Relaxed);
@@ -108,6 +113,15 @@ impl TcpProxy {
         s.upstream_cx_active.dec();
         s.upstream_cx_destroy.inc();
         host.cx.cx_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Decrements the cluster's `upstream_rq_active` when the proxied connection ends.
+struct RqActive(mecha_filters::stats::Gauge);
+
+impl Drop for RqActive {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

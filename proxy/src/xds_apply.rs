@@ -477,7 +477,7 @@ fn stop_listener(a: ActiveListener, drain_time: Duration) {
 /// The accept loop of an xDS listener: each connection is served by the generation current when
 /// it was accepted and is tracked in that generation's drain scope.
 async fn accept_loop(tcp: TcpListener, current: Arc<ArcSwap<Generation>>, stop: Drain) {
-    let mut stopped = stop.signaled();
+    let mut stopped = stop.accept_stopped();
     loop {
         let (stream, remote) = tokio::select! {
             r = tcp.accept() => match r {

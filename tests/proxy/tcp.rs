@@ -86,6 +86,14 @@ async fn tcp_proxy_half_close_and_byte_exact() {
         Some(payload.len() as i64)
     );
     assert_eq!(m.stat("cluster.echo.upstream_cx_total").await, Some(1));
+    // As Envoy's TCP connection pool, the proxied connection is one upstream request.
+    assert_eq!(m.stat("cluster.echo.upstream_rq_total").await, Some(1));
+    assert_eq!(m.stat("cluster.echo.upstream_rq_active").await, Some(0));
+    let clusters = m.admin_get("/clusters").await.text();
+    assert!(
+        clusters.contains(&format!("echo::{echo}::rq_total::1\n")),
+        "{clusters}"
+    );
 }
 
 #[tokio::test]

@@ -22,7 +22,13 @@ pub struct Host {
     pub locality: Option<Locality>,
     pub rq_active: AtomicU64,
     pub rq_total: AtomicU64,
+    /// As Envoy: responses with a 5xx status, and requests that got none (reset, connect
+    /// failure, timeout).
     pub rq_error: AtomicU64,
+    /// As Envoy: responses with any other status.
+    pub rq_success: AtomicU64,
+    /// Attempts to this host that hit the route timeout or the per-try timeout.
+    pub rq_timeout: AtomicU64,
     pub cx: Arc<ConnStats>,
     pub health_flags: AtomicU32,
     /// The connection pool of DEFAULT-priority requests. As Envoy, each routing priority has its
@@ -36,6 +42,15 @@ pub struct Host {
 }
 
 impl Host {
+    /// Charges a response's status to the host, as Envoy's router does.
+    pub fn charge_status(&self, status: u16) {
+        if status >= 500 {
+            self.rq_error.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.rq_success.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn is_healthy(&self) -> bool {
         self.health_flags.load(Ordering::Relaxed) == 0
     }

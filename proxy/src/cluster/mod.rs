@@ -414,6 +414,8 @@ impl Cluster {
             rq_active: AtomicU64::new(0),
             rq_total: AtomicU64::new(0),
             rq_error: AtomicU64::new(0),
+            rq_success: AtomicU64::new(0),
+            rq_timeout: AtomicU64::new(0),
             pool: self.new_pool(s.addr, &cx, false),
             high_pool: std::sync::OnceLock::new(),
             cx,
@@ -509,6 +511,7 @@ impl Cluster {
                     .upstream_rq_time
                     .record_duration_ms(crate::clock::now_std().saturating_duration_since(start));
                 stats.record_status(resp.status().as_u16());
+                host.charge_status(resp.status().as_u16());
                 stats.upstream_rq_completed.inc();
                 if let Some(d) = outlier {
                     d.report(&host, outlier::Outcome::Status(resp.status().as_u16()));

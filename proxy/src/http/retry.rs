@@ -756,6 +756,13 @@ pub async fn forward(
     let Some(result) = result else {
         // The attempt in flight was dropped with the future: its upstream stream is reset.
         cluster.stats.upstream_rq_timeout.inc();
+        if let Some(h) = &current {
+            // Envoy charges the host a timeout and, for the 504 it answers, an error.
+            h.rq_timeout
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            h.rq_error
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if let (Some(h), Some(d)) = (&current, cluster.resilience.outlier()) {
             d.report(h, Outcome::Timeout);
         }
@@ -866,6 +873,8 @@ async fn attempt_with_idle(
 /// Accounts one attempt that hit `per_try_timeout` (stat, outlier detection).
 fn per_try_timed_out(cluster: &Cluster, host: &Arc<Host>) -> Failure {
     cluster.resilience.stats.upstream_rq_per_try_timeout.inc();
+    host.rq_timeout
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if let Some(d) = cluster.resilience.outlier() {
         d.report(host, Outcome::Timeout);
     }
