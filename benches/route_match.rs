@@ -104,11 +104,14 @@ fn bench_routes(c: &mut Criterion) {
             let (_, path, extra) = route(i);
             let h = headers(extra);
             // The request must select exactly route i.
-            let r = t.route("api.example.com", &path, &h).expect("a route");
+            let r = t
+                .route(&http::Method::GET, "api.example.com", &path, &h)
+                .expect("a route");
             assert_eq!(cluster_of(r), format!("svc{}", i % 17));
             g.bench_with_input(BenchmarkId::new(label, n), &n, |b, _| {
                 b.iter(|| {
                     black_box(t.route(
+                        &http::Method::GET,
                         black_box("api.example.com"),
                         black_box(path.as_str()),
                         black_box(&h),
@@ -117,10 +120,13 @@ fn bench_routes(c: &mut Criterion) {
             });
         }
         let h = headers(None);
-        assert!(t.route("api.example.com", "/nothing/here", &h).is_none());
+        assert!(t
+            .route(&http::Method::GET, "api.example.com", "/nothing/here", &h)
+            .is_none());
         g.bench_with_input(BenchmarkId::new("miss", n), &n, |b, _| {
             b.iter(|| {
                 black_box(t.route(
+                    &http::Method::GET,
                     black_box("api.example.com"),
                     black_box("/nothing/here"),
                     black_box(&h),
@@ -163,9 +169,16 @@ fn bench_vhosts(c: &mut Criterion) {
         ("catch_all", "unknown.example.org"),
         ("uppercase", "SVC999.Example.COM"),
     ] {
-        assert!(t.route(host, "/", &h).is_some());
+        assert!(t.route(&http::Method::GET, host, "/", &h).is_some());
         g.bench_function(label, |b| {
-            b.iter(|| black_box(t.route(black_box(host), black_box("/x"), black_box(&h))))
+            b.iter(|| {
+                black_box(t.route(
+                    &http::Method::GET,
+                    black_box(host),
+                    black_box("/x"),
+                    black_box(&h),
+                ))
+            })
         });
     }
     g.finish();

@@ -21,11 +21,12 @@ pub trait HttpFilter: Send + Sync + 'static {
 pub trait HttpService: Send + Sync + 'static {
     fn call<'a>(&'a self, req: Request<Body>) -> BoxFuture<'a, Response<Body>>;
 
-    /// Whether a request for `host` and `path_and_query` with `headers` would find a route now
-    /// (the router answers from its current table, so the answer follows RDS updates); `None`:
-    /// this service cannot tell.
+    /// Whether a `method` request for `host` and `path_and_query` with `headers` would find a
+    /// route now (the router answers from its current table, so the answer follows RDS updates);
+    /// `None`: this service cannot tell.
     fn would_route(
         &self,
+        _method: &http::Method,
         _host: &str,
         _path_and_query: &str,
         _headers: &HeaderMap,
@@ -46,11 +47,13 @@ impl<'a> Next<'a> {
     /// and has another way to send it can skip the re-routing pass when the answer is no.
     pub fn would_route(
         &self,
+        method: &http::Method,
         host: &str,
         path_and_query: &str,
         headers: &HeaderMap,
     ) -> Option<bool> {
-        self.terminal.would_route(host, path_and_query, headers)
+        self.terminal
+            .would_route(method, host, path_and_query, headers)
     }
 
     pub fn run(self, req: Request<Body>) -> BoxFuture<'a, Response<Body>> {

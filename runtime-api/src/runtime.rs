@@ -960,7 +960,7 @@ impl Runtime {
             // Asking the router's table first spares the usual case (no route for the app id:
             // straight to its cluster) a whole pass through the rest of the chain.
             let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-            let routed = next.would_route(app_id, pq, req.headers()) != Some(false);
+            let routed = next.would_route(req.method(), app_id, pq, req.headers()) != Some(false);
             let host = || http::HeaderValue::from_str(app_id).ok();
             if let Some(host) = routed.then(host).flatten() {
                 match route_invoke(next, req, host).await {

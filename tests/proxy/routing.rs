@@ -114,11 +114,56 @@ async fn header_and_query_matchers() {
                   query_parameters:
                   - { name: flag, present_match: true }
                 route: { cluster: b }
+              - match:
+                  prefix: "/"
+                  headers:
+                  - { name: ":method", string_match: { exact: "DELETE" } }
+                route: { cluster: b }
+              - match:
+                  prefix: "/"
+                  headers:
+                  - { name: ":path", string_match: { suffix: "?pseudo" } }
+                  - { name: ":authority", string_match: { prefix: "pseudo." } }
+                  - { name: ":scheme", string_match: { exact: "http" } }
+                route: { cluster: b }
               - match: { prefix: "/" }
                 route: { cluster: a }
 "#;
     let (_m, port, _a, _b) = start_ab(&vhost_routes(routes), "").await;
     let url = format!("http://127.0.0.1:{port}/p");
+    // Pseudo-header matchers (Envoy matches them for HTTP/1 requests too).
+    let del = send(
+        &client(),
+        http::Request::delete(&url).body(Default::default()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(del.header("x-upstream-name"), Some("b"));
+    assert_eq!(
+        get_with(&format!("{url}?pseudo"), &[("host", "pseudo.example")])
+            .await
+            .header("x-upstream-name"),
+        Some("b")
+    );
+    assert_eq!(
+        get_with(&format!("{url}?pseudo"), &[("host", "other.example")])
+            .await
+            .header("x-upstream-name"),
+        Some("a")
+    );
+    // CONNECT matches no prefix route (Envoy sends it only to connect_matcher routes): 404.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     let who = |r: Response| r.header("x-upstream-name").unwrap().to_string();
     assert_eq!(who(get_with(&url, &[]).await), "a");
     assert_eq!(who(get_with(&url, &[("x-exact", "yes")]).await), "b");

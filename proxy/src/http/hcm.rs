@@ -567,7 +567,9 @@ impl Hcm {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        let route = table.route(host, path, req.headers()).cloned();
+        let route = table
+            .route(req.method(), host, path, req.headers())
+            .cloned();
         let per_filter = route
             .as_ref()
             .map(|r| r.per_filter.clone())

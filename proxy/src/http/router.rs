@@ -48,6 +48,7 @@ impl HttpService for Router {
 
     fn would_route(
         &self,
+        method: &http::Method,
         host: &str,
         path_and_query: &str,
         headers: &http::HeaderMap,
@@ -55,7 +56,7 @@ impl HttpService for Router {
         Some(
             self.routes
                 .load()
-                .route(host, path_and_query, headers)
+                .route(method, host, path_and_query, headers)
                 .is_some(),
         )
     }
@@ -71,7 +72,9 @@ impl Router {
                 .path_and_query()
                 .map(|p| p.as_str())
                 .unwrap_or("/");
-            table.route(authority(&req), path, req.headers()).cloned()
+            table
+                .route(req.method(), authority(&req), path, req.headers())
+                .cloned()
         } else {
             req.extensions()
                 .get::<RequestInfo>()

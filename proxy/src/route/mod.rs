@@ -191,16 +191,41 @@ enum HeaderTest {
     Range(i64, i64),
 }
 
+/// What a header matcher reads: a header, or one of the HTTP/2 pseudo-headers Envoy lets routes
+/// match on (for HTTP/1 requests too).
+enum MatchTarget {
+    Header(HeaderName),
+    Method,
+    Authority,
+    Path,
+    Scheme,
+}
+
+/// The request line, for pseudo-header matchers.
+pub struct Pseudo<'a> {
+    pub method: &'a http::Method,
+    pub authority: &'a str,
+    pub path_and_query: &'a str,
+}
+
 struct HeaderMatch {
-    name: HeaderName,
+    target: MatchTarget,
     test: HeaderTest,
     invert: bool,
     missing_as_empty: bool,
 }
 
 impl HeaderMatch {
-    fn matches(&self, headers: &HeaderMap) -> bool {
-        let mut values = headers.get_all(&self.name).iter();
+    fn matches(&self, pseudo: &Pseudo<'_>, headers: &HeaderMap) -> bool {
+        let name = match &self.target {
+            MatchTarget::Header(n) => n,
+            MatchTarget::Method => return self.test_value(Some(pseudo.method.as_str())),
+            MatchTarget::Authority => return self.test_value(Some(pseudo.authority)),
+            MatchTarget::Path => return self.test_value(Some(pseudo.path_and_query)),
+            // mecha's listeners are cleartext.
+            MatchTarget::Scheme => return self.test_value(Some("http")),
+        };
+        let mut values = headers.get_all(name).iter();
         let joined: Option<std::borrow::Cow<'_, str>> = match values.next() {
             None => None,
             Some(first) => {
@@ -219,9 +244,13 @@ impl HeaderMatch {
                 }
             }
         };
-        let value = match (joined, self.missing_as_empty) {
+        self.test_value(joined.as_deref())
+    }
+
+    fn test_value(&self, value: Option<&str>) -> bool {
+        let value = match (value, self.missing_as_empty) {
             (Some(v), _) => v,
-            (None, true) => "".into(),
+            (None, true) => "",
             (None, false) => {
                 // A missing header only satisfies `present_match: false` (or its inversion).
                 return match self.test {
@@ -231,7 +260,7 @@ impl HeaderMatch {
             }
         };
         let r = match &self.test {
-            HeaderTest::Str(m) => m.matches(&value),
+            HeaderTest::Str(m) => m.matches(value),
             HeaderTest::Present(p) => *p,
             HeaderTest::Range(start, end) => value
                 .trim()
@@ -425,18 +454,32 @@ impl RouteTable {
     }
 
     /// Selects the route for a request: the first matching route of the selected virtual host.
+    ///
+    /// A CONNECT request matches no route: Envoy sends it only to `connect_matcher` routes, which
+    /// mecha does not have.
     pub fn route(
         &self,
+        method: &http::Method,
         host: &str,
         path_and_query: &str,
         headers: &HeaderMap,
     ) -> Option<&Arc<RouteEntry>> {
+        if method == http::Method::CONNECT {
+            return None;
+        }
         let vh = self.select_vhost(host)?;
         let (path, query) = match path_and_query.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (path_and_query, None),
         };
-        vh.routes.iter().find(|r| r.matches(path, query, headers))
+        let pseudo = Pseudo {
+            method,
+            authority: host,
+            path_and_query,
+        };
+        vh.routes
+            .iter()
+            .find(|r| r.matches(path, query, &pseudo, headers))
     }
 
     pub fn route_count(&self) -> usize {
@@ -445,7 +488,13 @@ impl RouteTable {
 }
 
 impl RouteEntry {
-    pub fn matches(&self, path: &str, query: Option<&str>, headers: &HeaderMap) -> bool {
+    pub fn matches(
+        &self,
+        path: &str,
+        query: Option<&str>,
+        pseudo: &Pseudo<'_>,
+        headers: &HeaderMap,
+    ) -> bool {
         let path_ok = match &self.path {
             PathMatch::Prefix(p) => starts_with(path, p, self.case_sensitive),
             PathMatch::Exact(p) => {
@@ -472,7 +521,11 @@ impl RouteEntry {
         {
             return false;
         }
-        if !self.header_matchers.iter().all(|h| h.matches(headers)) {
+        if !self
+            .header_matchers
+            .iter()
+            .all(|h| h.matches(pseudo, headers))
+        {
             return false;
         }
         self.query_matchers.iter().all(|m| {
@@ -659,15 +712,22 @@ fn compile_route(
     let mut header_matchers = vec![];
     for (i, h) in m.headers.iter().enumerate() {
         let hpath = format!("{mpath}.headers[{i}]");
-        let name = match HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes()) {
-            Ok(n) => n,
-            Err(_) => {
-                errors.push(err(
-                    format!("{hpath}.name"),
-                    format!("invalid header name \"{}\"", h.name),
-                ));
-                continue;
-            }
+        let lower = h.name.to_ascii_lowercase();
+        let target = match lower.as_str() {
+            ":method" => MatchTarget::Method,
+            ":authority" | "host" => MatchTarget::Authority,
+            ":path" => MatchTarget::Path,
+            ":scheme" => MatchTarget::Scheme,
+            _ => match HeaderName::from_bytes(lower.as_bytes()) {
+                Ok(n) => MatchTarget::Header(n),
+                Err(_) => {
+                    errors.push(err(
+                        format!("{hpath}.name"),
+                        format!("invalid header name \"{}\"", h.name),
+                    ));
+                    continue;
+                }
+            },
         };
         let s = |m: StrMatch| {
             Ok(HeaderTest::Str(StringMatcher {
@@ -700,7 +760,7 @@ fn compile_route(
         };
         match test {
             Ok(test) => header_matchers.push(HeaderMatch {
-                name,
+                target,
                 test,
                 invert: h.invert_match,
                 missing_as_empty: h.treat_missing_header_as_empty,
@@ -1189,7 +1249,10 @@ virtual_hosts:
         let old = RouteTable::compile(&old_rc, "", &no_filters).expect("old");
         let new = RouteTable::compile_reusing(&new_rc, "", &no_filters, Some((&old_rc, &old)))
             .expect("new");
-        let route = |t: &RouteTable, host: &str| t.route(host, "/x", &HeaderMap::new()).cloned();
+        let route = |t: &RouteTable, host: &str| {
+            t.route(&http::Method::GET, host, "/x", &HeaderMap::new())
+                .cloned()
+        };
         let (old_a, new_a) = (route(&old, "a").unwrap(), route(&new, "a").unwrap());
         assert!(
             Arc::ptr_eq(&old_a, &new_a),
