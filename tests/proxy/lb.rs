@@ -222,6 +222,55 @@ async fn ring_hash_and_maglev_are_sticky_per_key() {
     }
 }
 
+/// Envoy's sticky sessions: a cookie hash policy with a `ttl` gives a client without the cookie
+/// a generated one (`Set-Cookie`), and the requests that carry it back stay on one host.
+#[tokio::test]
+async fn cookie_hash_policy_with_ttl_generates_a_sticky_cookie() {
+    let extra =
+        "                  hash_policy: [{ cookie: { name: sticky, ttl: 3600s, path: / } }]\n";
+    let (_m, port, _ups) = start_lb("RING_HASH", 4, extra, "").await;
+    let mut owners = std::collections::HashSet::new();
+    for _ in 0..12 {
+        // A new connection each time: the generated value hashes the connection's addresses.
+        let r = send(
+            &client(),
+            http::Request::get(format!("http://127.0.0.1:{port}/"))
+                .body(Default::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        let set = r
+            .header("set-cookie")
+            .expect("a generated cookie")
+            .to_string();
+        assert!(set.starts_with("sticky=\""), "{set}");
+        assert!(set.ends_with("; Max-Age=3600; Path=/; HttpOnly"), "{set}");
+        let first = r.header("x-upstream-name").unwrap().to_string();
+        let cookie = set.split(';').next().unwrap().to_string();
+        // Sent back (quoted, as set), the cookie keeps the client on the host it got first.
+        let d = distribution(port, 5, &[("cookie", cookie.clone())]).await;
+        assert_eq!(d.len(), 1, "{cookie}: {d:?}");
+        assert_eq!(d.keys().next(), Some(&first), "{cookie}");
+        owners.insert(first);
+        // A request that carries the cookie gets no new one.
+        let r = send(
+            &client(),
+            http::Request::get(format!("http://127.0.0.1:{port}/"))
+                .header("cookie", cookie.as_str())
+                .body(Default::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.header("set-cookie"), None);
+    }
+    assert!(
+        owners.len() >= 2,
+        "generated cookies should spread: {owners:?}"
+    );
+}
+
 #[tokio::test]
 async fn priorities_fail_over_only_when_needed() {
     let p0 = Upstream::echo("p0").await;

@@ -134,7 +134,9 @@ async fn header_and_query_matchers() {
     // Pseudo-header matchers (Envoy matches them for HTTP/1 requests too).
     let del = send(
         &client(),
-        http::Request::delete(&url).body(Default::default()).unwrap(),
+        http::Request::delete(&url)
+            .body(Default::default())
+            .unwrap(),
     )
     .await
     .unwrap();
@@ -152,7 +154,9 @@ async fn header_and_query_matchers() {
         Some("a")
     );
     // CONNECT matches no prefix route (Envoy sends it only to connect_matcher routes): 404.
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     s.write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
         .await

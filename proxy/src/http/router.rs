@@ -172,10 +172,11 @@ impl Router {
             return retry::local_reply_for(action.not_found_status, "", grpc);
         };
         let query = req.uri().query();
+        let mut set_cookie = None;
         let hash = if action.hash_policy.is_empty() {
             None
         } else {
-            action.hash(req.headers(), query, remote.ip())
+            action.hash(req.headers(), query, remote, local, &mut set_cookie)
         };
         // ORIGINAL_DST clusters: the host is the connection's original destination (or header).
         let dst = cluster.http_destination(req.headers(), local);
@@ -269,6 +270,9 @@ impl Router {
                         .as_millis() as u64,
                 ),
             );
+        }
+        if let Some(c) = set_cookie {
+            resp.headers_mut().append(http::header::SET_COOKIE, c);
         }
         apply_response_ops(&route, weighted_ops.as_deref(), &mut resp, &vars);
         resp

@@ -8,7 +8,7 @@ pub mod headers;
 
 use bytes::Bytes;
 use headers::HeaderOps;
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use mecha_config::{self as cfg, ConfigError, TypedConfig};
 use mecha_filters::PerFilterConfig;
 use regex::Regex;
@@ -111,10 +111,30 @@ pub enum HostRewrite {
 }
 
 pub enum HashPolicy {
-    Header { name: HeaderName, terminal: bool },
-    Cookie { name: String, terminal: bool },
-    SourceIp { terminal: bool },
-    Query { name: String, terminal: bool },
+    Header {
+        name: HeaderName,
+        terminal: bool,
+    },
+    /// With `ttl`, a request without the cookie gets one generated (Envoy's sticky sessions).
+    Cookie {
+        name: String,
+        terminal: bool,
+        generate: Option<CookieSpec>,
+    },
+    SourceIp {
+        terminal: bool,
+    },
+    Query {
+        name: String,
+        terminal: bool,
+    },
+}
+
+/// How to generate a missing hash cookie: `Max-Age` (0 = a session cookie) and `Path`.
+#[derive(Clone)]
+pub struct CookieSpec {
+    pub ttl: std::time::Duration,
+    pub path: Option<String>,
 }
 
 pub struct Redirect {
@@ -999,6 +1019,10 @@ fn compile_route_action(a: &cfg::RouteAction, path: &str) -> Result<RouteAction,
             hash_policy.push(HashPolicy::Cookie {
                 name: c.name.clone(),
                 terminal,
+                generate: c.ttl.map(|ttl| CookieSpec {
+                    ttl: ttl.0,
+                    path: c.path.clone(),
+                }),
             });
         } else if h
             .connection_properties
@@ -1066,12 +1090,17 @@ impl RouteAction {
     }
 
     /// Computes the request hash from the route's hash policies (Envoy combines them by
-    /// rotate-and-xor; a terminal policy that produced a hash stops the rest).
+    /// rotate-and-xor; a terminal policy that produced a hash stops the rest). A cookie policy
+    /// with a `ttl` whose cookie is missing generates one, as Envoy does: its value is the hex
+    /// hash of the connection's addresses, the request hashes on it, and `set_cookie` gets the
+    /// `Set-Cookie` for the response.
     pub fn hash(
         &self,
         headers: &HeaderMap,
         query: Option<&str>,
-        source: std::net::IpAddr,
+        remote: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+        set_cookie: &mut Option<HeaderValue>,
     ) -> Option<u64> {
         let mut out: Option<u64> = None;
         for p in &self.hash_policy {
@@ -1082,21 +1111,31 @@ impl RouteAction {
                         .map(|v| crate::cluster::lb::hash_bytes(v.as_bytes())),
                     *terminal,
                 ),
-                HashPolicy::Cookie { name, terminal } => (
-                    headers
-                        .get_all(http::header::COOKIE)
-                        .iter()
-                        .filter_map(|v| v.to_str().ok())
-                        .flat_map(|v| v.split(';'))
-                        .find_map(|kv| {
-                            let (k, v) = kv.trim().split_once('=')?;
-                            (k == name).then(|| crate::cluster::lb::hash_bytes(v.as_bytes()))
-                        }),
-                    *terminal,
-                ),
+                HashPolicy::Cookie {
+                    name,
+                    terminal,
+                    generate,
+                } => {
+                    let found = cookie_value(headers, name);
+                    let h = match (found, generate) {
+                        (Some(v), _) => Some(crate::cluster::lb::hash_bytes(v.as_bytes())),
+                        (None, Some(spec)) => {
+                            let value = format!(
+                                "{:016x}",
+                                crate::cluster::lb::hash_bytes(
+                                    format!("{remote}{local}").as_bytes()
+                                )
+                            );
+                            *set_cookie = set_cookie_header(name, &value, spec);
+                            Some(crate::cluster::lb::hash_bytes(value.as_bytes()))
+                        }
+                        (None, None) => None,
+                    };
+                    (h, *terminal)
+                }
                 HashPolicy::SourceIp { terminal } => (
                     Some(crate::cluster::lb::hash_bytes(
-                        source.to_string().as_bytes(),
+                        remote.ip().to_string().as_bytes(),
                     )),
                     *terminal,
                 ),
@@ -1122,6 +1161,37 @@ impl RouteAction {
         }
         out
     }
+}
+
+/// A cookie's value from the request's `Cookie` headers, without surrounding quotes (as Envoy's
+/// `parseCookieValue`, so a generated `name="value"` cookie hashes like its value).
+fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then(|| {
+                v.strip_prefix('"')
+                    .and_then(|v| v.strip_suffix('"'))
+                    .unwrap_or(v)
+            })
+        })
+}
+
+/// Envoy's `makeSetCookieValue`: `name="value"; Max-Age=N; Path=p; HttpOnly`.
+fn set_cookie_header(name: &str, value: &str, spec: &CookieSpec) -> Option<HeaderValue> {
+    let mut c = format!("{name}=\"{value}\"");
+    if !spec.ttl.is_zero() {
+        c.push_str(&format!("; Max-Age={}", spec.ttl.as_secs()));
+    }
+    if let Some(p) = spec.path.as_deref().filter(|p| !p.is_empty()) {
+        c.push_str(&format!("; Path={p}"));
+    }
+    c.push_str("; HttpOnly");
+    HeaderValue::from_str(&c).ok()
 }
 
 impl Redirect {
