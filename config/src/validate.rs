@@ -253,7 +253,22 @@ pub(crate) fn validate_cluster(c: &Cluster, path: &str, errors: &mut Vec<ConfigE
                     v.type_url
                 ),
             ));
+        } else if let Some(e) = &v.explicit_http_config {
+            // Envoy's oneof: exactly one protocol.
+            if e.http_protocol_options.is_some() == e.http2_protocol_options.is_some() {
+                errors.push(ConfigError::new(
+                    format!("{kpath}.explicit_http_config"),
+                    "exactly one of http_protocol_options or http2_protocol_options is required",
+                ));
+            }
         }
+    }
+    // Envoy: connect_timeout must be greater than 0.
+    if c.connect_timeout.is_some_and(|d| d.is_zero()) {
+        errors.push(ConfigError::new(
+            format!("{path}.connect_timeout"),
+            "must be greater than 0",
+        ));
     }
 }
 

@@ -248,6 +248,22 @@ fn health_checks_are_validated_not_guessed() {
 }
 
 #[test]
+fn cluster_protocol_and_connect_timeout_rules() {
+    let bad = GOOD.replace("connect_timeout: 0.25s", "connect_timeout: 0s\n    typed_extension_protocol_options: { envoy.extensions.upstreams.http.v3.HttpProtocolOptions: { \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, explicit_http_config: {} } }");
+    let text = parse_bootstrap(&bad).unwrap_err().to_string();
+    assert!(
+        text.contains("static_resources.clusters[0].connect_timeout: must be greater than 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "explicit_http_config: exactly one of http_protocol_options or http2_protocol_options"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
 fn stream_and_route_idle_timeouts_are_accepted() {
     let with = |extra: &str| {
         GOOD.replace(
