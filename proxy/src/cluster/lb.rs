@@ -5,7 +5,6 @@
 
 use super::host::Host;
 use mecha_config::{Cluster as ClusterConfig, LbPolicy};
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -30,11 +29,10 @@ pub enum Lb {
     },
 }
 
-/// A stable 64-bit hash (SipHash with fixed keys) for hash policies, rings and tables.
+/// Envoy's `HashUtil::xxHash64` (seed 0), for hash policies, rings and tables: the same keys land
+/// on the same hosts as in Envoy, and the hash does not change with the Rust release.
 pub fn hash_bytes(data: &[u8]) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    data.hash(&mut h);
-    h.finish()
+    xxhash_rust::xxh64::xxh64(data, 0)
 }
 
 const MAGLEV_DEFAULT_TABLE: usize = 65537;
@@ -70,7 +68,7 @@ impl Lb {
                 let min = rc.minimum_ring_size.unwrap_or(RING_MIN_DEFAULT);
                 let max = rc.maximum_ring_size.unwrap_or(RING_MAX_DEFAULT);
                 Lb::RingHash {
-                    ring: build_ring(hosts, &weights, min, max),
+                    ring: build_ring(&keys(hosts), &weights, min, max),
                 }
             }
             LbPolicy::MAGLEV => {
@@ -80,7 +78,7 @@ impl Lb {
                     .and_then(|m| m.table_size)
                     .unwrap_or(MAGLEV_DEFAULT_TABLE as u64) as usize;
                 Lb::Maglev {
-                    table: build_maglev(hosts, &weights, size),
+                    table: build_maglev(&keys(hosts), &weights, size),
                 }
             }
         }
@@ -218,49 +216,70 @@ fn gcd(a: u64, b: u64) -> u64 {
     }
 }
 
-fn build_ring(hosts: &[Arc<Host>], weights: &[u64], min: u64, max: u64) -> Vec<(u64, u32)> {
-    let total: u64 = weights.iter().sum::<u64>().max(1);
-    let size = min.max(hosts.len() as u64).min(max);
-    let mut ring = Vec::with_capacity(size as usize + hosts.len());
-    for (i, h) in hosts.iter().enumerate() {
-        let entries = ((size as f64) * weights[i] as f64 / total as f64)
-            .ceil()
-            .max(1.0) as u64;
-        let key = h.addr.to_string();
-        for j in 0..entries {
+/// Envoy's ring (`RingHashLoadBalancer::Ring`): the ring is scaled so the lightest host gets a
+/// whole number of entries (at least `min`, at most `max` in all), entries are handed out by
+/// running sums of the normalized weights, and entry `i` of a host hashes `"<address>_<i>"`.
+/// Envoy's hash key of a host: its address (`127.0.0.1:80`, `[::1]:80`).
+fn keys(hosts: &[Arc<Host>]) -> Vec<String> {
+    hosts.iter().map(|h| h.addr.to_string()).collect()
+}
+
+fn build_ring(hosts: &[String], weights: &[u64], min: u64, max: u64) -> Vec<(u64, u32)> {
+    let total = weights.iter().sum::<u64>().max(1) as f64;
+    let min_weight = weights
+        .iter()
+        .map(|w| *w as f64 / total)
+        .fold(1.0f64, f64::min)
+        .max(f64::MIN_POSITIVE);
+    let scale = ((min_weight * min as f64).ceil() / min_weight).min(max as f64);
+    let mut ring = Vec::with_capacity(scale.ceil() as usize + hosts.len());
+    let (mut current, mut target) = (0.0f64, 0.0f64);
+    for (i, key) in hosts.iter().enumerate() {
+        target += scale * weights[i] as f64 / total;
+        let mut j = 0u64;
+        while current < target {
             ring.push((hash_bytes(format!("{key}_{j}").as_bytes()), i as u32));
+            j += 1;
+            current += 1.0;
         }
     }
     ring.sort_unstable();
     ring
 }
 
-fn build_maglev(hosts: &[Arc<Host>], weights: &[u64], size: usize) -> Vec<u32> {
+/// Envoy's weighted Maglev table (`MaglevTable`): host `i` walks the permutation
+/// `offset + skip * next` with `offset = xxHash64(address) % m` and `skip = xxHash64(address,
+/// seed 1) % (m - 1) + 1`, and takes a slot in round `k` only while `k * weight` has reached its
+/// running target (the heaviest host takes one every round).
+fn build_maglev(hosts: &[String], weights: &[u64], size: usize) -> Vec<u32> {
     // Validation makes `table_size` prime, but more hosts than slots raise the size; the fill
     // loop below only ends when the size is prime, so round up to one.
     let m = next_prime(size.max(hosts.len()) as u64);
     let perms: Vec<(u64, u64)> = hosts
         .iter()
-        .map(|h| {
-            let k = h.addr.to_string();
-            let offset = hash_bytes(format!("{k}#offset").as_bytes()) % m;
-            let skip = hash_bytes(format!("{k}#skip").as_bytes()) % (m - 1).max(1) + 1;
+        .map(|k| {
+            let offset = xxhash_rust::xxh64::xxh64(k.as_bytes(), 0) % m;
+            let skip = xxhash_rust::xxh64::xxh64(k.as_bytes(), 1) % (m - 1).max(1) + 1;
             (offset, skip)
         })
         .collect();
-    let max_w = *weights.iter().max().unwrap_or(&1) as f64;
+    let total = weights.iter().sum::<u64>().max(1) as f64;
+    let norm: Vec<f64> = weights.iter().map(|w| *w as f64 / total).collect();
+    let max_w = norm.iter().copied().fold(0.0f64, f64::max);
     let mut next = vec![0u64; hosts.len()];
-    let mut credit = vec![0f64; hosts.len()];
+    let mut target = vec![0f64; hosts.len()];
     let mut table = vec![u32::MAX; m as usize];
     let mut filled = 0u64;
-    'outer: loop {
+    let mut round = 1u64;
+    while filled < m {
         for i in 0..hosts.len() {
-            // Weighted Maglev: a host takes a turn only when it has accumulated a full credit.
-            credit[i] += weights[i] as f64 / max_w;
-            if credit[i] < 1.0 {
+            if filled == m {
+                break;
+            }
+            if (round as f64) * norm[i] < target[i] {
                 continue;
             }
-            credit[i] -= 1.0;
+            target[i] += max_w;
             let (offset, skip) = perms[i];
             loop {
                 let slot = ((offset + next[i] * skip) % m) as usize;
@@ -271,10 +290,8 @@ fn build_maglev(hosts: &[Arc<Host>], weights: &[u64], size: usize) -> Vec<u32> {
                     break;
                 }
             }
-            if filled == m {
-                break 'outer;
-            }
         }
+        round += 1;
     }
     table
 }
@@ -295,6 +312,42 @@ fn next_prime(mut n: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hashes_are_envoys_xxhash64() {
+        // xxHash64 reference vectors (seed 0).
+        assert_eq!(hash_bytes(b""), 0xef46_db37_51d8_e999);
+        assert_eq!(hash_bytes(b"a"), 0xd24e_c4f1_a98c_6e5b);
+    }
+
+    #[test]
+    fn ring_follows_envoys_scaled_running_sums() {
+        let keys = vec!["10.0.0.1:80".to_string(), "10.0.0.2:80".to_string()];
+        // Weights 1:2, minimum 1024: the lighter host gets ceil(1024/3) = 342 entries, the ring
+        // 3 x 342 = 1026.
+        let ring = build_ring(&keys, &[1, 2], 1024, 8 << 20);
+        assert_eq!(ring.len(), 1026);
+        assert_eq!(ring.iter().filter(|e| e.1 == 0).count(), 342);
+        assert!(ring.windows(2).all(|w| w[0].0 <= w[1].0));
+        assert!(ring.contains(&(hash_bytes(b"10.0.0.1:80_341"), 0)));
+        assert!(!ring.contains(&(hash_bytes(b"10.0.0.1:80_342"), 0)));
+        // Weights 1:1000 scale to 2 x 1001 = 2002 entries; with 1:10000 the maximum caps it.
+        assert_eq!(build_ring(&keys, &[1, 1000], 1024, 4096).len(), 2002);
+        assert_eq!(build_ring(&keys, &[1, 10000], 1024, 2048).len(), 2048);
+    }
+
+    #[test]
+    fn maglev_fills_in_proportion_to_weight() {
+        let keys: Vec<String> = (1..=3).map(|i| format!("10.0.0.{i}:80")).collect();
+        let t = build_maglev(&keys, &[1, 1, 2], 65537);
+        assert_eq!(t.len(), 65537);
+        let count = |i: u32| t.iter().filter(|h| **h == i).count() as f64 / 65537.0;
+        assert!((count(2) - 0.5).abs() < 0.01, "{}", count(2));
+        assert!((count(0) - 0.25).abs() < 0.01, "{}", count(0));
+        // Host 0's first slot is its offset, as in Envoy's permutation.
+        let offset = xxhash_rust::xxh64::xxh64(b"10.0.0.1:80", 0) % 65537;
+        assert_eq!(t[offset as usize], 0);
+    }
 
     #[test]
     fn maglev_table_size_is_always_prime() {
