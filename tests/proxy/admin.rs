@@ -249,7 +249,9 @@ async fn host_stats_and_per_code_cluster_stats() {
         ("cluster.backend.upstream_rq_200", Some(3)),
         ("cluster.backend.upstream_rq_404", Some(2)),
         ("cluster.backend.upstream_rq_503", Some(4)),
-        ("cluster.backend.upstream_rq_5xx", Some(4)),
+        // The timed-out request counts as an upstream 504, as Envoy charges it.
+        ("cluster.backend.upstream_rq_504", Some(1)),
+        ("cluster.backend.upstream_rq_5xx", Some(5)),
         // Listed once used, as Envoy creates them.
         ("cluster.backend.upstream_rq_201", None),
     ] {

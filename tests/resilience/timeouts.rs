@@ -32,6 +32,9 @@ async fn route_timeout_answers_504_and_cancels_the_upstream() {
         "the upstream request was not cancelled"
     );
     assert_eq!(m.stat("cluster.a.upstream_rq_timeout").await, Some(1));
+    // As Envoy's chargeUpstreamAbort: the timed-out attempt counts as an upstream 504.
+    assert_eq!(m.stat("cluster.a.upstream_rq_504").await, Some(1));
+    assert_eq!(m.stat("cluster.a.upstream_rq_5xx").await, Some(1));
 
     // x-envoy-upstream-rq-timeout-ms sets a timeout on a route that has none.
     let r = request(

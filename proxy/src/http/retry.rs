@@ -757,7 +757,9 @@ pub async fn forward(
         // The attempt in flight was dropped with the future: its upstream stream is reset.
         cluster.stats.upstream_rq_timeout.inc();
         if let Some(h) = &current {
-            // Envoy charges the host a timeout and, for the 504 it answers, an error.
+            // Envoy charges the attempt's upstream code (chargeUpstreamAbort: upstream_rq_504,
+            // the 5xx class), the host a timeout and, for the 504 it answers, an error.
+            cluster.stats.record_status(504);
             h.rq_timeout
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             h.rq_error
