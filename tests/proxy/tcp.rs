@@ -26,6 +26,32 @@ static_resources:
     )
 }
 
+/// Starts mecha with a TCP proxy listener in front of cluster `echo` (round robin over `hosts`);
+/// `extra` is more TcpProxy YAML. Returns mecha and the listener port.
+async fn start_tcp(hosts: &[std::net::SocketAddr], extra: &str) -> (Mecha, u16) {
+    let (admin, port) = (free_port(), free_port());
+    let cfg = tcp_bootstrap(
+        admin,
+        port,
+        &static_cluster("echo", hosts, "ROUND_ROBIN", ""),
+        extra,
+    );
+    (Mecha::start(&cfg, admin).await, port)
+}
+
+/// Connects and expects mecha to close the connection without sending anything.
+async fn expect_closed(port: u16) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+}
+
 /// An echo server that reads until EOF, then writes everything back and closes (needs half-close).
 async fn eof_echo() -> std::net::SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -46,17 +72,7 @@ async fn eof_echo() -> std::net::SocketAddr {
 #[tokio::test]
 async fn tcp_proxy_half_close_and_byte_exact() {
     let echo = eof_echo().await;
-    let (admin, port) = (free_port(), free_port());
-    let m = Mecha::start(
-        &tcp_bootstrap(
-            admin,
-            port,
-            &static_cluster("echo", &[echo], "ROUND_ROBIN", ""),
-            "",
-        ),
-        admin,
-    )
-    .await;
+    let (m, port) = start_tcp(&[echo], "").await;
     let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -146,26 +162,8 @@ async fn tcp_proxy_idle_timeout_closes_both_sides() {
 #[tokio::test]
 async fn tcp_proxy_upstream_refused_closes_downstream() {
     let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let (admin, port) = (free_port(), free_port());
-    let m = Mecha::start(
-        &tcp_bootstrap(
-            admin,
-            port,
-            &static_cluster("echo", &[dead], "ROUND_ROBIN", ""),
-            "",
-        ),
-        admin,
-    )
-    .await;
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let mut buf = [0u8; 4];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap_or(0);
-    assert_eq!(n, 0);
+    let (m, port) = start_tcp(&[dead], "").await;
+    expect_closed(port).await;
     assert_eq!(
         m.stat("cluster.echo.upstream_cx_connect_fail").await,
         Some(1)
@@ -176,18 +174,8 @@ async fn tcp_proxy_upstream_refused_closes_downstream() {
 async fn tcp_proxy_max_connect_attempts_tries_other_hosts() {
     let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let live = eof_echo().await;
-    let (admin, port) = (free_port(), free_port());
     // Round robin over [dead, live]: with 2 attempts every connection gets through.
-    let m = Mecha::start(
-        &tcp_bootstrap(
-            admin,
-            port,
-            &static_cluster("echo", &[dead, live], "ROUND_ROBIN", ""),
-            "          max_connect_attempts: 2",
-        ),
-        admin,
-    )
-    .await;
+    let (m, port) = start_tcp(&[dead, live], "          max_connect_attempts: 2").await;
     for _ in 0..4 {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -212,26 +200,8 @@ async fn tcp_proxy_max_connect_attempts_tries_other_hosts() {
 #[tokio::test]
 async fn tcp_proxy_gives_up_after_max_connect_attempts() {
     let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let (admin, port) = (free_port(), free_port());
-    let m = Mecha::start(
-        &tcp_bootstrap(
-            admin,
-            port,
-            &static_cluster("echo", &[dead], "ROUND_ROBIN", ""),
-            "          max_connect_attempts: 3",
-        ),
-        admin,
-    )
-    .await;
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let mut buf = [0u8; 4];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap_or(0);
-    assert_eq!(n, 0);
+    let (m, port) = start_tcp(&[dead], "          max_connect_attempts: 3").await;
+    expect_closed(port).await;
     assert_eq!(
         m.stat("cluster.echo.upstream_cx_connect_fail").await,
         Some(3)
